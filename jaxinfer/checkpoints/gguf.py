@@ -1,0 +1,207 @@
+"""GGUF checkpoints (llama.cpp's format) -> ModelConfig and a params pytree.
+
+The `gguf` package parses the file (memory-mapped) and dequantizes blocks; this module
+checks the header against the file's size, maps metadata keys to a ModelConfig, and
+places tensors into the stacked layout of `jaxinfer.models`, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import gguf
+import jax
+import ml_dtypes
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.models import family
+
+T = gguf.GGMLQuantizationType
+SUPPORTED_TYPES = (
+    T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K
+)
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+# GGUF tensor name (per layer: "blk.{i}.") -> (our parameter, how to turn the GGUF array,
+# numpy order [out, in], into our layout). "q" and "k" also undo llama.cpp's rotary permutation.
+LAYER_TENSORS = {
+    "attn_norm.weight": ("attn_norm", "vector"),
+    "attn_q.weight": ("wq", "q"),
+    "attn_k.weight": ("wk", "k"),
+    "attn_v.weight": ("wv", "kv_in_out"),
+    "attn_output.weight": ("wo", "o"),
+    "ffn_norm.weight": ("mlp_norm", "vector"),
+    "ffn_gate.weight": ("w_gate", "in_out"),
+    "ffn_up.weight": ("w_up", "in_out"),
+    "ffn_down.weight": ("w_down", "in_out"),
+}
+GLOBAL_TENSORS = {
+    "token_embd.weight": "embed",
+    "output_norm.weight": "final_norm",
+    "output.weight": "lm_head",
+}
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be loaded; the message names the file and the problem."""
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """Parses the header and checks that every tensor's data lies inside the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFError(f"{path}: no such file")
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the parser raises assorted errors on corrupt headers
+        raise GGUFError(
+            f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})"
+        ) from e
+    for t in reader.tensors:
+        end = t.data_offset + t.n_bytes
+        if end > size:
+            raise GGUFError(
+                f"{path}: truncated or corrupt: tensor {t.name!r} ends at byte {end:,} "
+                f"but the file has {size:,} bytes"
+            )
+    return reader
+
+
+def metadata(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def model_config(reader: gguf.GGUFReader) -> ModelConfig:
+    """Reads the architecture hyperparameters from the GGUF metadata."""
+    arch = metadata(reader, "general.architecture")
+    if arch != "llama":
+        raise GGUFError(f"{reader.data.filename}: unsupported architecture {arch!r}; "
+                        "supported: llama")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = metadata(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise GGUFError(f"{reader.data.filename}: missing metadata key {arch}.{key}")
+        return value
+
+    names = {t.name for t in reader.tensors}
+    n_heads = get("attention.head_count")
+    embed_dim = get("embedding_length")
+    tokens = metadata(reader, "tokenizer.ggml.tokens")
+    vocab = get("vocab_size", len(tokens) if tokens else None)
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(vocab),
+        embed_dim=int(embed_dim),
+        n_layers=int(get("block_count")),
+        n_heads=int(n_heads),
+        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+        head_dim=int(get("attention.key_length", embed_dim // n_heads)),
+        mlp_dim=int(get("feed_forward_length")),
+        max_seq_len=int(get("context_length")),
+        rope_theta=float(get("rope.freq_base", 10_000.0)),
+        rms_eps=float(get("attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in names,
+    )
+
+
+def dequantize(reader: gguf.GGUFReader, tensor: gguf.ReaderTensor) -> np.ndarray:
+    """The tensor as fp32 in numpy order (GGUF's dims reversed: [out, in] for matrices)."""
+    if tensor.tensor_type not in SUPPORTED_TYPES:
+        supported = ", ".join(t.name for t in SUPPORTED_TYPES)
+        raise GGUFError(f"{reader.data.filename}: tensor {tensor.name!r} has type "
+                        f"{tensor.tensor_type.name}; supported: {supported}")
+    return gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+
+
+def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's Q/K row permutation (interleaved rotary -> rotate_half order)."""
+    out_dim = w.shape[0]
+    return (w.reshape(n_heads, out_dim // n_heads // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def to_layout(w: np.ndarray, kind: str, cfg: ModelConfig) -> np.ndarray:
+    """GGUF numpy-order array -> our parameter layout (see models/llama.py)."""
+    D, H, K, Dh = cfg.embed_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    if kind == "vector":
+        return w
+    if kind == "q":
+        return unpermute_rotary(w, H).T.reshape(D, H, Dh)
+    if kind == "k":
+        return unpermute_rotary(w, K).T.reshape(D, K, Dh)
+    if kind == "kv_in_out":
+        return w.T.reshape(D, K, Dh)
+    if kind == "o":
+        return w.T.reshape(H, Dh, D)
+    if kind == "in_out":
+        return w.T
+    raise AssertionError(kind)
+
+
+def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, *, progress: bool = True) -> dict:
+    """Reads, dequantizes and places tensors one at a time into the params pytree.
+
+    Host memory peaks near the final parameter bytes plus one tensor: each stacked weight
+    is preallocated and filled layer by layer, then moved to the device.
+    """
+    filename = reader.data.filename
+    np_dtype = NP_DTYPES[cfg.param_dtype]
+    abstract = family(cfg.architecture).abstract_params(cfg)
+    host = {"layers": {name: np.empty(s.shape, np_dtype)
+                       for name, s in abstract["layers"].items()}}
+    filled = set()
+    tensors = reader.tensors
+    start = time.perf_counter()
+    for n, tensor in enumerate(tensors, 1):
+        name = tensor.name
+        if name.startswith("blk."):
+            _, index, suffix = name.split(".", 2)
+            if suffix not in LAYER_TENSORS:
+                raise GGUFError(f"{filename}: unexpected tensor {name!r} for a llama model")
+            param, kind = LAYER_TENSORS[suffix]
+            target = host["layers"][param]
+            value = to_layout(dequantize(reader, tensor), kind, cfg)
+            if value.shape != target.shape[1:]:
+                raise GGUFError(f"{filename}: tensor {name!r} has shape {value.shape} after "
+                                f"conversion; the config expects {target.shape[1:]}")
+            target[int(index)] = value
+            filled.add(f"layers.{param}.{index}")
+        elif name in GLOBAL_TENSORS:
+            param = GLOBAL_TENSORS[name]
+            value = dequantize(reader, tensor).astype(np_dtype)
+            if value.shape != abstract[param].shape:
+                raise GGUFError(f"{filename}: tensor {name!r} has shape {value.shape}; "
+                                f"the config expects {abstract[param].shape}")
+            host[param] = value
+            filled.add(param)
+        elif name == "rope_freqs.weight":
+            raise GGUFError(f"{filename}: rope frequency factors (Llama 3.1 rope scaling) "
+                            "are not supported yet")
+        else:
+            raise GGUFError(f"{filename}: unexpected tensor {name!r} for a llama model")
+        if progress and (n % 16 == 0 or n == len(tensors)):
+            print(f"\rloading {Path(filename).name}: {n}/{len(tensors)} tensors "
+                  f"({time.perf_counter() - start:.1f}s)", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    expected = {k for k in abstract if k != "layers"} | {
+        f"layers.{p}.{i}" for p in abstract["layers"] for i in range(cfg.n_layers)}
+    if missing := sorted(expected - filled):
+        raise GGUFError(f"{filename}: missing tensors: {', '.join(missing[:8])}"
+                        + (" ..." if len(missing) > 8 else ""))
+    return jax.tree.map(jax.device_put, host)
+
+
+def load_gguf(path: str | os.PathLike, *, dtype: str = "float32", progress: bool = True):
+    """(ModelConfig, params, reader) from a GGUF file; weights dequantized to `dtype`."""
+    reader = open_gguf(path)
+    cfg = model_config(reader).with_dtype(dtype)
+    return cfg, load_params(reader, cfg, progress=progress), reader

@@ -1,0 +1,86 @@
+"""Generate text with a model: `python -m jaxinfer.launch.generate --prompt="..."`.
+
+With no flags it answers the preset's question with the default model, as a chat.
+Flags left unset take their values from the preset (`--preset`, a file in configs/).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "smollm2_135m", "Preset in configs/ (name or .toml path).")
+flags.DEFINE_string("model", None, "Known model name or path to a .gguf file.")
+flags.DEFINE_string("prompt", None, "Prompt text.")
+flags.DEFINE_boolean("chat", None, "Wrap the prompt in the model's chat template.")
+flags.DEFINE_integer("max_new_tokens", None, "Most tokens to generate.")
+flags.DEFINE_float("temperature", None, "0 is greedy.")
+flags.DEFINE_float("top_p", None, "Nucleus sampling mass (1 turns it off).")
+flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens (0 turns it off).")
+flags.DEFINE_integer("seed", None, "Sampling seed.")
+flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16"], "Weight and activation dtype.")
+
+SETTINGS = ("model", "prompt", "chat", "max_new_tokens", "temperature", "top_p", "top_k",
+            "seed", "dtype")
+
+
+def settings() -> dict:
+    """Preset values, overridden by every flag given on the command line."""
+    from jaxinfer.config import load_preset
+
+    preset = load_preset(FLAGS.preset)
+    values = {name: preset.get(name) for name in SETTINGS}
+    values.update({name: FLAGS[name].value for name in SETTINGS if FLAGS[name].value is not None})
+    missing = [name for name, value in values.items() if value is None]
+    if missing:
+        raise app.UsageError(f"no value for {', '.join(missing)}: set it in the preset or a flag")
+    return values
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jaxinfer
+
+    opts = settings()
+    try:
+        sampling = jaxinfer.SamplingParams(
+            temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
+            seed=opts["seed"],
+        )
+        start = time.perf_counter()
+        model = jaxinfer.load_model(opts["model"], dtype=opts["dtype"], progress=True)
+        load_s = time.perf_counter() - start
+        if opts["chat"]:
+            text, result = jaxinfer.chat(
+                model, opts["prompt"], max_new_tokens=opts["max_new_tokens"], sampling=sampling
+            )
+        else:
+            tokens = model.tokenizer.encode(opts["prompt"])
+            result = jaxinfer.generate(
+                model.params, [tokens], model.config, max_new_tokens=opts["max_new_tokens"],
+                sampling=sampling, stop_token_ids=model.tokenizer.stop_ids,
+            )
+            text = model.tokenizer.decode(result.tokens[0])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+    print(text)
+    t = result.timings
+    n = result.lengths[0]
+    decode_rate = (n - 1) / t["decode"] if n > 1 and t["decode"] > 0 else float("nan")
+    print(
+        f"\n[{n} tokens, finish: {result.finish_reasons[0]}] load {load_s:.1f}s, "
+        f"compile {t['compile']:.1f}s, prefill {t['prefill'] * 1e3:.0f}ms "
+        f"({result.prompt_lengths[0]} prompt tokens), decode {decode_rate:.1f} tok/s "
+        f"({model.config.compute_dtype})",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

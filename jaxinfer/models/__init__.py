@@ -1,0 +1,18 @@
+"""Model families, looked up by the `architecture` field of a ModelConfig."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from jaxinfer.models import llama
+
+FAMILIES: dict[str, ModuleType] = {"llama": llama}
+
+
+def family(architecture: str) -> ModuleType:
+    """The module implementing `architecture` (forward, init_params, abstract_params, ...)."""
+    if architecture not in FAMILIES:
+        raise ValueError(
+            f"unsupported architecture {architecture!r}; supported: {', '.join(FAMILIES)}"
+        )
+    return FAMILIES[architecture]
