@@ -1,0 +1,133 @@
+"""The cache, the compiled decode loop and generate(): equivalences, buckets and bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinfer
+from jaxinfer.cache import KVCache
+from jaxinfer.generate import bucket, compiled_programs
+from jaxinfer.models import llama
+
+
+def test_prefill_then_decode_logits_equal_one_full_forward(tiny_cfg, tiny_params):
+    tokens = jnp.array([[5, 17, 99, 3, 250, 42, 7, 8]])
+    positions = jnp.arange(8)[None]
+    full, _ = llama.forward(tiny_params, tokens, positions, KVCache.init(tiny_cfg, 1, 16), tiny_cfg)
+
+    logits, cache = llama.forward(
+        tiny_params, tokens[:, :5], positions[:, :5], KVCache.init(tiny_cfg, 1, 16), tiny_cfg
+    )
+    steps = [logits]
+    for t in range(5, 8):
+        logits, cache = llama.forward(
+            tiny_params, tokens[:, t : t + 1], positions[:, t : t + 1], cache, tiny_cfg
+        )
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_greedy_equals_step_by_step_argmax(tiny_cfg, tiny_params):
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    result = jaxinfer.generate(tiny_params, [prompt], tiny_cfg, max_new_tokens=10)
+    sequence = list(prompt)
+    for _ in range(10):
+        tokens = jnp.array([sequence])
+        positions = jnp.arange(len(sequence))[None]
+        cache = KVCache.init(tiny_cfg, 1, len(sequence))
+        logits, _ = llama.forward(tiny_params, tokens, positions, cache, tiny_cfg)
+        sequence.append(int(jnp.argmax(logits[0, -1])))
+    assert result.tokens[0] == sequence[len(prompt) :]
+    assert result.lengths == [10] and result.finish_reasons == ["length"]
+
+
+def test_rows_of_different_lengths_match_running_alone(tiny_cfg, tiny_params):
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 200, 201], [77]]
+    batched = jaxinfer.generate(tiny_params, prompts, tiny_cfg, max_new_tokens=12)
+    for i, prompt in enumerate(prompts):
+        alone = jaxinfer.generate(tiny_params, [prompt], tiny_cfg, max_new_tokens=12)
+        assert batched.tokens[i] == alone.tokens[0]
+
+
+def test_row_stops_at_a_stop_token_and_keeps_it(tiny_cfg, tiny_params):
+    prompt = [10, 20, 30]
+    free = jaxinfer.generate(tiny_params, [prompt], tiny_cfg, max_new_tokens=12).tokens[0]
+    stop = free[4]
+    first = free.index(stop)
+    result = jaxinfer.generate(
+        tiny_params, [prompt, prompt], tiny_cfg, max_new_tokens=12, stop_token_ids=[stop]
+    )
+    assert result.tokens[0] == free[: first + 1]
+    assert result.lengths[0] == first + 1
+    assert result.finish_reasons == ["stop", "stop"]
+
+
+def test_max_new_tokens_is_exact(tiny_cfg, tiny_params):
+    for n in (1, 5, 17):
+        result = jaxinfer.generate(tiny_params, [[1, 2]], tiny_cfg, max_new_tokens=n)
+        assert result.lengths == [n] and len(result.tokens[0]) == n
+        assert result.finish_reasons == ["length"]
+
+
+def test_buckets_are_powers_of_two_with_floor_and_cap():
+    assert [bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    assert bucket(3, minimum=16) == 16
+    assert bucket(600, minimum=16, cap=512) == 512
+
+
+def test_same_bucket_reuses_the_compiled_programs(tiny_cfg, tiny_params):
+    compiles = []
+    listener = lambda event, duration, **_: compiles.append(event)  # noqa: E731
+    jaxinfer.generate(tiny_params, [[1] * 20], tiny_cfg, max_new_tokens=20)
+    programs = compiled_programs()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        # Prompt length 20 -> 27 and max_new 20 -> 30 stay in the (32, 32) buckets.
+        result = jaxinfer.generate(tiny_params, [[2] * 27], tiny_cfg, max_new_tokens=30)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    backend_compiles = [e for e in compiles if e == "/jax/core/compile/backend_compile_duration"]
+    assert backend_compiles == [] and compiled_programs() == programs
+    assert result.timings["compile"] == 0.0
+    # A new bucket does compile.
+    jaxinfer.generate(tiny_params, [[2] * 40], tiny_cfg, max_new_tokens=30)
+    assert compiled_programs() > programs
+
+
+@pytest.mark.parametrize(
+    "tokens, max_new, message",
+    [
+        ([[]], 4, "prompt 0 is empty; a prompt needs at least one token"),
+        ([], 4, "no prompts given"),
+        ([[1] * 129], 4, "prompt 0 has 129 tokens; this model's context is 128"),
+        ([[1] * 100], 40, "prompt 0 has 100 tokens and max_new_tokens=40: together more than "
+                          "this model's context of 128 \\(at most 28 new tokens fit\\)"),
+        ([[1, 2]], 0, "max_new_tokens=0; it must be at least 1"),
+        ([[1, 2]], -3, "max_new_tokens=-3; it must be at least 1"),
+        ([[1, 256]], 4, r"prompt 0 has token ids outside \[0, 256\): \[256\]"),
+    ],
+    ids=["empty-prompt", "no-prompts", "too-long", "too-long-with-new", "zero-new",
+         "negative-new", "bad-token-id"],
+)
+def test_bad_input_is_a_clear_error(tiny_cfg, tiny_params, tokens, max_new, message):
+    with pytest.raises(ValueError, match=message):
+        jaxinfer.generate(tiny_params, tokens, tiny_cfg, max_new_tokens=max_new)
+
+
+def test_sampling_params_count_must_match_prompts(tiny_cfg, tiny_params):
+    with pytest.raises(ValueError, match="got 2 SamplingParams for 1 prompts"):
+        jaxinfer.generate(tiny_params, [[1]], tiny_cfg, max_new_tokens=2,
+                          sampling=[jaxinfer.SamplingParams()] * 2)
+
+
+def test_real_model_greedy_output_is_the_same_alone_and_in_a_batch_of_4(smollm2):
+    cfg, params, tokenizer = smollm2
+    texts = ["The capital of France is", "def fibonacci(n):",
+             "Once upon a time, in a small village", "List three colors:"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    batched = jaxinfer.generate(params, prompts, cfg, max_new_tokens=24)
+    alone = jaxinfer.generate(params, prompts[:1], cfg, max_new_tokens=24)
+    assert batched.tokens[0] == alone.tokens[0]

@@ -1,0 +1,39 @@
+"""The launch script, run as a user runs it (the README's first command)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def launch(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jaxinfer.launch.generate", *flags],
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_default_command_answers_the_default_question(smollm2_path):
+    run = launch()
+    assert run.returncode == 0, run.stderr
+    assert "Paris" in run.stdout
+    assert "compile" in run.stderr and "tok/s" in run.stderr
+
+
+def test_plain_prompt_with_sampling_flags(smollm2_path):
+    run = launch("--nochat", "--prompt=1, 2, 3, 4,", "--max_new_tokens=8", "--temperature=0.7",
+                 "--top_p=0.9", "--top_k=40", "--seed=3")
+    assert run.returncode == 0, run.stderr
+    assert "[8 tokens, finish: length]" in run.stderr
+
+
+def test_unknown_model_exits_with_the_known_names():
+    run = launch("--model=llama-9000")
+    assert run.returncode == 1
+    assert "unknown model 'llama-9000'" in run.stderr and "smollm2-135m-instruct" in run.stderr
+
+
+def test_out_of_range_flag_is_a_clear_error(smollm2_path):
+    run = launch("--top_p=1.5")
+    assert run.returncode == 1
+    assert "top_p=1.5 must be in (0, 1]" in run.stderr
