@@ -7,6 +7,7 @@ buckets; each compiled program is keyed by its bucket, so calls within a bucket 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.models import family
 from jaxinfer.sampling import SamplingArrays, SamplingParams, sample
 
+log = logging.getLogger(__name__)
 MIN_SEQ_BUCKET = 16
 NO_TOKEN = -1  # fills the output after a row has finished
 
@@ -122,16 +124,19 @@ def compiled_programs() -> int:
     return len(_executables)
 
 
-def _run(jitted, args: tuple, static: dict, timings: dict):
+def _run(jitted, args: tuple, static: dict, timings: dict, what: str):
     """Calls `jitted`, compiling ahead of time (and timing it) only for a new bucket."""
     leaves, treedef = jax.tree.flatten(args)
     shapes = tuple((np.shape(x), np.result_type(x).name) for x in leaves)
     key = (jitted, tuple(sorted(static.items())), treedef, shapes)
     if key not in _executables:
         enable_compilation_cache()
+        log.info("compiling %s ...", what)
         start = time.perf_counter()
         _executables[key] = jitted.lower(*args, **static).compile()
-        timings["compile"] = timings.get("compile", 0.0) + time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        log.info("compiled %s in %.1fs", what, seconds)
+        timings["compile"] = timings.get("compile", 0.0) + seconds
     return _executables[key](*args)
 
 
@@ -177,9 +182,10 @@ def generate(
     timings: dict[str, float] = {"compile": 0.0}
     args = (params, token_array, prompt_lens, sampling_arrays, stop_ids, max_new)
     static = {"cfg": cfg, "cache_len": cache_len, "out_len": out_len}
-    state, cache = _timed_call(_prefill_jit, args, static, timings, "prefill")
+    shape = f"batch {batch}, prompt {seq}, cache {cache_len}"
+    state, cache = _timed_call(_prefill_jit, args, static, timings, "prefill", shape)
     args = (params, cache, state, sampling_arrays, stop_ids, max_new)
-    state, _ = _timed_call(_decode_jit, args, {"cfg": cfg}, timings, "decode")
+    state, _ = _timed_call(_decode_jit, args, {"cfg": cfg}, timings, "decode", shape)
 
     out_tokens, lengths, stopped = jax.device_get((state.tokens, state.lengths, state.stopped))
     return GenerateResult(
@@ -191,10 +197,10 @@ def generate(
     )
 
 
-def _timed_call(jitted, args, static, timings, name):
+def _timed_call(jitted, args, static, timings, name, shape):
     compile_before = timings["compile"]
     start = time.perf_counter()
-    out = jax.block_until_ready(_run(jitted, args, static, timings))
+    out = jax.block_until_ready(_run(jitted, args, static, timings, f"{name} ({shape})"))
     timings[name] = time.perf_counter() - start - (timings["compile"] - compile_before)
     return out
 

@@ -22,12 +22,14 @@ Q = gguf.GGMLQuantizationType
 def jax_logits(cfg, params, ids: np.ndarray) -> np.ndarray:
     batch, seq = ids.shape
     positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    logits, _ = llama.forward(params, jnp.asarray(ids), positions, KVCache.init(cfg, batch, seq), cfg)
+    cache = KVCache.init(cfg, batch, seq)
+    logits, _ = llama.forward(params, jnp.asarray(ids), positions, cache, cfg)
     return np.asarray(logits)
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("tensor_type", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0],
+@pytest.mark.parametrize("tensor_type", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0,
+                                         Q.Q5_1],
                          ids=lambda t: t.name)
 def test_tiny_gguf_matches_transformers_on_the_same_file(tmp_path, tie, tensor_type):
     path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_hf_llama(tie), tensor_type)

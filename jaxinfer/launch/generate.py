@@ -43,8 +43,14 @@ def settings() -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import logging
+
+    from absl import logging as absl_logging
+
     import jaxinfer
 
+    absl_logging.set_verbosity(absl_logging.WARNING)  # quiet jax's backend probing
+    logging.getLogger("jaxinfer").setLevel(logging.INFO)  # progress of compiling
     opts = settings()
     try:
         sampling = jaxinfer.SamplingParams(
