@@ -131,3 +131,17 @@ def test_real_model_greedy_output_is_the_same_alone_and_in_a_batch_of_4(smollm2)
     batched = jaxinfer.generate(params, prompts, cfg, max_new_tokens=24)
     alone = jaxinfer.generate(params, prompts[:1], cfg, max_new_tokens=24)
     assert batched.tokens[0] == alone.tokens[0]
+
+
+def test_bfloat16_policy_stays_close_to_float32(tiny_cfg, tiny_params):
+    bf16 = tiny_cfg.with_dtype("bfloat16")
+    params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), tiny_params)
+    tokens = jnp.array([[5, 17, 99, 3, 250, 42]])
+    positions = jnp.arange(6)[None]
+    ref, _ = llama.forward(tiny_params, tokens, positions, KVCache.init(tiny_cfg, 1, 8), tiny_cfg)
+    out, cache = llama.forward(params16, tokens, positions, KVCache.init(bf16, 1, 8), bf16)
+    assert out.dtype == jnp.float32 and cache.k.dtype == jnp.bfloat16  # logits always fp32
+    # bf16 keeps 8 mantissa bits: allow a few percent of the logit range.
+    assert float(jnp.abs(out - ref).max()) < 0.03 * float(ref.max() - ref.min())
+    result = jaxinfer.generate(params16, [[5, 17, 99]], bf16, max_new_tokens=4)
+    assert result.lengths == [4]

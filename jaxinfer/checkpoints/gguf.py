@@ -25,6 +25,7 @@ T = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = (
     T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K
 )
+DEQUANTIZE_ROWS = 4096
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 # GGUF tensor name (per layer: "blk.{i}.") -> (our parameter, how to turn the GGUF array,
@@ -113,12 +114,25 @@ def model_config(reader: gguf.GGUFReader) -> ModelConfig:
 
 
 def dequantize(reader: gguf.GGUFReader, tensor: gguf.ReaderTensor) -> np.ndarray:
-    """The tensor as fp32 in numpy order (GGUF's dims reversed: [out, in] for matrices)."""
+    """The tensor as fp32 in numpy order (GGUF's dims reversed: [out, in] for matrices).
+
+    Large tensors go in row chunks: the gguf package's numpy code makes several
+    full-size temporaries, which for an embedding table would dominate peak memory.
+    """
     if tensor.tensor_type not in SUPPORTED_TYPES:
         supported = ", ".join(t.name for t in SUPPORTED_TYPES)
         raise GGUFError(f"{reader.data.filename}: tensor {tensor.name!r} has type "
                         f"{tensor.tensor_type.name}; supported: {supported}")
-    return gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    data, kind = tensor.data, tensor.tensor_type
+    if data.ndim != 2 or data.shape[0] <= DEQUANTIZE_ROWS:
+        return gguf.quants.dequantize(data, kind).astype(np.float32, copy=False)
+    first = gguf.quants.dequantize(data[:DEQUANTIZE_ROWS], kind)
+    out = np.empty((data.shape[0], first.shape[1]), np.float32)
+    out[:DEQUANTIZE_ROWS] = first
+    for row in range(DEQUANTIZE_ROWS, data.shape[0], DEQUANTIZE_ROWS):
+        out[row : row + DEQUANTIZE_ROWS] = gguf.quants.dequantize(
+            data[row : row + DEQUANTIZE_ROWS], kind)
+    return out
 
 
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -147,16 +161,17 @@ def to_layout(w: np.ndarray, kind: str, cfg: ModelConfig) -> np.ndarray:
 
 
 def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, *, progress: bool = True) -> dict:
-    """Reads, dequantizes and places tensors one at a time into the params pytree.
+    """Reads, dequantizes and converts tensors one at a time into the params pytree.
 
-    Host memory peaks near the final parameter bytes plus one tensor: each stacked weight
-    is preallocated and filled layer by layer, then moved to the device.
+    Stacked per-layer weights are preallocated on the host and filled layer by layer, then
+    moved to the device one array at a time, so host memory peaks near the parameter bytes
+    plus one array.
     """
     filename = reader.data.filename
     np_dtype = NP_DTYPES[cfg.param_dtype]
     abstract = family(cfg.architecture).abstract_params(cfg)
-    host = {"layers": {name: np.empty(s.shape, np_dtype)
-                       for name, s in abstract["layers"].items()}}
+    params = {"layers": {name: np.empty(s.shape, np_dtype)
+                         for name, s in abstract["layers"].items()}}
     filled = set()
     tensors = reader.tensors
     start = time.perf_counter()
@@ -167,20 +182,20 @@ def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, *, progress: bool = T
             if suffix not in LAYER_TENSORS:
                 raise GGUFError(f"{filename}: unexpected tensor {name!r} for a llama model")
             param, kind = LAYER_TENSORS[suffix]
-            target = host["layers"][param]
-            value = to_layout(dequantize(reader, tensor), kind, cfg)
-            if value.shape != target.shape[1:]:
+            value = to_layout(dequantize(reader, tensor), kind, cfg).astype(np_dtype, copy=False)
+            expected = abstract["layers"][param].shape[1:]
+            if value.shape != expected:
                 raise GGUFError(f"{filename}: tensor {name!r} has shape {value.shape} after "
-                                f"conversion; the config expects {target.shape[1:]}")
-            target[int(index)] = value
+                                f"conversion; the config expects {expected}")
+            params["layers"][param][int(index)] = value
             filled.add(f"layers.{param}.{index}")
         elif name in GLOBAL_TENSORS:
             param = GLOBAL_TENSORS[name]
-            value = dequantize(reader, tensor).astype(np_dtype)
+            value = dequantize(reader, tensor).astype(np_dtype, copy=False)
             if value.shape != abstract[param].shape:
                 raise GGUFError(f"{filename}: tensor {name!r} has shape {value.shape}; "
                                 f"the config expects {abstract[param].shape}")
-            host[param] = value
+            params[param] = jax.device_put(value)
             filled.add(param)
         elif name == "rope_freqs.weight":
             raise GGUFError(f"{filename}: rope frequency factors (Llama 3.1 rope scaling) "
@@ -197,7 +212,9 @@ def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, *, progress: bool = T
     if missing := sorted(expected - filled):
         raise GGUFError(f"{filename}: missing tensors: {', '.join(missing[:8])}"
                         + (" ..." if len(missing) > 8 else ""))
-    return jax.tree.map(jax.device_put, host)
+    for name in params["layers"]:  # one array at a time: the host copy is freed as we go
+        params["layers"][name] = jax.device_put(params["layers"][name])
+    return params
 
 
 def load_gguf(path: str | os.PathLike, *, dtype: str = "float32", progress: bool = True):
