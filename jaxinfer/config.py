@@ -28,6 +28,8 @@ class ModelConfig:
     mlp_dim: int
     max_seq_len: int
     rope_theta: float = 10_000.0
+    # Per-frequency divisors of the rotary frequencies (Llama 3.1+ "llama3" rope scaling).
+    rope_freq_factors: tuple[float, ...] | None = None
     rms_eps: float = 1e-5
     tie_embeddings: bool = True
     param_dtype: str = "float32"  # how weights are stored

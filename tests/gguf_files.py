@@ -6,6 +6,7 @@ jaxinfer undoes it; transformers reading the same file is the independent refere
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import gguf
@@ -16,6 +17,28 @@ def permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute (rotate_half -> interleaved)."""
     return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
             .swapaxes(1, 2).reshape(w.shape))
+
+
+def llama3_rope_factors(cfg) -> np.ndarray | None:
+    """llama.cpp convert_hf_to_gguf.py's rope_freqs tensor for "llama3" rope scaling."""
+    scaling = cfg.rope_parameters
+    if scaling.get("rope_type") != "llama3":
+        return None
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    freqs = 1.0 / scaling["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, np.float32)
 
 
 def tiny_hf_llama(tie: bool = True, seed: int = 0, **overrides):
@@ -74,6 +97,8 @@ def write_llama_gguf(
 
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     add("token_embd.weight", state["model.embed_tokens.weight"])
+    if (factors := llama3_rope_factors(cfg)) is not None:
+        add("rope_freqs.weight", factors, matrix=False)
     add("output_norm.weight", state["model.norm.weight"], matrix=False)
     if not cfg.tie_word_embeddings:
         add("output.weight", state["lm_head.weight"])

@@ -55,6 +55,21 @@ def test_f32_gguf_reproduces_the_original_model_exactly(tmp_path):
     np.testing.assert_allclose(jax_logits(cfg, params, ids), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_llama3_rope_scaling_from_rope_freqs_matches_the_original_model(tmp_path):
+    """Llama 3.1+ GGUFs carry rope scaling as a rope_freqs tensor of per-frequency divisors."""
+    scaling = {"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}  # small, so all three regimes occur
+    original = tiny_hf_llama(rope_parameters=scaling)
+    path = write_llama_gguf(tmp_path / "tiny.gguf", original)
+    cfg, params, _ = load_gguf(path, progress=False)
+    assert cfg.rope_freq_factors is not None and len(set(cfg.rope_freq_factors)) > 2
+    ids = np.arange(120).reshape(1, 120) * 5 % cfg.vocab_size
+    with torch.no_grad():
+        expected = original(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(jax_logits(cfg, params, ids), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_bfloat16_load_keeps_bfloat16_weights(tmp_path):
     path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_hf_llama())
     cfg, params, _ = load_gguf(path, dtype="bfloat16", progress=False)

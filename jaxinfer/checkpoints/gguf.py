@@ -92,7 +92,7 @@ def model_config(reader: gguf.GGUFReader) -> ModelConfig:
             raise GGUFError(f"{reader.data.filename}: missing metadata key {arch}.{key}")
         return value
 
-    names = {t.name for t in reader.tensors}
+    tensors = {t.name: t for t in reader.tensors}
     n_heads = get("attention.head_count")
     embed_dim = get("embedding_length")
     tokens = metadata(reader, "tokenizer.ggml.tokens")
@@ -109,7 +109,11 @@ def model_config(reader: gguf.GGUFReader) -> ModelConfig:
         max_seq_len=int(get("context_length")),
         rope_theta=float(get("rope.freq_base", 10_000.0)),
         rms_eps=float(get("attention.layer_norm_rms_epsilon")),
-        tie_embeddings="output.weight" not in names,
+        tie_embeddings="output.weight" not in tensors,
+        rope_freq_factors=(
+            tuple(map(float, dequantize(reader, tensors["rope_freqs.weight"])))
+            if "rope_freqs.weight" in tensors else None
+        ),
     )
 
 
@@ -198,8 +202,7 @@ def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, *, progress: bool = T
             params[param] = jax.device_put(value)
             filled.add(param)
         elif name == "rope_freqs.weight":
-            raise GGUFError(f"{filename}: rope frequency factors (Llama 3.1 rope scaling) "
-                            "are not supported yet")
+            pass  # read into ModelConfig.rope_freq_factors
         else:
             raise GGUFError(f"{filename}: unexpected tensor {name!r} for a llama model")
         if progress and (n % 16 == 0 or n == len(tensors)):

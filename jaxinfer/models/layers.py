@@ -13,9 +13,16 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def rope(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin tables for `positions: [batch, seq]`, each [batch, seq, head_dim], in fp32."""
+def rope(
+    positions: jax.Array, head_dim: int, theta: float, freq_factors: tuple[float, ...] | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables for `positions: [batch, seq]`, each [batch, seq, head_dim], in fp32.
+
+    `freq_factors` ([head_dim / 2]) divide the frequencies, as llama.cpp's rope_freqs tensor.
+    """
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if freq_factors is not None:
+        inv_freq = inv_freq / jnp.asarray(freq_factors, jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim / 2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)

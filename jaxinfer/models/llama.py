@@ -103,7 +103,7 @@ def transformer(
     """tokens, positions: [batch, seq] -> final hidden states [batch, seq, embed], new cache."""
     params = jax.tree.map(lambda p: p.astype(cfg.dtype), params)  # no-op when dtypes match
     x = params["embed"][tokens]
-    rope_tables = rope(positions, cfg.head_dim, cfg.rope_theta)
+    rope_tables = rope(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_freq_factors)
 
     def step(carry, layer_and_index):
         x, cache = carry
