@@ -63,16 +63,18 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     return nnx.split(Llama(cfg, nnx.Rngs(params=key)))[1].to_pure_dict()
 
 
+def _abstract_state(cfg: ModelConfig) -> nnx.State:
+    return nnx.split(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))))[1]
+
+
 def abstract_params(cfg: ModelConfig) -> Params:
     """ShapeDtypeStructs of every parameter, computed without allocating."""
-    model = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
-    return nnx.split(model)[1].to_pure_dict()
+    return _abstract_state(cfg).to_pure_dict()
 
 
 def logical_axes(cfg: ModelConfig) -> Params:
     """The logical axis names of every parameter (a PartitionSpec of names per leaf)."""
-    model = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
-    return nnx.get_partition_spec(nnx.split(model)[1]).to_pure_dict()
+    return nnx.get_partition_spec(_abstract_state(cfg)).to_pure_dict()
 
 
 def decoder_layer(
