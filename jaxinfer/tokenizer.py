@@ -1,7 +1,9 @@
 """Text <-> token ids, chat templates and streaming detokenization.
 
 The BPE itself is Hugging Face `tokenizers`; this module only configures it from a GGUF file's
-metadata (the way llama.cpp reads it) or from a `tokenizer.json`.
+metadata (the way llama.cpp reads it) or from a `tokenizer.json`. GGUF vocabularies may be
+byte-level (`tokenizer.ggml.model` "gpt2": Llama 3, Qwen, SmolLM) or sentencepiece-style ("llama":
+Llama 2, Mistral, TinyLlama, CodeLlama).
 
     tok = Tokenizer.from_gguf("model.gguf")
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -29,8 +32,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 # gguf `tokenizer.ggml.token_type` values (llama.cpp's llama_token_type).
+_UNKNOWN = 2
 _CONTROL = 3
 _USER_DEFINED = 4
+# How `tokenizers`' ByteFallback decoder recognises a byte token.
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 # The pre-tokenizer regexes of llama.cpp's llm_tokenizer_bpe (llama-vocab.cpp), in the spelling
 # Hugging Face tokenizer.json files use.
@@ -90,7 +96,10 @@ _PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
 }
 # llama.cpp sets ignore_merges and add_bos for these (LLAMA_VOCAB_PRE_TYPE_LLAMA3).
 _LLAMA3_PRE = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3"})
-_SUPPORTED_MODELS = ("gpt2",)
+_SUPPORTED_MODELS = ("gpt2", "llama")
+# Sentencepiece vocabularies these architectures ship need their own handling in transformers
+# (Gemma: spaces spelled as spaces, merges in file order; Phi-3: prefix space from a normalizer).
+_UNSUPPORTED_SENTENCEPIECE_ARCHS = frozenset({"gemma", "gemma2", "gemma3", "phi3"})
 
 # Token texts llama.cpp treats as end of generation wherever they are in the vocabulary.
 _END_OF_GENERATION_TEXTS = (
@@ -110,7 +119,7 @@ _END_OF_GENERATION_TEXTS = (
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer plus the special ids and chat template a model ships with."""
+    """A BPE tokenizer plus the special ids and chat template a model ships with."""
 
     def __init__(
         self,
@@ -134,6 +143,13 @@ class Tokenizer:
         named_stops = (backend.token_to_id(text) for text in _END_OF_GENERATION_TEXTS)
         stops = {eos_id, *extra_stop_ids, *named_stops} - {None}
         self.stop_ids: tuple[int, ...] = tuple(sorted(stops))
+        # Ids the ByteFallback decoder reads as one raw byte ("<0x41>"), and special ids.
+        self._byte_ids = frozenset(
+            i for token, i in backend.get_vocab().items() if _BYTE_TOKEN.fullmatch(token)
+        )
+        self._special_ids = frozenset(
+            i for i, token in backend.get_added_tokens_decoder().items() if token.special
+        )
 
     # -- constructors ---------------------------------------------------------------------------
 
@@ -155,45 +171,33 @@ class Tokenizer:
         if model not in _SUPPORTED_MODELS:
             raise ValueError(
                 f"{source}: tokenizer.ggml.model is {model!r}; jaxinfer supports "
-                f"{list(_SUPPORTED_MODELS)} (byte-level BPE)"
+                f"{list(_SUPPORTED_MODELS)} (byte-level and sentencepiece-style BPE)"
             )
-        pre = field("tokenizer.ggml.pre", "default")
-        if pre not in _PRE_TOKENIZERS:
-            raise ValueError(
-                f"{source}: tokenizer.ggml.pre is {pre!r}, which jaxinfer does not support; "
-                f"supported: {sorted(_PRE_TOKENIZERS)}"
-            )
-
         tokens: list[str] = field("tokenizer.ggml.tokens")
-        merges: list[str] = field("tokenizer.ggml.merges", [])
         token_types: list[int] = field("tokenizer.ggml.token_type", [])
-        bpe = models.BPE(
-            vocab={token: i for i, token in enumerate(tokens)},
-            merges=[tuple(merge.split(" ", 1)) for merge in merges],
-            ignore_merges=pre in _LLAMA3_PRE,
-        )
-        backend = tokenizers.Tokenizer(bpe)
-        backend.pre_tokenizer = _PRE_TOKENIZERS[pre]()
-        backend.decoder = decoders.ByteLevel()
-        # Control and user-defined tokens are matched whole in the text, before any BPE.
+        bos_id = field("tokenizer.ggml.bos_token_id")
+        if model == "gpt2":
+            backend, pre = _byte_level_bpe(field, source)
+            add_bos_default = pre in _LLAMA3_PRE and bos_id is not None
+        else:
+            backend = _sentencepiece_bpe(field, source)
+            add_bos_default = True  # llama.cpp and transformers both add BOS to these by default
+        # Control, unknown and user-defined tokens are matched whole in the text, before any BPE.
         added = [
-            AddedToken(token, special=kind == _CONTROL, normalized=False)
+            AddedToken(token, special=kind != _USER_DEFINED, normalized=False)
             for token, kind in zip(tokens, token_types, strict=False)
-            if kind in (_CONTROL, _USER_DEFINED)
+            if kind in (_UNKNOWN, _CONTROL, _USER_DEFINED)
         ]
         backend.add_special_tokens([t for t in added if t.special])
         backend.add_tokens([t for t in added if not t.special])
 
-        bos_id = field("tokenizer.ggml.bos_token_id")
         extra_stops = [field("tokenizer.ggml.eot_token_id"), field("tokenizer.ggml.eom_token_id")]
         return cls(
             backend,
             bos_id=bos_id,
             eos_id=field("tokenizer.ggml.eos_token_id"),
             pad_id=field("tokenizer.ggml.padding_token_id"),
-            add_bos=bool(
-                field("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE and bos_id is not None)
-            ),
+            add_bos=bool(field("tokenizer.ggml.add_bos_token", add_bos_default)),
             chat_template=field("tokenizer.chat_template"),
             extra_stop_ids=[i for i in extra_stops if i is not None],
         )
@@ -244,7 +248,7 @@ class Tokenizer:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
     def token_text(self, token_id: int) -> str | None:
-        """The vocabulary entry for `token_id` (byte-level spelling), or None if out of range."""
+        """The vocabulary entry for `token_id` as the file spells it, or None if out of range."""
         return self._backend.id_to_token(token_id)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -291,6 +295,101 @@ class Tokenizer:
             pad_token=token(self.pad_id) if self.pad_id is not None else None,
             **template_vars,
         )
+
+
+_Field = Callable[..., Any]  # GGUF metadata lookup: field(key, default=None)
+
+
+def _byte_level_bpe(field: _Field, source: str) -> tuple[tokenizers.Tokenizer, str]:
+    """GPT-2-style BPE over bytes spelled as unicode, split by the `tokenizer.ggml.pre` regexes."""
+    pre = field("tokenizer.ggml.pre", "default")
+    if pre not in _PRE_TOKENIZERS:
+        raise ValueError(
+            f"{source}: tokenizer.ggml.pre is {pre!r}, which jaxinfer does not support; "
+            f"supported: {sorted(_PRE_TOKENIZERS)}"
+        )
+    tokens: list[str] = field("tokenizer.ggml.tokens")
+    merges: list[str] = field("tokenizer.ggml.merges", [])
+    bpe = models.BPE(
+        vocab={token: i for i, token in enumerate(tokens)},
+        merges=[tuple(merge.split(" ", 1)) for merge in merges],
+        ignore_merges=pre in _LLAMA3_PRE,
+    )
+    backend = tokenizers.Tokenizer(bpe)
+    backend.pre_tokenizer = _PRE_TOKENIZERS[pre]()
+    backend.decoder = decoders.ByteLevel()
+    return backend, pre
+
+
+def _sentencepiece_bpe(field: _Field, source: str) -> tokenizers.Tokenizer:
+    """Sentencepiece-style BPE ("▁" for spaces, "<0x41>" byte fallback), as transformers' GGUF
+    loader builds it (LlamaTokenizer, transformers 5.x).
+
+    Where transformers and llama.cpp's llm_tokenizer_spm disagree we follow transformers, except
+    for the file's own flags:
+    - transformers' Metaspace(prepend_scheme="first") adds "▁" only at the very start, and not if
+      the text already starts with a space: " hi" -> "▁hi". llama.cpp always adds one (" hi" ->
+      "▁▁hi") and adds one again after every special token ("<s>hi" -> <s> "▁hi", here <s> "hi").
+    - transformers ignores `tokenizer.ggml.add_space_prefix`; we honour False as llama.cpp does.
+    - llama.cpp merges the adjacent pair whose result scores best, leftmost first; BPE with
+      merges ranked by that score (below) agrees except where equal-scoring pairs compete.
+    - With no byte token for a character transformers drops it; we give the unknown token, as
+      llama.cpp does. (Real vocabularies have all 256 byte tokens, so this never shows.)
+    """
+    arch = field("general.architecture")
+    if arch in _UNSUPPORTED_SENTENCEPIECE_ARCHS:
+        raise ValueError(
+            f"{source}: a sentencepiece vocabulary for architecture {arch!r} is not supported "
+            f"(only Llama/Mistral-style ones); use the model's tokenizer.json with from_file()"
+        )
+    tokens: list[str] = field("tokenizer.ggml.tokens")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges: list[str] | None = field("tokenizer.ggml.merges")
+    if merges is not None:
+        pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    else:
+        scores: list[float] | None = field("tokenizer.ggml.scores")
+        if scores is None:
+            raise ValueError(
+                f"{source}: sentencepiece vocabulary has neither tokenizer.ggml.merges nor "
+                f"tokenizer.ggml.scores, so the merge order is unknown"
+            )
+        pairs = _merges_from_scores(vocab, dict(zip(tokens, scores, strict=False)))
+    unk_id = field("tokenizer.ggml.unknown_token_id")
+    bpe = models.BPE(
+        vocab=vocab,
+        merges=pairs,
+        unk_token=None if unk_id is None else tokens[unk_id],
+        fuse_unk=True,
+        byte_fallback=True,
+    )
+    backend = tokenizers.Tokenizer(bpe)
+    add_space_prefix = bool(field("tokenizer.ggml.add_space_prefix", True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if add_space_prefix else "never", split=False
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:  # drop the space the encoder added
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(steps)
+    return backend
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """Every split of a token into two tokens, best score first: transformers' generate_merges.
+
+    Ties go to the longer left piece, then the longer right piece, then vocabulary order.
+    """
+    merges: list[tuple[str, str, float]] = []
+    for token, score in scores.items():
+        pairs = [
+            (token[:i], token[i:], score)
+            for i in range(1, len(token))
+            if token[:i] in vocab and token[i:] in vocab
+        ]
+        merges += sorted(pairs, key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+    merges.sort(key=lambda pair: (pair[2], len(pair[0]), len(pair[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
 
 
 def _check_messages(messages: object) -> None:
@@ -361,6 +460,8 @@ class IncrementalDetokenizer:
     Keeps two offsets into the ids seen so far, as vLLM and TGI do: text up to `read_offset` has
     been returned; decoding restarts at `prefix_offset` so each step decodes only a short window.
     A window whose text ends in U+FFFD ends inside a character and is held back for more tokens.
+    So is a window ending in a byte token ("<0x0A>") or a skipped special token: ByteFallback
+    decodes a run of byte tokens as a whole, all U+FFFD if any byte is invalid UTF-8.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
@@ -376,6 +477,10 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one id; return the text it completes ("" while a character is unfinished)."""
         self._ids.append(token_id)
+        tokenizer = self._tokenizer
+        skipped = self._skip_special_tokens and token_id in tokenizer._special_ids
+        if token_id in tokenizer._byte_ids or skipped:
+            return ""
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         text = self._decode(self._ids[self._prefix_offset :])
         if len(text) <= len(prefix_text) or text.endswith("\ufffd"):

@@ -11,6 +11,7 @@ import gguf
 import jinja2
 import pytest
 from jinja2.exceptions import SecurityError
+from spm_gguf import write_spm_gguf
 
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -325,8 +326,8 @@ def test_from_gguf_accepts_an_open_reader(tmp_path):
 
 
 def test_unsupported_tokenizer_model_is_a_clear_error(tmp_path):
-    path = write_gguf(tmp_path / "spm.gguf", "llama")
-    with pytest.raises(ValueError, match=r"spm\.gguf.*tokenizer\.ggml\.model is 'llama'.*gpt2"):
+    path = write_gguf(tmp_path / "t5.gguf", "t5")
+    with pytest.raises(ValueError, match=r"t5\.gguf.*tokenizer\.ggml\.model is 't5'.*gpt2.*llama"):
         Tokenizer.from_gguf(path)
 
 
@@ -359,3 +360,149 @@ def test_from_file_loads_a_hugging_face_tokenizer_json(tmp_path, hf_tokenizer):
         messages, tokenize=False, add_generation_prompt=True
     )
     assert tokenizer.apply_chat_template(messages) == expected
+
+
+# -- sentencepiece-style vocabularies (tokenizer.ggml.model "llama": Llama 2, Mistral) -------------
+
+SPM_TEXTS = {
+    "known_words": "the quick brown fox jumps over the lazy dog",
+    "unknown_words": "Zebra xylophones QUIZ! it's jumping, is it?",
+    "accents": "café naïve über Ångström",
+    "cjk": "你好，世界！日本語のテキスト 한국어",
+    "emoji": "hello 😀 family 👨‍👩‍👧 flag 🏳️‍🌈",
+    "multiple_spaces": "a  b   c    the     dog",
+    "newlines": "new line\nthe text\n\n  and\ttabs\r\n",
+    "trailing_spaces": "the end  ",
+    "special_tokens": "[INST] hello world [/INST] the answer</s>",
+}
+# Text starting with a space gets no extra "▁" from transformers (so " hi" == "hi"), and no "▁"
+# is added after a special token; llama.cpp adds one in both places. We follow transformers.
+SPM_LEADING_SPACE = {
+    "one_space": " hello",
+    "two_spaces": "  the dog",
+    "newline_first": "\nhello",
+    "after_special_token": "<s>the</s> dog",
+}
+
+
+@pytest.fixture(scope="module")
+def spm_path(tmp_path_factory) -> Path:
+    return write_spm_gguf(tmp_path_factory.mktemp("spm") / "spm.gguf")
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer(spm_path: Path) -> Tokenizer:
+    return Tokenizer.from_gguf(spm_path)
+
+
+@pytest.fixture(scope="module")
+def spm_hf_tokenizer(spm_path: Path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(spm_path.parent, gguf_file=spm_path.name)
+
+
+@pytest.mark.parametrize("name", [*SPM_TEXTS, *SPM_LEADING_SPACE])
+def test_spm_token_ids_match_transformers(spm_tokenizer, spm_hf_tokenizer, name):
+    text = {**SPM_TEXTS, **SPM_LEADING_SPACE}[name]
+    assert spm_tokenizer.encode(text) == spm_hf_tokenizer.encode(text)  # both add BOS
+    expected = spm_hf_tokenizer.encode(text, add_special_tokens=False)
+    assert spm_tokenizer.encode(text, add_bos=False) == expected
+
+
+def test_spm_known_words_are_single_pieces(spm_tokenizer):
+    ids = spm_tokenizer.encode("hello world the", add_bos=False)
+    assert [spm_tokenizer.token_text(i) for i in ids] == ["▁hello", "▁world", "▁the"]
+
+
+def test_spm_characters_outside_the_vocabulary_fall_back_to_bytes(spm_tokenizer):
+    ids = spm_tokenizer.encode("é😀", add_bos=False)
+    pieces = [spm_tokenizer.token_text(i) for i in ids]
+    assert pieces == ["▁", "<0xC3>", "<0xA9>", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+
+
+def test_spm_metadata_and_bos_added_by_default(spm_tokenizer):
+    assert (spm_tokenizer.bos_id, spm_tokenizer.eos_id, spm_tokenizer.add_bos) == (1, 2, True)
+    assert spm_tokenizer.encode("hello") == [1, *spm_tokenizer.encode("hello", add_bos=False)]
+    assert spm_tokenizer.encode("") == [1]
+
+
+def test_spm_add_bos_token_false_is_honoured(tmp_path):
+    tokenizer = Tokenizer.from_gguf(write_spm_gguf(tmp_path / "no_bos.gguf", add_bos=False))
+    assert tokenizer.add_bos is False
+    assert tokenizer.encode("hello") == tokenizer.encode("hello", add_bos=False)
+
+
+def test_spm_leading_space_is_absorbed_as_in_transformers(spm_tokenizer):
+    assert spm_tokenizer.encode(" hello") == spm_tokenizer.encode("hello")
+    assert spm_tokenizer.decode(spm_tokenizer.encode(" hello")) == "hello"
+
+
+@pytest.mark.parametrize("name", SPM_TEXTS)
+def test_spm_decode_round_trips(spm_tokenizer, name):
+    text = SPM_TEXTS[name]
+    ids = spm_tokenizer.encode(text, add_bos=False)
+    assert spm_tokenizer.decode(ids, skip_special_tokens=False) == text
+    if name != "special_tokens":
+        assert spm_tokenizer.decode([spm_tokenizer.bos_id, *ids]) == text
+
+
+@pytest.mark.parametrize("name", SPM_TEXTS)
+def test_spm_decode_matches_transformers(spm_tokenizer, spm_hf_tokenizer, name):
+    ids = spm_tokenizer.encode(SPM_TEXTS[name])
+    for skip in (True, False):
+        expected = spm_hf_tokenizer.decode(ids, skip_special_tokens=skip)
+        assert spm_tokenizer.decode(ids, skip_special_tokens=skip) == expected
+
+
+def test_spm_merges_in_the_file_take_precedence_over_scores(tmp_path):
+    merges = ["▁ h", "▁h e", "▁he l", "▁hel l", "▁hell o", "▁ t", "▁t h"]  # no "▁th e"
+    path = write_spm_gguf(tmp_path / "merges.gguf", merges=merges)
+    tokenizer = Tokenizer.from_gguf(path)
+    ids = tokenizer.encode("hello the", add_bos=False)
+    assert [tokenizer.token_text(i) for i in ids] == ["▁hello", "▁th", "e"]
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in SPM_TEXTS.values():
+        assert tokenizer.encode(text) == hf.encode(text)
+
+
+def test_spm_add_space_prefix_false_adds_no_space(tmp_path):
+    # transformers ignores this flag; llama.cpp honours it, and so do we.
+    path = write_spm_gguf(tmp_path / "no_prefix.gguf", add_space_prefix=False)
+    tokenizer = Tokenizer.from_gguf(path)
+    ids = tokenizer.encode("hello world", add_bos=False)
+    assert [tokenizer.token_text(i) for i in ids] == ["h", "e", "l", "l", "o", "▁world"]
+    assert tokenizer.decode(tokenizer.encode(" hello")) == " hello"
+
+
+def test_spm_gemma_vocabulary_is_a_clear_error(tmp_path):
+    path = write_spm_gguf(tmp_path / "gemma.gguf", arch="gemma2")
+    with pytest.raises(ValueError, match=r"gemma\.gguf.*'gemma2' is not supported"):
+        Tokenizer.from_gguf(path)
+
+
+@pytest.mark.parametrize("name", ["cjk", "emoji", "accents", "unknown_words"])
+def test_spm_streamed_pieces_never_split_a_character(spm_tokenizer, name):
+    ids = spm_tokenizer.encode(SPM_TEXTS[name])
+    pieces = stream(spm_tokenizer, ids)
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "".join(pieces) == spm_tokenizer.decode(ids) == SPM_TEXTS[name]
+    assert len(ids) > len([p for p in pieces if p])  # some characters took several byte tokens
+
+
+@pytest.mark.parametrize("name", ["multiple_spaces", "newlines", "special_tokens"])
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_spm_streamed_pieces_keep_spaces(spm_tokenizer, name, skip_special_tokens):
+    ids = spm_tokenizer.encode(SPM_TEXTS[name])
+    pieces = stream(spm_tokenizer, ids, skip_special_tokens)
+    assert "".join(pieces) == spm_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_spm_streamed_random_ids_concatenate_to_decode(spm_tokenizer, seed, skip_special_tokens):
+    rng = random.Random(seed)
+    ids = [rng.randrange(spm_tokenizer.vocab_size) for _ in range(300)]
+    ids[::5] = [rng.choice([1, 2, 3, 259, 260]) for _ in ids[::5]]  # specials, "▁", unk, bytes
+    pieces = stream(spm_tokenizer, ids, skip_special_tokens)
+    assert "".join(pieces) == spm_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
