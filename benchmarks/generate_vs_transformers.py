@@ -6,6 +6,8 @@ Prompts are random token ids (seeded), so no row stops early. Timed rows are bes
 --repeats after a warm-up. Decode tok/s counts only the tokens after the first (the first
 comes out of prefill) and divides by decode time: jaxinfer's timings["decode"]; for
 transformers, generate(min_new_tokens=max_new_tokens) minus one forward pass over the prompt.
+On a shared machine, other processes' CPU use distorts torch badly (its threads spin-wait):
+check the load averages printed under the table.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ def run_transformers(args) -> dict:
     out["load_s"] = time.perf_counter() - start
 
     def forward(ids):
-        return wall(lambda: model(torch.tensor(ids)))
+        # Logits for the last position only, as generate() computes them (and jaxinfer does).
+        return wall(lambda: model(torch.tensor(ids), logits_to_keep=1))
 
     def gen(ids, max_new):
         ids = torch.tensor(ids)
@@ -143,6 +146,8 @@ def table(args, jx: dict, hf: dict) -> str:
     rows = [  # (metric, jaxinfer, transformers, is a throughput)
         ("load (s)", jx["load_s"], hf["load_s"], False),
         (f"first-call compile, cold cache, prompt {p} (s)", jx["compile_s"], None, False),
+        ("first-call compile, decode batch 1 (s)", jx["decode_compile_b1_s"], None, False),
+        ("first-call compile, decode batch 8 (s)", jx["decode_compile_b8_s"], None, False),
         ("first generate in a fresh process, warm cache (s)", jx["child"]["ttft"], None, False),
         ("  of which compile (cache load) (s)", jx["child"]["compile"], None, False),
         (f"TTFT in process, compiled, prompt {p} (s)", jx["ttft_warm_s"], hf["ttft_warm_s"], False),
@@ -174,13 +179,19 @@ def main() -> None:
     args = parser.parse_args()
     if args.ttft_child:
         return ttft_child(args)
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        log(f"warning: 1-minute load average is {load_before:.2f}; timings will be noisy")
     with tempfile.TemporaryDirectory(prefix="jaxinfer-xla-") as cache_dir:
         jx = run_jaxinfer(args, cache_dir)
     hf = run_transformers(args)
+    loads = (load_before, os.getloadavg()[0])
     print(table(args, jx, hf))
+    print(f"1-minute load average before/after: {loads[0]:.2f}/{loads[1]:.2f}")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"args": vars(args), "jaxinfer": jx, "transformers": hf}, f, indent=1)
+            json.dump({"args": vars(args), "load_avg": loads, "jaxinfer": jx, "transformers": hf},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -233,20 +233,26 @@ def _check_prompts(tokens, cfg: ModelConfig, max_new_tokens: int) -> list[list[i
     return prompts
 
 
-_cache_enabled = False
+_cache_dir: str | None = None
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
     """Turns on XLA's persistent compilation cache (default: ~/.cache/jaxinfer/xla).
 
-    Leaves a cache directory the user already configured for jax alone.
+    Leaves a cache directory the user already configured for jax alone. jax reads the
+    directory once per process, so a different path after the first compile only warns.
     """
-    global _cache_enabled
-    if _cache_enabled or (path is None and jax.config.jax_compilation_cache_dir):
+    global _cache_dir
+    if path is None and (_cache_dir or jax.config.jax_compilation_cache_dir):
         return
     if path is None:
         base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         path = Path(base) / "jaxinfer" / "xla"
+    if _cache_dir is not None:
+        if str(path) != _cache_dir:
+            log.warning("compilation cache already at %s for this process; ignoring %s",
+                        _cache_dir, path)
+        return
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
-    _cache_enabled = True
+    _cache_dir = str(path)
