@@ -14,7 +14,6 @@ from spm_gguf import write_spm_gguf
 
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 
-
 # Input classes transformers and llama.cpp agree on.
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog. It's 'quoted', isn't it?",
