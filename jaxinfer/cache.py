@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxinfer import pallas
 from jaxinfer.config import ModelConfig
 
 
@@ -40,3 +41,8 @@ class KVCache:
         k = self.k.at[layer, rows, :, positions].set(k_new.astype(self.k.dtype))
         v = self.v.at[layer, rows, :, positions].set(v_new.astype(self.v.dtype))
         return KVCache(k=k, v=v)
+
+    def attend(self, layer: jax.Array, q: jax.Array, positions: jax.Array, **options) -> jax.Array:
+        """Attention of `q: [batch, seq, heads, head_dim]` at `positions` over this layer's
+        cache; `options` (window, softcap, scale, impl) go to `jaxinfer.pallas.attention`."""
+        return pallas.attention(q, self.k[layer], self.v[layer], positions, **options)

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinfer import pallas
 from jaxinfer.cache import KVCache
 from jaxinfer.config import DTYPES, ModelConfig
 from jaxinfer.models.layers import apply_rope, rms_norm, rope, swiglu
@@ -93,7 +92,7 @@ def decoder_layer(
     k = apply_rope(jnp.einsum("btd,dhk->bthk", h, layer["wk"]), cos, sin)
     v = jnp.einsum("btd,dhk->bthk", h, layer["wv"])
     cache = cache.update(index, positions, k, v)
-    attn = pallas.attention(q, cache.k[index], cache.v[index], positions, impl=cfg.attention)
+    attn = cache.attend(index, q, positions, impl=cfg.attention)
     x = x + jnp.einsum("bthk,hkd->btd", attn, layer["wo"])
     h = rms_norm(x, layer["mlp_norm"], cfg.rms_eps)
     return x + swiglu(h, layer["w_gate"], layer["w_up"], layer["w_down"]), cache

@@ -13,9 +13,20 @@ IMPLEMENTATIONS = ("xla",)
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, impl: str = "xla"
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    *,
+    window: int | jax.Array | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    kv_lengths: jax.Array | None = None,
+    impl: str = "xla",
 ) -> jax.Array:
-    """Causal GQA attention; shapes as in `reference.attention`."""
+    """Causal GQA attention; shapes and masking as in `reference.attention`."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention={impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
-    return reference.attention(q, k, v, q_positions)
+    return reference.attention(
+        q, k, v, q_positions, window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths
+    )

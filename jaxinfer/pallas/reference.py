@@ -6,22 +6,59 @@ import jax
 import jax.numpy as jnp
 
 
+def visible(
+    q_positions: jax.Array,
+    kv_len: int,
+    window: int | jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
+) -> jax.Array:
+    """[batch, seq, kv_len] mask: key slot j is visible to a query at position p iff
+    j <= p, p - j < window (sliding-window attention; None: unlimited), and j < kv_lengths[b].
+    """
+    j = jnp.arange(kv_len)[None, None, :]
+    p = q_positions[:, :, None]
+    mask = j <= p
+    if window is not None:
+        mask &= p - j < window
+    if kv_lengths is not None:
+        mask &= j < kv_lengths[:, None, None]
+    return mask
+
+
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    *,
+    window: int | jax.Array | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    kv_lengths: jax.Array | None = None,
 ) -> jax.Array:
     """Causal grouped-query attention of new queries against a dense KV cache.
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, kv_heads, max_len, head_dim];
-    q_positions: [batch, seq]. Key slot j is visible to a query at position p iff j <= p.
-    Returns [batch, seq, heads, head_dim] in q's dtype; scores and softmax run in fp32.
+    q_positions: [batch, seq]; masking as in `visible`. Scores are `q.k * scale` (default
+    head_dim**-0.5), soft-capped to `softcap * tanh(s / softcap)` when given. A query with no
+    visible key gets zeros. Returns [batch, seq, heads, head_dim] in q's dtype; scores and
+    softmax run in fp32.
     """
     batch, seq, heads, head_dim = q.shape
     kv_heads, max_len = k.shape[1], k.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
     q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * head_dim**-0.5
-    visible = jnp.arange(max_len)[None, None, :] <= q_positions[:, :, None]  # [b, t, s]
-    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    scores = scores * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    mask = visible(q_positions, max_len, window, kv_lengths)[:, None, None]  # [b, 1, 1, t, s]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    # Rows with nothing visible would be NaN after softmax; give them zeros instead.
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = jnp.exp(scores - top)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = (weights / jnp.where(total > 0, total, 1.0)).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(batch, seq, heads, head_dim).astype(q.dtype)
