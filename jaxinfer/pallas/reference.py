@@ -62,3 +62,37 @@ def attention(
     probs = (weights / jnp.where(total > 0, total, 1.0)).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(batch, seq, heads, head_dim).astype(q.dtype)
+
+
+def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
+    """A dense view of each row's pages: pages [kv_heads, num_pages, page_size, head_dim],
+    page_table [batch, pages_per_seq] -> [batch, kv_heads, pages_per_seq * page_size, head_dim]."""
+    kv_heads, _, page_size, head_dim = pages.shape
+    batch, pages_per_seq = page_table.shape
+    dense = jnp.moveaxis(pages[:, page_table], 1, 0)  # [batch, kv, pages_per_seq, page, d]
+    return dense.reshape(batch, kv_heads, pages_per_seq * page_size, head_dim)
+
+
+def paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    q_positions: jax.Array,
+    *,
+    window: int | jax.Array | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    kv_lengths: jax.Array | None = None,
+) -> jax.Array:
+    """`attention` against a paged cache: key slot j of row b lives in page
+    page_table[b, j // page_size] at offset j % page_size.
+
+    q: [batch, seq, heads, head_dim]; k_pages, v_pages: [kv_heads, num_pages, page_size,
+    head_dim]; page_table: [batch, pages_per_seq] int32; masking and output as in `attention`.
+    """
+    k = gather_pages(k_pages, page_table)
+    v = gather_pages(v_pages, page_table)
+    return attention(
+        q, k, v, q_positions, window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths
+    )
