@@ -10,7 +10,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.pallas import IMPLEMENTATIONS as ATTENTION_IMPLS
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -32,18 +36,55 @@ class ModelConfig:
     rope_freq_factors: tuple[float, ...] | None = None
     rms_eps: float = 1e-5
     tie_embeddings: bool = True
+    # Family quirks, as data: the one decoder in models/llama.py reads them.
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim of q and k before rope (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w): 1.0 for Gemma's (1 + w)
+    embed_scale: float = 1.0  # embeddings multiplied by this (Gemma: sqrt(embed_dim))
+    mlp_activation: str = "silu"  # gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs before the residual add
+    sliding_window: int | None = None  # keys within this many positions of the query
+    # Per layer "sliding_attention" or "full_attention"; None: all sliding if sliding_window is set.
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None  # sliding layers' own unscaled rope base (Gemma 3)
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (else head_dim's)
+    attn_softcap: float | None = None  # attention scores soft-capped: c * tanh(s / c)
+    final_softcap: float | None = None  # final logits soft-capped the same way
     param_dtype: str = "float32"  # how weights are stored
     compute_dtype: str = "float32"  # activations and the KV cache; softmax and norms run in fp32
-    attention: str = "xla"  # which attention implementation jaxinfer.pallas dispatches to
+    # Attention implementation (jaxinfer.pallas.resolve): "xla" (jnp reference), "pallas"
+    # (kernels; interpreted on CPU) or "auto" (Pallas on GPU/TPU if head_dim fits, else XLA).
+    attention: str = "auto"
 
     def __post_init__(self):
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {', '.join(DTYPES)}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention={self.attention!r}; allowed: {', '.join(ATTENTION_IMPLS)}"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
             )
+        if self.mlp_activation not in ACTIVATIONS:
+            raise ValueError(
+                f"mlp_activation={self.mlp_activation!r}; allowed: {', '.join(ACTIVATIONS)}"
+            )
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries; "
+                                 f"the model has n_layers={self.n_layers}")
+            if bad := set(self.layer_types) - set(LAYER_TYPES):
+                raise ValueError(
+                    f"layer_types has {sorted(bad)}; allowed: {', '.join(LAYER_TYPES)}"
+                )
+
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's attention window (None: global attention)."""
+        types = self.layer_types or ("sliding_attention",) * self.n_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in types)
 
     @property
     def dtype(self) -> jnp.dtype:

@@ -1,4 +1,7 @@
-"""Model families, looked up by the `architecture` field of a ModelConfig."""
+"""Model families, looked up by the `architecture` field of a ModelConfig.
+
+Every family so far is the one decoder in `llama.py`, its quirks set by ModelConfig fields.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,13 @@ from types import ModuleType
 
 from jaxinfer.models import llama
 
-FAMILIES: dict[str, ModuleType] = {"llama": llama}
+FAMILIES: dict[str, ModuleType] = {
+    "llama": llama,
+    "mistral": llama,
+    "qwen2": llama,
+    "qwen3": llama,
+    "gemma3": llama,
+}
 
 
 def family(architecture: str) -> ModuleType:

@@ -4,28 +4,47 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm in fp32, cast back to the input dtype before scaling (as Hugging Face does)."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """RMSNorm over the last axis, scaled by `offset + weight`, as Hugging Face computes it.
+
+    offset 0 (Llama): normalise in fp32, cast back, then scale in the input dtype.
+    offset 1 (Gemma's (1 + w)): normalise and scale in fp32, then cast.
+    """
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (normed * (offset + weight.astype(jnp.float32))).astype(x.dtype)
     return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def inv_frequencies(
+    head_dim: int, theta: float, freq_factors: tuple[float, ...] | None = None
+) -> np.ndarray:
+    """Rotary inverse frequencies [head_dim / 2] (fp32); `freq_factors` divide them, as
+    llama.cpp's rope_freqs tensor (Llama 3.1 scaling) or linear rope scaling do."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+    inv_freq = (1.0 / np.float32(theta) ** exponents).astype(np.float32)
+    if freq_factors is not None:
+        inv_freq = (inv_freq / np.asarray(freq_factors, np.float32)).astype(np.float32)
+    return inv_freq
+
+
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin for `positions: [batch, seq]` and `inv_freq: [head_dim / 2]`: each
+    [batch, seq, head_dim] in fp32 (the half-split layout)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def rope(
     positions: jax.Array, head_dim: int, theta: float, freq_factors: tuple[float, ...] | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """cos, sin tables for `positions: [batch, seq]`, each [batch, seq, head_dim], in fp32.
-
-    `freq_factors` ([head_dim / 2]) divide the frequencies, as llama.cpp's rope_freqs tensor.
-    """
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    if freq_factors is not None:
-        inv_freq = inv_freq / jnp.asarray(freq_factors, jnp.float32)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim / 2]
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    """cos, sin tables for `positions: [batch, seq]`, each [batch, seq, head_dim], in fp32."""
+    return rope_tables(positions, jnp.asarray(inv_frequencies(head_dim, theta, freq_factors)))
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -37,6 +56,24 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # PyTorch's gelu(approximate="tanh")
+}
+
+
+def gated_mlp(
+    x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, activation: str = "silu"
+) -> jax.Array:
+    """down(act(x @ gate) * (x @ up)), weights stored [in, out]: SwiGLU or GeGLU."""
+    return (ACTIVATIONS[activation](x @ w_gate) * (x @ w_up)) @ w_down
+
+
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """down(silu(x @ gate) * (x @ up)), weights stored [in, out]."""
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+    return gated_mlp(x, w_gate, w_up, w_down, "silu")
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma's logit soft-capping); x unchanged when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)

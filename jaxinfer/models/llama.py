@@ -1,8 +1,15 @@
-"""Llama family (Llama 2/3, SmolLM2, ...): RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""The decoder-only transformer of the Llama lineage, with each family's quirks as config data.
+
+Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3 and Gemma 3 text models are one block:
+x + attention(norm(x)), then x + mlp(norm(x)), with RoPE and grouped-query attention. What
+differs is data in the ModelConfig: q/k/v biases, q/k norms, (1 + w) norms, a scaled
+embedding, GELU-tanh instead of SiLU, norms on the block outputs, per-layer sliding windows and
+rope bases, the attention scale and logit soft-capping.
 
 Parameters are declared once, as Flax NNX Params carrying logical axis names; the model
 itself is a pure function over the plain nested dict of arrays that `nnx.split` yields.
-Per-layer weights are stacked on a leading `layers` axis and run with `jax.lax.scan`.
+Per-layer weights are stacked on a leading `layers` axis and run with `jax.lax.scan`, with
+each layer's window and rotary frequencies scanned alongside as data.
 """
 
 from __future__ import annotations
@@ -11,13 +18,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxinfer.cache import KVCache
 from jaxinfer.config import DTYPES, ModelConfig
-from jaxinfer.models.layers import apply_rope, rms_norm, rope, swiglu
+from jaxinfer.models.layers import (
+    apply_rope,
+    gated_mlp,
+    inv_frequencies,
+    rms_norm,
+    rope_tables,
+    softcap,
+)
 
 Params = dict[str, Any]
+GLOBAL_WINDOW = 1 << 30  # the window of a global-attention layer when others slide
 
 
 def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init=None) -> nnx.Param:
@@ -33,13 +49,24 @@ class Layers(nnx.Module):
         L, D, H, K, Dh, F = (
             cfg.n_layers, cfg.embed_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
         )
-        ones = nnx.initializers.ones
-        self.attn_norm = _param(rngs, cfg, (L, D), ("layers", "embed"), ones)
+        # A norm scales by (offset + w): start every norm at a scale of one.
+        unit = nnx.initializers.zeros if cfg.norm_offset == 1.0 else nnx.initializers.ones
+        self.attn_norm = _param(rngs, cfg, (L, D), ("layers", "embed"), unit)
         self.wq = _param(rngs, cfg, (L, D, H, Dh), ("layers", "embed", "heads", "head_dim"))
         self.wk = _param(rngs, cfg, (L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim"))
         self.wv = _param(rngs, cfg, (L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim"))
+        if cfg.qkv_bias:
+            self.bq = _param(rngs, cfg, (L, H, Dh), ("layers", "heads", "head_dim"))
+            self.bk = _param(rngs, cfg, (L, K, Dh), ("layers", "kv_heads", "head_dim"))
+            self.bv = _param(rngs, cfg, (L, K, Dh), ("layers", "kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            self.q_norm = _param(rngs, cfg, (L, Dh), ("layers", "head_dim"), unit)
+            self.k_norm = _param(rngs, cfg, (L, Dh), ("layers", "head_dim"), unit)
         self.wo = _param(rngs, cfg, (L, H, Dh, D), ("layers", "heads", "head_dim", "embed"))
-        self.mlp_norm = _param(rngs, cfg, (L, D), ("layers", "embed"), ones)
+        if cfg.post_norms:
+            self.post_attn_norm = _param(rngs, cfg, (L, D), ("layers", "embed"), unit)
+            self.post_mlp_norm = _param(rngs, cfg, (L, D), ("layers", "embed"), unit)
+        self.mlp_norm = _param(rngs, cfg, (L, D), ("layers", "embed"), unit)
         self.w_gate = _param(rngs, cfg, (L, D, F), ("layers", "embed", "mlp"))
         self.w_up = _param(rngs, cfg, (L, D, F), ("layers", "embed", "mlp"))
         self.w_down = _param(rngs, cfg, (L, F, D), ("layers", "mlp", "embed"))
@@ -49,9 +76,10 @@ class Llama(nnx.Module):
     """The parameter declaration. Use `init_params` / `abstract_params`, not this directly."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        unit = nnx.initializers.zeros if cfg.norm_offset == 1.0 else nnx.initializers.ones
         self.embed = _param(rngs, cfg, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"))
         self.layers = Layers(cfg, rngs)
-        self.final_norm = _param(rngs, cfg, (cfg.embed_dim,), ("embed",), nnx.initializers.ones)
+        self.final_norm = _param(rngs, cfg, (cfg.embed_dim,), ("embed",), unit)
         if not cfg.tie_embeddings:
             shape = (cfg.vocab_size, cfg.embed_dim)
             self.lm_head = _param(rngs, cfg, shape, ("vocab", "embed"))
@@ -76,26 +104,71 @@ def logical_axes(cfg: ModelConfig) -> Params:
     return nnx.get_partition_spec(_abstract_state(cfg)).to_pure_dict()
 
 
+def layer_data(cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """What differs between layers besides weights, stacked on the `layers` axis for scan:
+    `window` [layers] (int32; only when some layer slides) and `inv_freq` [layers, head_dim/2].
+    """
+    windows = cfg.layer_windows()
+    global_rope = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_freq_factors)
+    local_rope = (
+        global_rope if cfg.rope_local_theta is None
+        else inv_frequencies(cfg.head_dim, cfg.rope_local_theta)
+    )
+    data = {"inv_freq": np.stack([global_rope if w is None else local_rope for w in windows])}
+    if any(w is not None for w in windows):
+        data["window"] = np.array([GLOBAL_WINDOW if w is None else w for w in windows], np.int32)
+    return data
+
+
+def _project(h: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+    out = jnp.einsum("btd,dhk->bthk", h, w)
+    return out if b is None else out + b
+
+
 def decoder_layer(
     x: jax.Array,
     layer: Params,
     index: jax.Array,
     cache: KVCache,
     positions: jax.Array,
-    rope_tables: tuple[jax.Array, jax.Array],
+    data: dict[str, jax.Array],
     cfg: ModelConfig,
 ) -> tuple[jax.Array, KVCache]:
-    """One pre-norm block: x + attention(norm(x)), then + mlp(norm(x)); writes its K/V."""
-    cos, sin = rope_tables
-    h = rms_norm(x, layer["attn_norm"], cfg.rms_eps)
-    q = apply_rope(jnp.einsum("btd,dhk->bthk", h, layer["wq"]), cos, sin)
-    k = apply_rope(jnp.einsum("btd,dhk->bthk", h, layer["wk"]), cos, sin)
-    v = jnp.einsum("btd,dhk->bthk", h, layer["wv"])
+    """One pre-norm block: x + attention(norm(x)), then + mlp(norm(x)); writes its K/V.
+
+    `data` holds this layer's slice of `layer_data`: its rotary frequencies and window.
+    """
+    eps, offset = cfg.rms_eps, cfg.norm_offset
+    cos, sin = rope_tables(positions, data["inv_freq"])
+    h = rms_norm(x, layer["attn_norm"], eps, offset)
+    q = _project(h, layer["wq"], layer.get("bq"))
+    k = _project(h, layer["wk"], layer.get("bk"))
+    v = _project(h, layer["wv"], layer.get("bv"))
+    if cfg.qk_norm:
+        q = rms_norm(q, layer["q_norm"], eps, offset)
+        k = rms_norm(k, layer["k_norm"], eps, offset)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     cache = cache.update(index, positions, k, v)
-    attn = cache.attend(index, q, positions, impl=cfg.attention)
-    x = x + jnp.einsum("bthk,hkd->btd", attn, layer["wo"])
-    h = rms_norm(x, layer["mlp_norm"], cfg.rms_eps)
-    return x + swiglu(h, layer["w_gate"], layer["w_up"], layer["w_down"]), cache
+    scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+    attn = cache.attend(index, q, positions, window=data.get("window"),
+                        softcap=cfg.attn_softcap, scale=scale, impl=cfg.attention)
+    out = jnp.einsum("bthk,hkd->btd", attn, layer["wo"])
+    if cfg.post_norms:
+        out = rms_norm(out, layer["post_attn_norm"], eps, offset)
+    x = x + out
+    h = rms_norm(x, layer["mlp_norm"], eps, offset)
+    out = gated_mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"], cfg.mlp_activation)
+    if cfg.post_norms:
+        out = rms_norm(out, layer["post_mlp_norm"], eps, offset)
+    return x + out, cache
+
+
+def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """tokens [batch, seq] -> embeddings [batch, seq, embed] in the compute dtype."""
+    x = params["embed"][tokens].astype(cfg.dtype)
+    if cfg.embed_scale != 1.0:  # Gemma rounds the scale to the compute dtype first
+        x = x * jnp.asarray(cfg.embed_scale, cfg.dtype)
+    return x
 
 
 def transformer(
@@ -103,25 +176,25 @@ def transformer(
 ) -> tuple[jax.Array, KVCache]:
     """tokens, positions: [batch, seq] -> final hidden states [batch, seq, embed], new cache."""
     params = jax.tree.map(lambda p: p.astype(cfg.dtype), params)  # no-op when dtypes match
-    x = params["embed"][tokens]
-    rope_tables = rope(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_freq_factors)
+    x = embed(params, tokens, cfg)
 
     def step(carry, layer_and_index):
         x, cache = carry
-        layer, index = layer_and_index
-        return decoder_layer(x, layer, index, cache, positions, rope_tables, cfg), None
+        layer, data, index = layer_and_index
+        return decoder_layer(x, layer, index, cache, positions, data, cfg), None
 
-    layer_ids = jnp.arange(cfg.n_layers)
-    (x, cache), _ = jax.lax.scan(step, (x, cache), (params["layers"], layer_ids))
-    return rms_norm(x, params["final_norm"], cfg.rms_eps), cache
+    xs = (params["layers"], layer_data(cfg), jnp.arange(cfg.n_layers))
+    (x, cache), _ = jax.lax.scan(step, (x, cache), xs)
+    return rms_norm(x, params["final_norm"], cfg.rms_eps, cfg.norm_offset), cache
 
 
 def unembed(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """hidden [..., embed] -> fp32 logits [..., vocab]."""
+    """hidden [..., embed] -> fp32 logits [..., vocab] (soft-capped when the config says so)."""
     head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-    return jnp.einsum(
+    logits = jnp.einsum(
         "...d,vd->...v", hidden, head.astype(cfg.dtype), preferred_element_type=jnp.float32
     )
+    return softcap(logits, cfg.final_softcap)
 
 
 def forward(
