@@ -1,0 +1,393 @@
+"""The scheduler: a bounded waiting queue in front of the engine's slots, run by one thread.
+
+Each loop iteration: drop aborted requests (freeing their slots and pages), admit waiting
+requests while slots and pages allow (prefill, then insert), then one `generate()` call for
+all slots, whose tokens are detokenized, checked for stop strings and handed to each
+request's `sink`. When the page pool runs dry mid-decode, the newest running request is
+preempted: its pages are freed and it waits at the head of the queue, to be resumed later
+by prefilling its prompt plus what it has generated so far (recompute, as vLLM does).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.serving.engine import NO_TOKEN, Engine, PrefillRow
+from jaxinfer.tokenizer import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue holds max_queue_size requests already (HTTP 429)."""
+
+
+class EngineUnavailable(Exception):
+    """The engine loop is not running (stopped, or died on an error) (HTTP 503)."""
+
+
+@dataclasses.dataclass
+class Output:
+    """What a request's sink receives: new text and tokens since the last Output."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None  # set when the engine failed; finish_reason is "abort" then
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request and its progress. Fill the first block; the rest is state."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()  # stop strings: output ends before the first one
+    stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's own stop ids
+    sink: Callable[[Output], None] = lambda output: None  # called on the engine thread
+    id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+
+    arrival: float = 0.0
+    admitted: float = 0.0  # when it last got a slot (the newest is preempted first)
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of `text` already handed to the sink
+    slot: int | None = None
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+    last_token_time: float = 0.0
+    preemptions: int = 0
+    detokenizer: IncrementalDetokenizer | None = None
+    stop_id_set: frozenset[int] = frozenset()
+
+
+class Scheduler:
+    """Runs `engine` on a background thread; `submit` and `abort` are thread-safe."""
+
+    def __init__(self, engine: Engine, metrics=None):
+        self.engine = engine
+        self.config = engine.config
+        self.metrics = metrics  # a serving.metrics.Metrics, or None
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: dict[int, Request] = {}  # slot -> request
+        self._requests: dict[str, Request] = {}  # every live request by id
+        self._aborts: set[str] = set()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.steps = 0  # generate() calls so far
+
+    # -- called from other threads ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="jaxinfer-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stops the loop after its current step; requests still live end with "abort"."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """True while the loop thread runs and has not failed."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and self.error is None
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the page pool in use (0 to 1)."""
+        engine = self.engine
+        return 1.0 - engine.free_page_count / engine.usable_pages
+
+    def check(self, prompt_tokens: int, max_tokens: int, stop_token_ids: int = 0) -> None:
+        """Raises ValueError (with the numbers) for a request this engine cannot serve."""
+        context = self.engine.context
+        if prompt_tokens < 1:
+            raise ValueError("the prompt is empty; it needs at least one token")
+        if prompt_tokens + max_tokens > context:
+            raise ValueError(
+                f"this model's maximum context length is {context} tokens; the request has "
+                f"{prompt_tokens} prompt tokens and max_tokens={max_tokens}, together "
+                f"{prompt_tokens + max_tokens} (at most {max(context - prompt_tokens, 0)} new "
+                f"tokens fit after this prompt)"
+            )
+        room = self.config.max_stop_token_ids - len(self.engine.tokenizer.stop_ids)
+        if stop_token_ids > room:
+            raise ValueError(f"{stop_token_ids} stop_token_ids; at most {room} are allowed")
+
+    def submit(self, request: Request) -> None:
+        """Queues `request`; raises QueueFull, EngineUnavailable or ValueError."""
+        self.check(len(request.prompt_ids), request.max_tokens, len(request.stop_token_ids))
+        request.arrival = time.perf_counter()
+        request.detokenizer = IncrementalDetokenizer(self.engine.tokenizer)
+        request.stop_id_set = frozenset(self.engine.tokenizer.stop_ids) | set(
+            request.stop_token_ids
+        )
+        with self._cond:
+            if not self.alive or self._stopping:
+                raise EngineUnavailable(self._why_unavailable())
+            if len(self._waiting) >= self.config.max_queue_size:
+                raise QueueFull(
+                    f"the server's queue is full ({self.config.max_queue_size} requests "
+                    f"waiting); retry later"
+                )
+            self._waiting.append(request)
+            self._requests[request.id] = request
+            self._cond.notify_all()
+
+    def abort(self, request_id: str) -> None:
+        """Ends the request (finish reason "abort") and frees its slot and pages soon."""
+        with self._cond:
+            self._aborts.add(request_id)
+            self._cond.notify_all()
+
+    def _why_unavailable(self) -> str:
+        if self.error is not None:
+            return f"the engine stopped on an error: {self.error!r}"
+        return "the engine is not running (starting up or shutting down)"
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while self._step():
+                pass
+            self._finish_all("abort", None)
+        except BaseException as e:  # noqa: BLE001 - the loop must report any failure
+            log.exception("engine loop failed")
+            self.error = e
+            self._finish_all("abort", f"the engine stopped on an error: {e!r}")
+
+    def _step(self) -> bool:
+        with self._cond:
+            if self._stopping:
+                return False
+            if not (self._running or self._waiting or self._aborts):
+                self._cond.wait()
+                return True
+            aborts, self._aborts = self._aborts, set()
+        for request_id in aborts:
+            self._abort(request_id)
+        admitted = False
+        while self._admit():
+            admitted = True
+        if self._running:
+            self._decode()
+        elif not admitted:
+            with self._cond:  # a partial prefill batch is being held for max_queue_delay
+                if self._waiting and not self._aborts and not self._stopping:
+                    self._cond.wait(timeout=max(self._hold_time(), 1e-3))
+        return True
+
+    def _abort(self, request_id: str) -> None:
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        with self._cond:
+            if request in self._waiting:
+                self._waiting.remove(request)
+        if request.slot is not None:
+            self._release_slot(request)
+        self._finish(request, "abort")
+
+    def _hold_time(self) -> float:
+        """Seconds left before the oldest waiting request's partial batch must go."""
+        if not self._waiting:
+            return 0.0
+        delay = self.config.max_queue_delay_ms / 1e3
+        return self._waiting[0].arrival + delay - time.perf_counter()
+
+    def _admit(self) -> bool:
+        """Prefills one group of waiting requests of one length bucket into free slots."""
+        engine = self.engine
+        free_slots = [s for s in range(engine.slots) if s not in self._running]
+        if not free_slots:
+            return False
+        with self._cond:
+            if not self._waiting:
+                return False
+            head = self._waiting[0]
+            seq_bucket = engine.bucket(len(head.prompt_ids) + len(head.output_ids))
+            target = min(self.config.prefill_batch_size, len(free_slots))
+            group = [
+                r for r in self._waiting
+                if engine.bucket(len(r.prompt_ids) + len(r.output_ids)) == seq_bucket
+            ][:target]
+            if len(group) < target and self._hold_time() > 0:
+                return False
+            # Take pages for each prompt plus one decode call's worth, first come first served.
+            rows, taken = [], []
+            for request in group:
+                sequence = request.prompt_ids + request.output_ids
+                wanted = engine.pages_for(len(sequence) + engine.steps)
+                pages = engine.allocate(min(wanted, engine.pages_per_seq))
+                if pages is None:
+                    break
+                rows.append(PrefillRow(sequence, pages, request.sampling, len(request.output_ids)))
+                taken.append(request)
+                self._waiting.remove(request)
+        if not taken:
+            return False
+        first_tokens = engine.prefill(rows)
+        now = time.perf_counter()
+        for request, row, slot, token in zip(taken, rows, free_slots, first_tokens, strict=False):
+            if request.preemptions == 0 and self.metrics:
+                self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+            request.slot, request.admitted = slot, now
+            self._running[slot] = request
+            engine.insert(
+                slot,
+                last_token=token,
+                position=len(row.tokens),
+                count=len(request.output_ids) + 1,
+                max_tokens=request.max_tokens,
+                pages=row.pages,
+                sampling=request.sampling,
+                stop_ids=sorted(request.stop_id_set),
+            )
+            self._emit(request, [token], now)
+        return True
+
+    def _decode(self) -> None:
+        engine = self.engine
+        # Pages for the positions the next call writes, oldest requests first.
+        for request in sorted(self._running.values(), key=lambda r: r.admitted):
+            if request.slot is None:
+                continue  # preempted just now
+            slot = request.slot
+            needed = min(int(engine.position[slot]) + engine.steps,
+                         len(request.prompt_ids) + request.max_tokens)
+            while request.slot is not None and not engine.grow(slot, needed):
+                self._preempt(max(self._running.values(), key=lambda r: r.admitted))
+        if not self._running:
+            return
+        tokens = engine.generate()
+        self.steps += 1
+        now = time.perf_counter()
+        for slot, request in list(self._running.items()):
+            new = [int(t) for t in tokens[slot] if t != NO_TOKEN]
+            if new:
+                self._emit(request, new, now)
+
+    def _preempt(self, request: Request) -> None:
+        """Frees the request's slot and pages; it resumes from the head of the queue."""
+        log.info("preempting request %s after %d tokens (KV pages ran out)",
+                 request.id, len(request.output_ids))
+        self._release_slot(request)
+        request.preemptions += 1
+        if self.metrics:
+            self.metrics.preemptions.inc()
+        with self._cond:
+            self._waiting.appendleft(request)
+
+    def _release_slot(self, request: Request) -> None:
+        self.engine.free(request.slot)
+        del self._running[request.slot]
+        request.slot = None
+
+    # -- output -------------------------------------------------------------------------------
+
+    def _emit(self, request: Request, tokens: list[int], now: float) -> None:
+        """Appends generated tokens, detects the end, and hands new text to the sink."""
+        if request.finish_reason is not None:
+            return
+        reason = None
+        longest_stop = max(map(len, request.stop), default=0)
+        for token in tokens:
+            request.output_ids.append(token)
+            if token in request.stop_id_set:
+                reason = "stop"
+            else:
+                reason = self._add_text(request, request.detokenizer.add(token), longest_stop)
+            if reason is None and len(request.output_ids) >= request.max_tokens:
+                reason = "length"
+            if reason is not None:
+                break
+        if reason is not None and reason != "stop_string":
+            reason = self._add_text(request, request.detokenizer.flush(), longest_stop) or reason
+        reason = "stop" if reason == "stop_string" else reason
+        self._observe(request, len(tokens), now)
+        if reason is None:
+            # Hold back a tail that could still become a stop string.
+            end = len(request.text) - max(longest_stop - 1, 0)
+        else:
+            end = len(request.text)
+        text = request.text[request.sent : end] if end > request.sent else ""
+        request.sent = max(request.sent, end)
+        request.sink(Output(text, tokens, reason if reason else None,
+                            len(request.prompt_ids), len(request.output_ids)))
+        if reason is not None:
+            if request.slot is not None:
+                self._release_slot(request)
+            self._finish(request, reason, notify=False)
+
+    @staticmethod
+    def _add_text(request: Request, piece: str, longest_stop: int) -> str | None:
+        """Appends `piece`; on a stop string cuts the text before it and says "stop_string"."""
+        if not piece:
+            return None
+        start = max(len(request.text) - longest_stop + 1, 0)
+        request.text += piece
+        hits = [i for i in (request.text.find(s, start) for s in request.stop) if i >= 0]
+        if hits:
+            request.text = request.text[: min(hits)]
+            return "stop_string"
+        return None
+
+    def _observe(self, request: Request, new_tokens: int, now: float) -> None:
+        metrics = self.metrics
+        if request.first_token_time is None:
+            request.first_token_time = now
+            if metrics:
+                metrics.time_to_first_token.observe(now - request.arrival)
+        elif metrics and new_tokens:
+            # Tokens of one decode call arrive together; spread the wait evenly over them.
+            gap = (now - request.last_token_time) / new_tokens
+            for _ in range(new_tokens):
+                metrics.inter_token_latency.observe(gap)
+        request.last_token_time = now
+        if metrics:
+            metrics.generation_tokens.inc(new_tokens)
+
+    def _finish(self, request: Request, reason: str, notify: bool = True,
+                error: str | None = None) -> None:
+        if self._requests.pop(request.id, None) is None:
+            return
+        request.finish_reason = reason
+        if notify:
+            request.sink(Output("", [], reason, len(request.prompt_ids),
+                                len(request.output_ids), error))
+        if self.metrics:
+            self.metrics.finished(reason)
+            self.metrics.e2e_request_latency.observe(time.perf_counter() - request.arrival)
+
+    def _finish_all(self, reason: str, error: str | None) -> None:
+        with self._cond:
+            self._waiting.clear()
+            self._running.clear()
+            requests = list(self._requests.values())
+        for request in requests:
+            self._finish(request, reason, error=error)
