@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.models import family
+from jaxinfer.sharding import param_shardings
 
 T = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = (
@@ -164,64 +165,95 @@ def to_layout(w: np.ndarray, kind: str, cfg: ModelConfig) -> np.ndarray:
     raise AssertionError(kind)
 
 
-def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, *, progress: bool = True) -> dict:
-    """Reads, dequantizes and converts tensors one at a time into the params pytree.
+def load_params(
+    reader: gguf.GGUFReader, cfg: ModelConfig, *, shardings: Any = None, progress: bool = True
+) -> dict:
+    """Reads, dequantizes and converts the tensors one parameter at a time, placing each on
+    its target sharding before reading the next.
 
-    Stacked per-layer weights are preallocated on the host and filled layer by layer, then
-    moved to the device one array at a time, so host memory peaks near the parameter bytes
-    plus one array.
+    `shardings`: a params-shaped pytree of Shardings (`jaxinfer.sharding.param_shardings`);
+    None puts everything on the default device. A stacked per-layer weight is filled on the
+    host layer by layer, placed, and freed, so host memory peaks near the parameters placed
+    so far plus one stacked weight; each process copies only the slices its devices hold.
     """
     filename = reader.data.filename
     np_dtype = NP_DTYPES[cfg.param_dtype]
     abstract = family(cfg.architecture).abstract_params(cfg)
-    params = {"layers": {name: np.empty(s.shape, np_dtype)
-                         for name, s in abstract["layers"].items()}}
-    filled = set()
-    tensors = reader.tensors
-    start = time.perf_counter()
-    for n, tensor in enumerate(tensors, 1):
+    # Sort the file's tensors into parameters before reading any data.
+    layer_tensors: dict[str, dict[int, tuple[gguf.ReaderTensor, str]]] = {
+        param: {} for param in abstract["layers"]}
+    global_tensors: dict[str, gguf.ReaderTensor] = {}
+    for tensor in reader.tensors:
         name = tensor.name
         if name.startswith("blk."):
             _, index, suffix = name.split(".", 2)
-            if suffix not in LAYER_TENSORS:
+            if suffix not in LAYER_TENSORS or not 0 <= int(index) < cfg.n_layers:
                 raise GGUFError(f"{filename}: unexpected tensor {name!r} for a llama model")
             param, kind = LAYER_TENSORS[suffix]
-            value = to_layout(dequantize(reader, tensor), kind, cfg).astype(np_dtype, copy=False)
-            expected = abstract["layers"][param].shape[1:]
-            if value.shape != expected:
-                raise GGUFError(f"{filename}: tensor {name!r} has shape {value.shape} after "
-                                f"conversion; the config expects {expected}")
-            params["layers"][param][int(index)] = value
-            filled.add(f"layers.{param}.{index}")
+            layer_tensors[param][int(index)] = (tensor, kind)
         elif name in GLOBAL_TENSORS:
-            param = GLOBAL_TENSORS[name]
-            value = dequantize(reader, tensor).astype(np_dtype, copy=False)
-            if value.shape != abstract[param].shape:
-                raise GGUFError(f"{filename}: tensor {name!r} has shape {value.shape}; "
-                                f"the config expects {abstract[param].shape}")
-            params[param] = jax.device_put(value)
-            filled.add(param)
+            global_tensors[GLOBAL_TENSORS[name]] = tensor
         elif name == "rope_freqs.weight":
             pass  # read into ModelConfig.rope_freq_factors
         else:
             raise GGUFError(f"{filename}: unexpected tensor {name!r} for a llama model")
-        if progress and (n % 16 == 0 or n == len(tensors)):
-            print(f"\rloading {Path(filename).name}: {n}/{len(tensors)} tensors "
-                  f"({time.perf_counter() - start:.1f}s)", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
-    expected = {k for k in abstract if k != "layers"} | {
-        f"layers.{p}.{i}" for p in abstract["layers"] for i in range(cfg.n_layers)}
-    if missing := sorted(expected - filled):
+    missing = [k for k in abstract if k != "layers" and k not in global_tensors] + [
+        f"layers.{p}.{i}" for p in abstract["layers"] for i in range(cfg.n_layers)
+        if i not in layer_tensors[p]]
+    if missing:
         raise GGUFError(f"{filename}: missing tensors: {', '.join(missing[:8])}"
                         + (" ..." if len(missing) > 8 else ""))
-    for name in params["layers"]:  # one array at a time: the host copy is freed as we go
-        params["layers"][name] = jax.device_put(params["layers"][name])
+
+    def place(value: np.ndarray, sharding) -> jax.Array:
+        if sharding is None:
+            return jax.device_put(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    def sharding_of(*path: str):
+        node = shardings
+        for key in path:
+            node = None if node is None else node[key]
+        return node
+
+    total, done, start = len(reader.tensors), 0, time.perf_counter()
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress and (done % 16 == 0 or done == total):
+            print(f"\rloading {Path(filename).name}: {done}/{total} tensors "
+                  f"({time.perf_counter() - start:.1f}s)", end="", file=sys.stderr, flush=True)
+
+    params: dict = {"layers": {}}
+    for param, tensor in global_tensors.items():
+        value = dequantize(reader, tensor).astype(np_dtype, copy=False)
+        if value.shape != abstract[param].shape:
+            raise GGUFError(f"{filename}: tensor {tensor.name!r} has shape {value.shape}; "
+                            f"the config expects {abstract[param].shape}")
+        params[param] = place(value, sharding_of(param))
+        tick()
+    for param, by_layer in layer_tensors.items():
+        stacked = np.empty(abstract["layers"][param].shape, np_dtype)
+        for index, (tensor, kind) in by_layer.items():
+            value = to_layout(dequantize(reader, tensor), kind, cfg)
+            if value.shape != stacked.shape[1:]:
+                raise GGUFError(f"{filename}: tensor {tensor.name!r} has shape {value.shape} "
+                                f"after conversion; the config expects {stacked.shape[1:]}")
+            stacked[index] = value
+            tick()
+        params["layers"][param] = place(stacked, sharding_of("layers", param))
+        del stacked  # the host copy goes before the next weight is read
+    if progress:
+        print(file=sys.stderr)
     return params
 
 
-def load_gguf(path: str | os.PathLike, *, dtype: str = "float32", progress: bool = True):
-    """(ModelConfig, params, reader) from a GGUF file; weights dequantized to `dtype`."""
+def load_gguf(
+    path: str | os.PathLike, *, dtype: str = "float32", mesh: Any = None, progress: bool = True
+):
+    """(ModelConfig, params, reader) from a GGUF file; weights dequantized to `dtype` and,
+    given a `jax.sharding.Mesh`, placed on their shardings over it as they are read."""
     reader = open_gguf(path)
     cfg = model_config(reader).with_dtype(dtype)
-    return cfg, load_params(reader, cfg, progress=progress), reader
+    shardings = None if mesh is None else param_shardings(cfg, mesh)
+    return cfg, load_params(reader, cfg, shardings=shardings, progress=progress), reader
