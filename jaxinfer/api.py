@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, NamedTuple
 
@@ -21,15 +22,22 @@ class Model(NamedTuple):
 
 
 def load_model(
-    name_or_path: str = sources.DEFAULT_MODEL, *, dtype: str = "auto", progress: bool = True
+    name_or_path: str = sources.DEFAULT_MODEL,
+    *,
+    dtype: str = "auto",
+    attention: str = "auto",
+    progress: bool = True,
 ) -> Model:
     """Loads a known model (see `sources.KNOWN_MODELS`) or a local .gguf file.
 
     dtype: "auto" (fp32 on CPU, bf16 on accelerators), "float32" or "bfloat16".
+    attention: "auto" (Pallas kernels on GPU/TPU, XLA on CPU), "xla" or "pallas" (on CPU:
+    the kernels in interpret mode, slow; for checking them).
     """
     start = time.perf_counter()
     path = sources.resolve(name_or_path)
     cfg, params, reader = gguf.load_gguf(path, dtype=dtype, progress=progress)
+    cfg = dataclasses.replace(cfg, attention=attention)
     tokenizer = Tokenizer.from_gguf(reader)
     if progress:
         print(f"loaded {path.name} in {time.perf_counter() - start:.1f}s")

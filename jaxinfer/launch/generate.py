@@ -22,6 +22,9 @@ flags.DEFINE_float("top_p", None, "Nucleus sampling mass (1 turns it off).")
 flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens (0 turns it off).")
 flags.DEFINE_integer("seed", None, "Sampling seed.")
 flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16"], "Weight and activation dtype.")
+flags.DEFINE_enum("attention", "auto", ["auto", "xla", "pallas"],
+                  "Attention: Pallas kernels (GPU/TPU; interpreted, slowly, on CPU), the XLA "
+                  "reference, or auto (Pallas on GPU/TPU, XLA on CPU).")
 
 SETTINGS = ("model", "prompt", "chat", "max_new_tokens", "temperature", "top_p", "top_k",
             "seed", "dtype")
@@ -58,7 +61,9 @@ def main(argv: list[str]) -> None:
             seed=opts["seed"],
         )
         start = time.perf_counter()
-        model = jaxinfer.load_model(opts["model"], dtype=opts["dtype"], progress=True)
+        model = jaxinfer.load_model(
+            opts["model"], dtype=opts["dtype"], attention=FLAGS.attention, progress=True
+        )
         load_s = time.perf_counter() - start
         if opts["chat"]:
             text, result = jaxinfer.chat(

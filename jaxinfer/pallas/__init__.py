@@ -1,6 +1,10 @@
 """The one attention entry point models call; it picks an implementation per backend.
 
-Only the XLA reference exists so far; Pallas kernels plug in here.
+impl="xla": the plain-jnp references (reference.py), the CPU path. impl="pallas": the Pallas
+kernels (flash_attention.py for prefill, paged_attention.py for decode against a paged
+cache), compiled for the GPU (Triton) or TPU (Mosaic), and run with `interpret=True` on any
+other backend (how CI checks them on CPU). impl="auto": Pallas on GPU and TPU when the
+kernels support the shape (head_dim 64/128/256), otherwise XLA.
 """
 
 from __future__ import annotations
@@ -8,13 +12,26 @@ from __future__ import annotations
 import jax
 
 from jaxinfer.pallas import reference
+from jaxinfer.pallas.flash_attention import SUPPORTED_HEAD_DIMS, flash_attention
+from jaxinfer.pallas.paged_attention import paged_attention as paged_kernel
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+KERNEL_BACKENDS = ("gpu", "tpu")  # where the kernels compile; elsewhere they are interpreted
 
 
-def _check_impl(impl: str) -> None:
+def resolve(impl: str, head_dim: int | None = None) -> str:
+    """"xla" or "pallas" for `impl` on the current backend ("auto": Pallas on GPU/TPU when
+    the kernels support head_dim, else XLA)."""
     if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"attention={impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
+        raise ValueError(f"attention={impl!r}; allowed: {', '.join(IMPLEMENTATIONS)}")
+    if impl != "auto":
+        return impl
+    supported = head_dim is None or head_dim in SUPPORTED_HEAD_DIMS
+    return "pallas" if jax.default_backend() in KERNEL_BACKENDS and supported else "xla"
+
+
+def _interpret() -> bool:
+    return jax.default_backend() not in KERNEL_BACKENDS
 
 
 def attention(
@@ -29,11 +46,12 @@ def attention(
     kv_lengths: jax.Array | None = None,
     impl: str = "xla",
 ) -> jax.Array:
-    """Causal GQA attention; shapes and masking as in `reference.attention`."""
-    _check_impl(impl)
-    return reference.attention(
-        q, k, v, q_positions, window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths
-    )
+    """Causal GQA attention against a dense cache; shapes and masking as in
+    `reference.attention`. window may be a traced int32 scalar."""
+    options = dict(window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths)
+    if resolve(impl, q.shape[-1]) == "pallas":
+        return flash_attention(q, k, v, q_positions, interpret=_interpret(), **options)
+    return reference.attention(q, k, v, q_positions, **options)
 
 
 def paged_attention(
@@ -53,13 +71,13 @@ def paged_attention(
     """Attention of a few new tokens per row against a paged cache (decode).
 
     q: [batch, seq, heads, head_dim]; k_pages, v_pages: [kv_heads, num_pages, page_size,
-    head_dim], or [layers, ...] with `layer` picking one; page_table: [batch, pages_per_seq].
-    Masking and output as in `reference.paged_attention`.
+    head_dim], or [layers, ...] with `layer` (may be traced) picking one; page_table:
+    [batch, pages_per_seq]. Masking and output as in `reference.paged_attention`.
     """
-    _check_impl(impl)
+    options = dict(window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths)
+    if resolve(impl, q.shape[-1]) == "pallas":
+        return paged_kernel(q, k_pages, v_pages, page_table, q_positions, layer=layer,
+                            interpret=_interpret(), **options)
     if k_pages.ndim == 5:
         k_pages, v_pages = k_pages[layer], v_pages[layer]
-    return reference.paged_attention(
-        q, k_pages, v_pages, page_table, q_positions,
-        window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths,
-    )
+    return reference.paged_attention(q, k_pages, v_pages, page_table, q_positions, **options)

@@ -47,6 +47,10 @@ def attention(
     batch, seq, heads, head_dim = q.shape
     kv_heads, max_len = k.shape[1], k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
+    out_dtype, value_dtype = q.dtype, v.dtype
+    if jax.default_backend() == "cpu" and jnp.bfloat16 in (q.dtype, k.dtype, v.dtype):
+        # XLA:CPU lacks some bf16 x bf16 -> fp32 dots; bf16 products are exact in fp32.
+        q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
     q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * scale
@@ -59,9 +63,10 @@ def attention(
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     weights = jnp.exp(scores - top)
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = (weights / jnp.where(total > 0, total, 1.0)).astype(v.dtype)
+    # Probabilities are rounded to the value dtype before the PV product, as in the kernels.
+    probs = (weights / jnp.where(total > 0, total, 1.0)).astype(value_dtype).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, seq, heads, head_dim).astype(q.dtype)
+    return out.reshape(batch, seq, heads, head_dim).astype(out_dtype)
 
 
 def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
