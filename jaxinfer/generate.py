@@ -6,6 +6,7 @@ buckets; each compiled program is keyed by its bucket, so calls within a bucket 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -21,6 +22,7 @@ from jaxinfer.cache import KVCache
 from jaxinfer.config import ModelConfig
 from jaxinfer.models import family
 from jaxinfer.sampling import SamplingArrays, SamplingParams, sample
+from jaxinfer.sharding import rules as sharding_rules
 
 log = logging.getLogger(__name__)
 MIN_SEQ_BUCKET = 16
@@ -79,7 +81,7 @@ def _prefill(params, tokens, prompt_lens, sampling, stop_ids, max_new, *, cfg, c
     model = family(cfg.architecture)
     batch, seq = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    cache = KVCache.init(cfg, batch, cache_len)
+    cache = sharding_rules.constrain_cache(KVCache.init(cfg, batch, cache_len), cfg)
     hidden, cache = model.transformer(params, tokens, positions, cache, cfg)
     last_hidden = hidden[jnp.arange(batch), prompt_lens - 1]
     logits = model.unembed(params, last_hidden, cfg)
@@ -127,7 +129,8 @@ def compiled_programs() -> int:
 def _run(jitted, args: tuple, static: dict, timings: dict, what: str):
     """Calls `jitted`, compiling ahead of time (and timing it) only for a new bucket."""
     leaves, treedef = jax.tree.flatten(args)
-    shapes = tuple((np.shape(x), np.result_type(x).name) for x in leaves)
+    shapes = tuple((np.shape(x), np.result_type(x).name, getattr(x, "sharding", None))
+                   for x in leaves)  # a program is compiled for its inputs' shardings too
     key = (jitted, tuple(sorted(static.items())), treedef, shapes)
     if key not in _executables:
         enable_compilation_cache()
@@ -148,12 +151,17 @@ def generate(
     max_new_tokens: int = 256,
     sampling: SamplingParams | Sequence[SamplingParams] | None = None,
     stop_token_ids: Sequence[int] = (),
+    mesh: jax.sharding.Mesh | None = None,
 ) -> GenerateResult:
     """Generates up to `max_new_tokens` tokens after each prompt in `tokens` (a list of id lists).
 
     A row ends at the first token in `stop_token_ids` (pass the tokenizer's `stop_ids`) or
     after `max_new_tokens` tokens. `sampling` is one SamplingParams for every row or one per
     row; the default is greedy.
+
+    `mesh`: run sharded over this mesh (default: the mesh `params` are placed on, e.g. by
+    `load_model(mesh=...)`); params are moved onto their shardings if they are not there.
+    Results are gathered to every process.
     """
     prompts = _check_prompts(tokens, cfg, max_new_tokens)
     rows = len(prompts)
@@ -164,7 +172,11 @@ def generate(
             f"got {len(sampling)} SamplingParams for {rows} prompts; pass one, or one per prompt"
         )
 
-    batch = bucket(rows)
+    mesh = mesh or sharding_rules.mesh_of(params)
+    if mesh is not None and sharding_rules.mesh_of(params) != mesh:
+        params = sharding_rules.shard_params(params, cfg, mesh)
+    data = mesh.shape["data"] if mesh is not None else 1
+    batch = -(-bucket(rows) // data) * data  # rows split evenly over the data axis
     seq = bucket(max(map(len, prompts)), MIN_SEQ_BUCKET, cfg.max_seq_len)
     out_len = bucket(max_new_tokens, MIN_SEQ_BUCKET)
     cache_len = min(seq + out_len, cfg.max_seq_len)
@@ -180,14 +192,19 @@ def generate(
     max_new = np.int32(max_new_tokens)
 
     timings: dict[str, float] = {"compile": 0.0}
-    args = (params, token_array, prompt_lens, sampling_arrays, stop_ids, max_new)
+    inputs = (token_array, prompt_lens, sampling_arrays, stop_ids, max_new)
+    if mesh is not None:  # global arrays, so every process feeds the same program
+        inputs = sharding_rules.replicate(inputs, mesh)
     static = {"cfg": cfg, "cache_len": cache_len, "out_len": out_len}
     shape = f"batch {batch}, prompt {seq}, cache {cache_len}"
-    state, cache = _timed_call(_prefill_jit, args, static, timings, "prefill", shape)
-    args = (params, cache, state, sampling_arrays, stop_ids, max_new)
-    state, _ = _timed_call(_decode_jit, args, {"cfg": cfg}, timings, "decode", shape)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        state, cache = _timed_call(_prefill_jit, (params, *inputs), static, timings, "prefill",
+                                   shape)
+        args = (params, cache, state, *inputs[2:])
+        state, _ = _timed_call(_decode_jit, args, {"cfg": cfg}, timings, "decode", shape)
 
-    out_tokens, lengths, stopped = jax.device_get((state.tokens, state.lengths, state.stopped))
+    out_tokens, lengths, stopped = (
+        sharding_rules.to_host(x) for x in (state.tokens, state.lengths, state.stopped))
     return GenerateResult(
         tokens=[out_tokens[i, : lengths[i]].tolist() for i in range(rows)],
         lengths=lengths[:rows].tolist(),

@@ -31,6 +31,7 @@ from jaxinfer.models.layers import (
     rope_tables,
     softcap,
 )
+from jaxinfer.sharding.rules import constrain
 
 Params = dict[str, Any]
 GLOBAL_WINDOW = 1 << 30  # the window of a global-attention layer when others slide
@@ -181,6 +182,7 @@ def transformer(
     def step(carry, layer_and_index):
         x, cache = carry
         layer, data, index = layer_and_index
+        x = constrain(x)  # under a mesh: the residual stream is [batch -> data] between layers
         return decoder_layer(x, layer, index, cache, positions, data, cfg), None
 
     xs = (params["layers"], layer_data(cfg), jnp.arange(cfg.n_layers))

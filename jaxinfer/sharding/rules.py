@@ -13,6 +13,7 @@ whole cache on every device); the price is an all-reduce of the attention scores
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -90,15 +91,19 @@ class ShardingRules:
         return PartitionSpec(*entries)
 
 
-def _family(cfg: ModelConfig):
+@functools.lru_cache(maxsize=16)
+def _declaration(cfg: ModelConfig) -> tuple[Any, Any]:
+    """(abstract params, logical axes) of the model; computed outside any mesh context,
+    whose axes ("data", "model") would not match the logical names."""
     from jaxinfer.models import family  # models import this module for `constrain`
 
-    return family(cfg.architecture)
+    model = family(cfg.architecture)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        return model.abstract_params(cfg), model.logical_axes(cfg)
 
 
 def logical_sizes(cfg: ModelConfig) -> dict[str, int]:
     """Size of every logical axis the model's parameters declare ("heads" -> 9, ...)."""
-    model = _family(cfg)
     sizes: dict[str, int] = {}
 
     def record(abstract, axes) -> None:
@@ -106,7 +111,7 @@ def logical_sizes(cfg: ModelConfig) -> dict[str, int]:
             if name is not None:
                 sizes[name] = size
 
-    jax.tree.map(record, model.abstract_params(cfg), model.logical_axes(cfg))
+    jax.tree.map(record, *_declaration(cfg))
     return sizes
 
 
@@ -142,14 +147,11 @@ def model_rules(
 
 def param_specs(cfg: ModelConfig, rules: ShardingRules) -> Any:
     """PartitionSpec of every parameter, in the params pytree's structure."""
-    model = _family(cfg)
-
     def spec(path, abstract, axes) -> PartitionSpec:
         return rules.spec(tuple(axes), abstract.shape, jax.tree_util.keystr(path, simple=True,
                                                                             separator="."))
 
-    return jax.tree_util.tree_map_with_path(spec, model.abstract_params(cfg),
-                                            model.logical_axes(cfg))
+    return jax.tree_util.tree_map_with_path(spec, *_declaration(cfg))
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, table=DEFAULT_RULES) -> Any:
