@@ -225,7 +225,7 @@ def default_blocks(platform: str, head_dim: int) -> tuple[int, int]:
     128-lane score tiles."""
     if platform == "tpu":
         return 128, 128
-    return 64, (64 if head_dim <= 128 else 32)
+    return (64, 64) if head_dim <= 128 else (32, 32)
 
 
 def flash_attention(
