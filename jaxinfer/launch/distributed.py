@@ -1,0 +1,26 @@
+"""Flags every launcher shares for meshes and multi-host runs, and the start-up they drive."""
+
+from __future__ import annotations
+
+from absl import flags
+from jax.sharding import Mesh
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,model:4 ('auto': every device on "
+                    "model). Unset: one device.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
+                    "(else JAX_COORDINATOR_ADDRESS, or detected on TPU pods / SLURM / MPI).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes in the job.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0-based.")
+
+
+def setup() -> Mesh | None:
+    """Joins a multi-host job if the flags or environment describe one, then builds the mesh
+    `--mesh` names (a multi-host job with no --mesh gets every device on `model`)."""
+    from jaxinfer.sharding import initialize_distributed, make_mesh
+
+    joined = initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
+    if FLAGS.mesh is None and not joined:
+        return None
+    return make_mesh(None if FLAGS.mesh in (None, "auto") else FLAGS.mesh)
