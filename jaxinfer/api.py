@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any, NamedTuple
 
-from jaxinfer.checkpoints import gguf, sources
+from jax.sharding import Mesh
+
+from jaxinfer.checkpoints import gguf, orbax, sources
 from jaxinfer.config import ModelConfig
 from jaxinfer.generate import GenerateResult, generate
 from jaxinfer.sampling import SamplingParams
+from jaxinfer.sharding import make_mesh
 from jaxinfer.tokenizer import Tokenizer
 
 
@@ -26,6 +30,7 @@ def load_model(
     *,
     dtype: str = "auto",
     attention: str = "auto",
+    mesh: Mesh | str | None = None,
     progress: bool = True,
 ) -> Model:
     """Loads a known model (see `sources.KNOWN_MODELS`) or a local .gguf file.
@@ -33,15 +38,32 @@ def load_model(
     dtype: "auto" (fp32 on CPU, bf16 on accelerators), "float32" or "bfloat16".
     attention: "auto" (Pallas kernels on GPU/TPU, XLA on CPU), "xla" or "pallas" (on CPU:
     the kernels in interpret mode, slow; for checking them).
+    mesh: a `jax.sharding.Mesh` or a spec such as "data:2,model:4" ("auto": every device on
+    `model`); each weight goes onto its sharding as it is read. None: one device.
+    An Orbax checkpoint directory (`python -m jaxinfer.launch.convert`) loads too.
     """
     start = time.perf_counter()
+    if isinstance(mesh, str):
+        mesh = make_mesh(None if mesh == "auto" else mesh)
+    if orbax.is_checkpoint(name_or_path):
+        return _load_orbax(Path(name_or_path), dtype, attention, mesh, start, progress)
     path = sources.resolve(name_or_path)
-    cfg, params, reader = gguf.load_gguf(path, dtype=dtype, progress=progress)
+    cfg, params, reader = gguf.load_gguf(path, dtype=dtype, mesh=mesh, progress=progress)
     cfg = dataclasses.replace(cfg, attention=attention)
     tokenizer = Tokenizer.from_gguf(reader)
     if progress:
         print(f"loaded {path.name} in {time.perf_counter() - start:.1f}s")
     return Model(cfg, params, tokenizer)
+
+
+def _load_orbax(path: Path, dtype, attention, mesh, start, progress) -> Model:
+    cfg, params, tokenizer = orbax.load(path, mesh=mesh, dtype=dtype)
+    if tokenizer is None:
+        raise ValueError(f"{path} holds no tokenizer files; convert it again with "
+                         "python -m jaxinfer.launch.convert")
+    if progress:
+        print(f"loaded {path.name} in {time.perf_counter() - start:.1f}s")
+    return Model(dataclasses.replace(cfg, attention=attention), params, tokenizer)
 
 
 def chat(

@@ -11,6 +11,8 @@ import time
 
 from absl import app, flags
 
+from jaxinfer.launch import distributed
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "smollm2_135m", "Preset in configs/ (name or .toml path).")
 flags.DEFINE_string("model", None, "Known model name or path to a .gguf file.")
@@ -60,9 +62,11 @@ def main(argv: list[str]) -> None:
             temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
             seed=opts["seed"],
         )
+        mesh = distributed.setup()  # --mesh and multi-host flags
         start = time.perf_counter()
         model = jaxinfer.load_model(
-            opts["model"], dtype=opts["dtype"], attention=FLAGS.attention, progress=True
+            opts["model"], dtype=opts["dtype"], attention=FLAGS.attention, mesh=mesh,
+            progress=True,
         )
         load_s = time.perf_counter() - start
         if opts["chat"]:
