@@ -132,7 +132,9 @@ class PrefillRow:
 class Engine:
     """Fixed decode slots over a paged KV cache; see the module docstring for the API."""
 
-    def __init__(self, model: Model, config: EngineConfig | None = None):
+    def __init__(self, model: Model, config: EngineConfig | None = None, mesh=None):
+        """`mesh`: a jax Mesh the params are already sharded over (jaxinfer.sharding); the KV
+        cache is then replicated on it, else it lives on the default device."""
         config = config or EngineConfig()
         self.model_config = cfg = model.config
         self.params = model.params
@@ -148,6 +150,10 @@ class Engine:
         self.cache = PagedKVCache.init(
             cfg, self.num_pages, self.page_size, self.slots, self.pages_per_seq
         )
+        if mesh is not None:
+            from jaxinfer.sharding.rules import replicate
+
+            self.cache = replicate(self.cache, mesh)
         self._free_pages = list(range(self.num_pages - 1, 0, -1))  # pop() hands out low ids first
         slots = self.slots
         self.page_table = np.zeros((slots, self.pages_per_seq), np.int32)

@@ -127,6 +127,11 @@ class Scheduler:
         context = self.engine.context
         if prompt_tokens < 1:
             raise ValueError("the prompt is empty; it needs at least one token")
+        if prompt_tokens >= context:
+            raise ValueError(
+                f"the prompt has {prompt_tokens} tokens; this model's maximum context length "
+                f"is {context} tokens, which must hold the prompt and at least one new token"
+            )
         if prompt_tokens + max_tokens > context:
             raise ValueError(
                 f"this model's maximum context length is {context} tokens; the request has "

@@ -1,0 +1,158 @@
+"""Serve a model over an OpenAI-compatible HTTP API: `python -m jaxinfer.launch.serve`.
+
+The port opens at once; /health answers 503 while the model loads and compiles, then 200.
+SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests finish for up to
+--drain_timeout_s, and exits 0. Flags left unset take their values from the preset
+(`--preset`, a file in configs/).
+
+    python -m jaxinfer.launch.serve --port=8000 --max_batch_size=16
+    curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "smollm2-135m-instruct", "prompt": "The capital of France is"}'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "serve_smollm2_135m", "Preset in configs/ (name or .toml path).")
+flags.DEFINE_string("model", None, "Known model name or path to a .gguf file.")
+flags.DEFINE_string("served_model_name", None, "Name clients pass as `model` (default: --model).")
+flags.DEFINE_string("host", None, "Address to listen on.")
+flags.DEFINE_integer("port", None, "Port to listen on.")
+flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16"], "Weight and activation dtype.")
+flags.DEFINE_enum("attention", None, ["auto", "xla", "pallas"], "Attention implementation.")
+flags.DEFINE_string("mesh", None, 'Device mesh, e.g. "data:1,model:8" ("" = one device).')
+flags.DEFINE_integer("max_batch_size", None, "Decode slots: requests generating at once.")
+flags.DEFINE_integer("max_seq_len", None, "Most tokens per request, prompt + generated.")
+flags.DEFINE_integer("page_size", None, "Tokens per KV-cache page.")
+flags.DEFINE_float("kv_cache_gb", None, "Memory for the KV page pool, in GiB.")
+flags.DEFINE_integer("num_pages", None, "KV pages in the pool (0: from --kv_cache_gb).")
+flags.DEFINE_integer("decode_steps", None, "Decode steps per device call.")
+flags.DEFINE_integer("prefill_batch_size", None, "Prompts per prefill call.")
+flags.DEFINE_integer("max_queue_size", None, "Waiting requests beyond which clients get 429.")
+flags.DEFINE_float("max_queue_delay_ms", None, "Hold a partial prefill batch this long.")
+flags.DEFINE_float("drain_timeout_s", None, "On SIGTERM, wait this long for requests.")
+flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer KEY` ('' = open).")
+
+SETTINGS = ("model", "served_model_name", "host", "port", "dtype", "attention", "mesh",
+            "max_batch_size", "max_seq_len", "page_size", "kv_cache_gb", "num_pages",
+            "decode_steps", "prefill_batch_size", "max_queue_size", "max_queue_delay_ms",
+            "drain_timeout_s", "api_key")
+log = logging.getLogger("jaxinfer.serve")
+
+
+def settings() -> dict:
+    """Preset values, overridden by every flag given on the command line."""
+    from jaxinfer.config import load_preset
+
+    preset = load_preset(FLAGS.preset)
+    values = {name: preset.get(name) for name in SETTINGS}
+    values.update({name: FLAGS[name].value for name in SETTINGS if FLAGS[name].value is not None})
+    missing = [name for name, value in values.items() if value is None]
+    if missing:
+        raise app.UsageError(f"no value for {', '.join(missing)}: set it in the preset or a flag")
+    return values
+
+
+def engine_config(opts: dict):
+    from jaxinfer.serving import EngineConfig
+
+    return EngineConfig(
+        max_batch_size=opts["max_batch_size"],
+        max_seq_len=opts["max_seq_len"],
+        page_size=opts["page_size"],
+        kv_cache_gb=opts["kv_cache_gb"],
+        num_pages=opts["num_pages"] or None,
+        decode_steps=opts["decode_steps"],
+        prefill_batch_size=opts["prefill_batch_size"],
+        max_queue_size=opts["max_queue_size"],
+        max_queue_delay_ms=opts["max_queue_delay_ms"],
+    )
+
+
+def load_and_attach(opts: dict, config, state) -> None:
+    """Loads the model, compiles every serving program, then starts the engine loop."""
+    import jaxinfer
+    from jaxinfer.serving.engine import Engine
+
+    model = jaxinfer.load_model(opts["model"], dtype=opts["dtype"], progress=True)
+    cfg = dataclasses.replace(model.config, attention=opts["attention"])
+    params, mesh = model.params, None
+    if opts["mesh"]:
+        from jaxinfer import sharding
+
+        mesh = sharding.make_mesh(opts["mesh"])
+        params = sharding.shard_params(params, cfg, mesh)
+        print(f"mesh: {sharding.describe(mesh)}", flush=True)
+    engine = Engine(model._replace(config=cfg, params=params), config, mesh=mesh)
+    print(f"KV cache: {engine.num_pages - 1} pages of {engine.page_size} tokens "
+          f"({engine.usable_pages * config.page_bytes(cfg) / 2**30:.2f} GiB); "
+          f"{engine.slots} slots, context {engine.context}; compiling "
+          f"{len(engine.buckets)} prefill buckets and decode ...", flush=True)
+    start = time.perf_counter()
+    engine.warmup(progress=True)
+    print(f"warm-up took {time.perf_counter() - start:.1f}s", flush=True)
+    state.attach(engine)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import uvicorn
+    from absl import logging as absl_logging
+
+    from jaxinfer.serving.server import ServerState, create_app
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # quiet jax's backend probing
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    opts = settings()
+    try:
+        config = engine_config(opts)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    state = ServerState(opts["served_model_name"] or opts["model"], api_key=opts["api_key"] or None)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            state.draining = True  # /health 503, new requests 503, in-flight ones finish
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(
+        create_app(state), host=opts["host"], port=opts["port"], log_level="warning",
+        timeout_graceful_shutdown=opts["drain_timeout_s"],
+    ))
+    failure: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_and_attach(opts, config, state)
+            print(f"serving {state.model_name!r} on http://{opts['host']}:{opts['port']}/v1",
+                  flush=True)
+        except BaseException as e:  # noqa: BLE001 - any failure must stop the server
+            log.exception("could not start the engine")
+            failure.append(e)
+            server.should_exit = True
+
+    # uvicorn re-raises the signal that stopped it once drained; ignoring it lets us exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    threading.Thread(target=load, name="jaxinfer-load", daemon=True).start()
+    server.run()
+    if state.scheduler is not None:
+        state.scheduler.stop(timeout=10)
+    if failure:
+        sys.exit(1)
+    print("drained; bye", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
