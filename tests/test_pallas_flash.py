@@ -151,3 +151,26 @@ def test_smollm2_greedy_tokens_and_logits_match_xla(smollm2):
     max_diff = float(jnp.abs(logits_pallas - logits_xla).max())
     print(f"max |logits diff| {max_diff:.2e} over a range of {scale:.1f}")
     assert max_diff <= 1e-5 * scale
+
+
+def lower_for(platform: str, fn, *args) -> str:
+    """StableHLO of `fn` lowered for a GPU or TPU from this CPU machine: runs the Pallas ->
+    Triton / Mosaic lowering of the kernels (not the device compilers behind them)."""
+    from jax import export
+
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"),
+              export.DisabledSafetyCheck.custom_call("tpu_custom_call")]
+    target = {"gpu": "cuda", "tpu": "tpu"}[platform]
+    return export.export(jax.jit(fn), platforms=[target], disabled_checks=checks)(*args)\
+        .mlir_module()
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_kernel_lowers_for_the_device(platform):
+    shape = jax.ShapeDtypeStruct
+    q = shape((2, 100, 8, 128), jnp.bfloat16)
+    k = shape((2, 2, 300, 128), jnp.bfloat16)
+    positions, window = shape((2, 100), jnp.int32), shape((), jnp.int32)
+    module = lower_for(platform, lambda q, k, v, p, w: flash_attention(
+        q, k, v, p, window=w, softcap=30.0, platform=platform), q, k, k, positions, window)
+    assert ("xla.gpu.triton" if platform == "gpu" else "tpu_custom_call") in module

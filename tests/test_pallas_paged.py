@@ -163,3 +163,18 @@ def test_smollm2_decodes_through_the_paged_kernel_like_the_dense_xla_path(smollm
         next_tokens = np.asarray(want)[:, 0].argmax(-1)
     print(f"max |logits diff| / range per step: {', '.join(f'{d:.1e}' for d in diffs)}")
     assert max(diffs) <= 1e-5
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_kernel_lowers_for_the_device(platform):
+    from test_pallas_flash import lower_for
+
+    shape = jax.ShapeDtypeStruct
+    q = shape((3, 1, 8, 128), jnp.bfloat16)
+    pages = shape((4, 2, 40, 16, 128), jnp.bfloat16)  # layers, kv_heads, pages, page, d
+    table, positions = shape((3, 7), jnp.int32), shape((3, 1), jnp.int32)
+    scalar = shape((), jnp.int32)
+    module = lower_for(platform, lambda q, k, v, t, p, layer, w: paged_attention(
+        q, k, v, t, p, layer=layer, window=w, softcap=30.0, platform=platform),
+        q, pages, pages, table, positions, scalar, scalar)
+    assert ("xla.gpu.triton" if platform == "gpu" else "tpu_custom_call") in module
