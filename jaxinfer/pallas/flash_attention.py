@@ -249,8 +249,10 @@ def flash_attention(
     q: [batch, seq, heads, head_dim]; k, v: [batch, kv_heads, kv_len, head_dim];
     q_positions: [batch, seq]; window: int or traced int32 scalar (None: unlimited);
     softcap, scale: static floats. block_q counts query rows (tokens x heads of a group),
-    block_kv keys; both powers of two >= 16 (defaults per platform). platform: "gpu" (Triton)
-    or "tpu" (Mosaic), default the current backend's; interpret=True runs it on CPU.
+    block_kv keys; both powers of two >= 16 (defaults per platform; block_kv is halved while
+    it does not divide kv_len, and the cache is padded only if 16 does not either).
+    platform: "gpu" (Triton) or "tpu" (Mosaic), default the current backend's;
+    interpret=True runs it on CPU.
     """
     batch, seq, heads, head_dim = q.shape
     _, kv_heads, kv_len, _ = k.shape
@@ -265,6 +267,8 @@ def flash_attention(
     # Short inputs get smaller blocks rather than padding.
     block_q = min(block_q, max(16, next_power_of_2(n_rows)))
     block_kv = min(block_kv, max(16, next_power_of_2(kv_len)))
+    while block_kv > 16 and kv_len % block_kv:  # halve rather than pad (copy) the cache
+        block_kv //= 2
     scale = head_dim**-0.5 if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
 
