@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 from jax.sharding import Mesh
 
-from jaxinfer.checkpoints import gguf, orbax, sources
+from jaxinfer.checkpoints import gguf, orbax, safetensors, sources
 from jaxinfer.config import ModelConfig
 from jaxinfer.generate import GenerateResult, generate
 from jaxinfer.sampling import SamplingParams
@@ -33,7 +33,8 @@ def load_model(
     mesh: Mesh | str | None = None,
     progress: bool = True,
 ) -> Model:
-    """Loads a known model (see `sources.KNOWN_MODELS`) or a local .gguf file.
+    """Loads a known model (see `sources.KNOWN_MODELS`), a local .gguf file, a Hugging Face
+    model directory (config.json + safetensors + tokenizer.json), or a hub id ("org/name").
 
     dtype: "auto" (fp32 on CPU, bf16 on accelerators), "float32" or "bfloat16".
     attention: "auto" (Pallas kernels on GPU/TPU, XLA on CPU), "xla" or "pallas" (on CPU:
@@ -48,9 +49,18 @@ def load_model(
     if orbax.is_checkpoint(name_or_path):
         return _load_orbax(Path(name_or_path), dtype, attention, mesh, start, progress)
     path = sources.resolve(name_or_path)
-    cfg, params, reader = gguf.load_gguf(path, dtype=dtype, mesh=mesh, progress=progress)
+    if path.is_dir():
+        cfg, params, tokenizer = safetensors.load_hf(path, dtype=dtype, mesh=mesh,
+                                                     progress=progress)
+        if tokenizer is None:
+            raise ValueError(f"{path}: no tokenizer.json; load the weights alone with "
+                             "jaxinfer.checkpoints.safetensors.load_hf")
+    else:
+        cfg, params, reader = gguf.load_gguf(path, dtype=dtype, mesh=mesh, progress=progress)
+        tokenizer = Tokenizer.from_gguf(reader)
     cfg = dataclasses.replace(cfg, attention=attention)
-    tokenizer = Tokenizer.from_gguf(reader)
+    if tokenizer.chat_template is None:  # a preset may know the template its file lacks
+        tokenizer.chat_template = sources.chat_template(name_or_path)
     if progress:
         print(f"loaded {path.name} in {time.perf_counter() - start:.1f}s")
     return Model(cfg, params, tokenizer)

@@ -29,7 +29,7 @@ import tokenizers
 from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 # gguf `tokenizer.ggml.token_type` values (llama.cpp's llama_token_type).
 _UNKNOWN = 2
@@ -99,7 +99,8 @@ _LLAMA3_PRE = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3"})
 _SUPPORTED_MODELS = ("gpt2", "llama")
 # Sentencepiece vocabularies these architectures ship need their own handling in transformers
 # (Gemma: spaces spelled as spaces, merges in file order; Phi-3: prefix space from a normalizer).
-_UNSUPPORTED_SENTENCEPIECE_ARCHS = frozenset({"gemma", "gemma2", "gemma3", "phi3"})
+_UNSUPPORTED_SENTENCEPIECE_ARCHS = frozenset({"gemma", "gemma2", "phi3"})
+_GEMMA_SENTENCEPIECE_ARCHS = frozenset({"gemma3"})  # built as transformers' GemmaTokenizer
 
 # Token texts llama.cpp treats as end of generation wherever they are in the vocabulary.
 _END_OF_GENERATION_TEXTS = (
@@ -179,6 +180,9 @@ class Tokenizer:
         if model == "gpt2":
             backend, pre = _byte_level_bpe(field, source)
             add_bos_default = pre in _LLAMA3_PRE and bos_id is not None
+        elif field("general.architecture") in _GEMMA_SENTENCEPIECE_ARCHS:
+            backend = _gemma_bpe(field)
+            add_bos_default = True
         else:
             backend = _sentencepiece_bpe(field, source)
             add_bos_default = True  # llama.cpp and transformers both add BOS to these by default
@@ -188,6 +192,10 @@ class Tokenizer:
             for token, kind in zip(tokens, token_types, strict=False)
             if kind in (_UNKNOWN, _CONTROL, _USER_DEFINED)
         ]
+        if field("general.architecture") in _GEMMA_SENTENCEPIECE_ARCHS:
+            # As transformers: user-defined runs of spaces were respelled "▁▁" and stay BPE.
+            vocab = backend.get_vocab()
+            added = [t for t in added if t.special or t.content in vocab]
         backend.add_special_tokens([t for t in added if t.special])
         backend.add_tokens([t for t in added if not t.special])
 
@@ -207,8 +215,10 @@ class Tokenizer:
         cls,
         tokenizer_json_path: str | os.PathLike[str],
         tokenizer_config_json_path: str | os.PathLike[str] | None = None,
+        extra_stop_ids: Sequence[int] = (),
     ) -> Tokenizer:
-        """Load a Hugging Face `tokenizer.json`, with chat template and BOS/EOS from its config."""
+        """Load a Hugging Face `tokenizer.json`, with chat template and BOS/EOS from its config;
+        `extra_stop_ids` (e.g. generation_config.json's eos_token_id) also end generation."""
         backend = tokenizers.Tokenizer.from_file(os.fspath(tokenizer_json_path))
         config: dict[str, Any] = {}
         chat_template = None
@@ -239,6 +249,7 @@ class Tokenizer:
             pad_id=token_id("pad_token"),
             add_bos=bool(config.get("add_bos_token", adds_bos)),
             chat_template=chat_template,
+            extra_stop_ids=extra_stop_ids,
         )
 
     # -- encoding -------------------------------------------------------------------------------
@@ -372,6 +383,34 @@ def _sentencepiece_bpe(field: _Field, source: str) -> tokenizers.Tokenizer:
     if add_space_prefix:  # drop the space the encoder added
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(steps)
+    return backend
+
+
+def _gemma_bpe(field: _Field) -> tokenizers.Tokenizer:
+    """Gemma's sentencepiece vocabulary as transformers' GGUF loader builds it (GemmaTokenizer):
+    spaces become "▁" in a normalizer, with no prefix space, and byte fallback.
+
+    Two quirks of Gemma files, handled as transformers does:
+    - a token of two or more spaces is stored as spaces ("  ") but looked up as "▁▁";
+    - the file has no merges, and its scores do not follow the merge order: the order of the
+      tokens in the file does, so merges are ranked by position.
+    """
+    tokens: list[str] = field("tokenizer.ggml.tokens")
+    respelled = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {token: i for i, token in enumerate(respelled)}
+    merges = _merges_from_scores(vocab, {token: -i for i, token in enumerate(respelled)})
+    unk_id = field("tokenizer.ggml.unknown_token_id")
+    backend = tokenizers.Tokenizer(models.BPE(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None if unk_id is None else respelled[unk_id],
+        fuse_unk=True,
+        byte_fallback=True,
+    ))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return backend
 
 

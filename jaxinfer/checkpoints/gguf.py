@@ -42,6 +42,26 @@ LAYER_TENSORS = {
     "ffn_up.weight": ("w_up", "in_out"),
     "ffn_down.weight": ("w_down", "in_out"),
 }
+# Gemma 3: no rotary permutation (llama.cpp runs it NEOX-style, i.e. rotate_half), q/k norms,
+# norms on the block outputs; llama.cpp's converter stored every norm as (1 + w).
+GEMMA3_LAYER_TENSORS = {
+    "attn_norm.weight": ("attn_norm", "norm"),
+    "attn_q.weight": ("wq", "q_in_out"),
+    "attn_k.weight": ("wk", "kv_in_out"),
+    "attn_v.weight": ("wv", "kv_in_out"),
+    "attn_q_norm.weight": ("q_norm", "norm"),
+    "attn_k_norm.weight": ("k_norm", "norm"),
+    "attn_output.weight": ("wo", "o"),
+    "post_attention_norm.weight": ("post_attn_norm", "norm"),
+    "ffn_norm.weight": ("mlp_norm", "norm"),
+    "ffn_gate.weight": ("w_gate", "in_out"),
+    "ffn_up.weight": ("w_up", "in_out"),
+    "ffn_down.weight": ("w_down", "in_out"),
+    "post_ffw_norm.weight": ("post_mlp_norm", "norm"),
+}
+ARCH_LAYER_TENSORS = {"llama": LAYER_TENSORS, "gemma3": GEMMA3_LAYER_TENSORS}
+GEMMA3_SLIDING_PATTERN = 6  # every 6th layer global, the rest sliding (llama.cpp's swa pattern)
+GEMMA3_LOCAL_ROPE_BASE = 10_000.0  # llama.cpp's rope_freq_base_train_swa for gemma3
 GLOBAL_TENSORS = {
     "token_embd.weight": "embed",
     "output_norm.weight": "final_norm",
@@ -83,9 +103,9 @@ def metadata(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
 def model_config(reader: gguf.GGUFReader) -> ModelConfig:
     """Reads the architecture hyperparameters from the GGUF metadata."""
     arch = metadata(reader, "general.architecture")
-    if arch != "llama":
+    if arch not in ARCH_LAYER_TENSORS:
         raise GGUFError(f"{reader.data.filename}: unsupported architecture {arch!r}; "
-                        "supported: llama")
+                        f"supported: {', '.join(ARCH_LAYER_TENSORS)}")
 
     def get(key: str, default: Any = None) -> Any:
         value = metadata(reader, f"{arch}.{key}", default)
@@ -98,7 +118,7 @@ def model_config(reader: gguf.GGUFReader) -> ModelConfig:
     embed_dim = get("embedding_length")
     tokens = metadata(reader, "tokenizer.ggml.tokens")
     vocab = get("vocab_size", len(tokens) if tokens else None)
-    return ModelConfig(
+    fields = dict(
         architecture=arch,
         vocab_size=int(vocab),
         embed_dim=int(embed_dim),
@@ -115,6 +135,35 @@ def model_config(reader: gguf.GGUFReader) -> ModelConfig:
             tuple(map(float, dequantize(reader, tensors["rope_freqs.weight"])))
             if "rope_freqs.weight" in tensors else None
         ),
+    )
+    if arch == "gemma3":
+        fields.update(_gemma3_quirks(get))
+    return ModelConfig(**fields)
+
+
+def _gemma3_quirks(get) -> dict[str, Any]:
+    """Gemma 3's ModelConfig fields, from metadata and what llama.cpp fixes for the arch."""
+    n_layers, embed_dim = int(get("block_count")), int(get("embedding_length"))
+    n_heads = int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", embed_dim // n_heads))
+    scaling, factor = get("rope.scaling.type", "none"), float(get("rope.scaling.factor", 1.0))
+    if scaling not in ("none", "linear"):
+        raise GGUFError(f"gemma3 rope scaling {scaling!r} is not supported; supported: linear")
+    pattern = GEMMA3_SLIDING_PATTERN
+    return dict(
+        qk_norm=True,
+        norm_offset=1.0,
+        embed_scale=embed_dim**0.5,
+        mlp_activation="gelu_tanh",
+        post_norms=True,
+        sliding_window=int(get("attention.sliding_window")),
+        layer_types=tuple("full_attention" if i % pattern == pattern - 1 else "sliding_attention"
+                          for i in range(n_layers)),
+        rope_local_theta=GEMMA3_LOCAL_ROPE_BASE,
+        # Linear scaling divides the global layers' frequencies by the factor.
+        rope_freq_factors=(factor,) * (head_dim // 2) if scaling == "linear" else None,
+        # llama.cpp: 27B (62 layers) scales queries by (embed / heads)^-1/2, others head_dim's.
+        query_pre_attn_scalar=float(embed_dim // n_heads if n_layers == 62 else head_dim),
     )
 
 
@@ -152,6 +201,10 @@ def to_layout(w: np.ndarray, kind: str, cfg: ModelConfig) -> np.ndarray:
     D, H, K, Dh = cfg.embed_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     if kind == "vector":
         return w
+    if kind == "norm":  # stored as the whole scale (offset + w)
+        return w - np.float32(cfg.norm_offset)
+    if kind == "q_in_out":
+        return w.T.reshape(D, H, Dh)
     if kind == "q":
         return unpermute_rotary(w, H).T.reshape(D, H, Dh)
     if kind == "k":
@@ -183,20 +236,23 @@ def load_params(
     layer_tensors: dict[str, dict[int, tuple[gguf.ReaderTensor, str]]] = {
         param: {} for param in abstract["layers"]}
     global_tensors: dict[str, gguf.ReaderTensor] = {}
+    table = ARCH_LAYER_TENSORS[cfg.architecture]
     for tensor in reader.tensors:
         name = tensor.name
         if name.startswith("blk."):
             _, index, suffix = name.split(".", 2)
-            if suffix not in LAYER_TENSORS or not 0 <= int(index) < cfg.n_layers:
-                raise GGUFError(f"{filename}: unexpected tensor {name!r} for a llama model")
-            param, kind = LAYER_TENSORS[suffix]
+            if suffix not in table or not 0 <= int(index) < cfg.n_layers:
+                raise GGUFError(f"{filename}: unexpected tensor {name!r} for a "
+                                f"{cfg.architecture} model")
+            param, kind = table[suffix]
             layer_tensors[param][int(index)] = (tensor, kind)
         elif name in GLOBAL_TENSORS:
             global_tensors[GLOBAL_TENSORS[name]] = tensor
         elif name == "rope_freqs.weight":
             pass  # read into ModelConfig.rope_freq_factors
         else:
-            raise GGUFError(f"{filename}: unexpected tensor {name!r} for a llama model")
+            raise GGUFError(f"{filename}: unexpected tensor {name!r} for a "
+                            f"{cfg.architecture} model")
     missing = [k for k in abstract if k != "layers" and k not in global_tensors] + [
         f"layers.{p}.{i}" for p in abstract["layers"] for i in range(cfg.n_layers)
         if i not in layer_tensors[p]]
@@ -226,7 +282,10 @@ def load_params(
 
     params: dict = {"layers": {}}
     for param, tensor in global_tensors.items():
-        value = dequantize(reader, tensor).astype(np_dtype, copy=False)
+        value = dequantize(reader, tensor)
+        if param == "final_norm":  # stored as the whole scale (offset + w), as every norm
+            value = to_layout(value, "norm", cfg)
+        value = value.astype(np_dtype, copy=False)
         if value.shape != abstract[param].shape:
             raise GGUFError(f"{filename}: tensor {tensor.name!r} has shape {value.shape}; "
                             f"the config expects {abstract[param].shape}")

@@ -1,0 +1,464 @@
+"""Hugging Face model directories (config.json + safetensors) -> ModelConfig and a params pytree.
+
+    cfg, params, tokenizer = load_hf("path/to/Qwen3-0.6B")  # or a hub id, when online
+
+`config.json` maps to a ModelConfig (each family's quirks become its fields); weights come from
+`model.safetensors` or the shards a `model.safetensors.index.json` names. Files are memory-mapped
+and read one tensor at a time into the stacked layout of `jaxinfer.models`. (The `safetensors`
+package's numpy reader has no bfloat16, so the format -- an 8-byte header length, a JSON header,
+raw little-endian data -- is read here directly.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.models import family
+from jaxinfer.tokenizer import Tokenizer
+
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+FILE_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# config.json `model_type` -> our architecture name.
+MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",  # Gemma3ForConditionalGeneration: its text model only
+}
+
+# Hugging Face tensor name (per layer, after "model.layers.{i}.") -> (our parameter, how to turn
+# the stored array, torch order [out, in], into our layout; see `to_layout`).
+LAYER_TENSORS = {
+    "input_layernorm.weight": ("attn_norm", "vector"),
+    "self_attn.q_proj.weight": ("wq", "q"),
+    "self_attn.k_proj.weight": ("wk", "kv"),
+    "self_attn.v_proj.weight": ("wv", "kv"),
+    "self_attn.q_proj.bias": ("bq", "q_bias"),
+    "self_attn.k_proj.bias": ("bk", "kv_bias"),
+    "self_attn.v_proj.bias": ("bv", "kv_bias"),
+    "self_attn.q_norm.weight": ("q_norm", "vector"),
+    "self_attn.k_norm.weight": ("k_norm", "vector"),
+    "self_attn.o_proj.weight": ("wo", "o"),
+    "post_attention_layernorm.weight": ("mlp_norm", "vector"),
+    "mlp.gate_proj.weight": ("w_gate", "in_out"),
+    "mlp.up_proj.weight": ("w_up", "in_out"),
+    "mlp.down_proj.weight": ("w_down", "in_out"),
+}
+# Gemma normalises the block outputs too: its post_attention_layernorm is an output norm.
+GEMMA_LAYER_TENSORS = {
+    **LAYER_TENSORS,
+    "post_attention_layernorm.weight": ("post_attn_norm", "vector"),
+    "pre_feedforward_layernorm.weight": ("mlp_norm", "vector"),
+    "post_feedforward_layernorm.weight": ("post_mlp_norm", "vector"),
+}
+GLOBAL_TENSORS = {
+    "model.embed_tokens.weight": "embed",
+    "model.norm.weight": "final_norm",
+    "lm_head.weight": "lm_head",
+}
+# Where multimodal checkpoints keep their text model, by transformers version.
+TEXT_PREFIXES = {
+    "model.language_model.": "model.",
+    "language_model.model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+}
+NON_TEXT_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.",
+                     "model.multi_modal_projector.")
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded; the message names the file and the problem."""
+
+
+# -- config.json -> ModelConfig ------------------------------------------------------------------
+
+
+def _rope(config: dict, layer_type: str) -> dict:
+    """The rope parameters of one layer type, from either config.json spelling: transformers 5's
+    `rope_parameters` (per layer type for Gemma 3) or the older `rope_theta` + `rope_scaling`
+    (+ Gemma 3's `rope_local_base_freq` for its sliding layers)."""
+    if config.get("rope_parameters") is not None:
+        params = config["rope_parameters"]
+        return dict(params[layer_type]) if layer_type in params else dict(params)
+    if layer_type == "sliding_attention":
+        return {"rope_type": "default", "rope_theta": config.get("rope_local_base_freq", 1e4)}
+    params = dict(config.get("rope_scaling") or {})
+    params.setdefault("rope_theta", config.get("rope_theta", 10_000.0))
+    return params
+
+
+def _freq_factors(rope: dict, head_dim: int, source: Path) -> tuple[float, ...] | None:
+    """Divisors of the rotary frequencies that a rope scaling type amounts to."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind == "linear":  # positions divided by the factor, i.e. every frequency
+        return (float(rope["factor"]),) * (head_dim // 2)
+    if kind == "llama3":  # transformers' _compute_llama3_parameters, as factors
+        inv_freq = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        divisor = np.where(wavelen > old_len / low, factor, 1.0)
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        divisor = np.where(medium, 1.0 / ((1 - smooth) / factor + smooth), divisor)
+        return tuple(map(float, divisor))
+    raise CheckpointError(f"{source}: rope scaling type {kind!r} is not supported; "
+                          "supported: default, linear, llama3")
+
+
+def model_config(config: dict, source: str | os.PathLike = "config.json") -> ModelConfig:
+    """A Hugging Face `config.json` (as a dict) -> ModelConfig."""
+    source = Path(source)
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        architectures = ", ".join(config.get("architectures") or []) or "none listed"
+        raise CheckpointError(
+            f"{source}: unsupported model_type {model_type!r} (architectures: {architectures}); "
+            f"supported: {', '.join(MODEL_TYPES)}")
+    if model_type == "gemma3":
+        config = {**config["text_config"], "model_type": "gemma3_text"}
+    arch = MODEL_TYPES[model_type]
+    gemma = arch == "gemma3"
+    for flag in ("attention_bias", "mlp_bias", "use_bidirectional_attention"):
+        if config.get(flag) and not (flag == "attention_bias" and arch == "qwen2"):
+            raise CheckpointError(f"{source}: {flag}=true is not supported for {model_type}")
+    activation = config.get("hidden_activation" if gemma else "hidden_act", "silu")
+    activations = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+    if activation not in activations:
+        raise CheckpointError(f"{source}: activation {activation!r} is not supported; "
+                              f"supported: {', '.join(activations)}")
+
+    n_layers, embed_dim = int(config["num_hidden_layers"]), int(config["hidden_size"])
+    n_heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or embed_dim // n_heads)
+    window = config.get("sliding_window")
+    if arch in ("qwen2", "qwen3") and not config.get("use_sliding_window", False):
+        window = None
+    layer_types = config.get("layer_types")
+    if layer_types is not None and window is None:
+        layer_types = None  # without a window every layer attends globally anyway
+    global_rope = _rope(config, "full_attention")
+    local_rope = _rope(config, "sliding_attention") if gemma else None
+    if local_rope is not None and _freq_factors(local_rope, head_dim, source) is not None:
+        raise CheckpointError(f"{source}: rope scaling on sliding layers is not supported")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(config["vocab_size"]),
+        embed_dim=embed_dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
+        head_dim=head_dim,
+        mlp_dim=int(config["intermediate_size"]),
+        max_seq_len=int(config.get("max_position_embeddings", 4096)),
+        rope_theta=float(global_rope["rope_theta"]),
+        rope_freq_factors=_freq_factors(global_rope, head_dim, source),
+        rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(config.get("tie_word_embeddings", gemma)),
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch in ("qwen3", "gemma3"),
+        norm_offset=1.0 if gemma else 0.0,
+        embed_scale=embed_dim**0.5 if gemma else 1.0,
+        mlp_activation=activations[activation],
+        post_norms=gemma,
+        sliding_window=None if window is None else int(window),
+        layer_types=None if layer_types is None else tuple(layer_types),
+        rope_local_theta=None if local_rope is None else float(local_rope["rope_theta"]),
+        query_pre_attn_scalar=(float(config["query_pre_attn_scalar"])
+                               if gemma and config.get("query_pre_attn_scalar") else None),
+        # No attn_softcap: transformers' Gemma 3 ignores attn_logit_softcapping (released
+        # configs set it null); Gemma 3 caps only the final logits, if at all.
+        final_softcap=config.get("final_logit_softcapping"),
+    )
+
+
+# -- safetensors files ---------------------------------------------------------------------------
+
+
+class SafetensorsFile:
+    """One memory-mapped .safetensors file: `tensor(name)` is a read-only numpy view."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with path.open("rb") as f:
+            size = path.stat().st_size
+            head = f.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if header_len < 0 or 8 + header_len > size:
+                raise CheckpointError(f"{path}: not a safetensors file, or truncated")
+            try:
+                header = json.loads(f.read(header_len))
+            except ValueError as e:
+                raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from e
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        header.pop("__metadata__", None)
+        self.entries: dict[str, dict] = header
+        self._data_start = 8 + header_len
+        for name, entry in header.items():
+            end = self._data_start + entry["data_offsets"][1]
+            if end > size:
+                raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {end:,} "
+                                      f"but the file has {size:,} bytes")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def tensor(self, name: str) -> np.ndarray:
+        entry = self.entries[name]
+        if entry["dtype"] not in FILE_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {entry['dtype']}; "
+                                  f"supported: {', '.join(FILE_DTYPES)}")
+        dtype = np.dtype(FILE_DTYPES[entry["dtype"]])
+        start, end = entry["data_offsets"]
+        count = (end - start) // dtype.itemsize
+        array = np.frombuffer(self._map, dtype, count, self._data_start + start)
+        return array.reshape(entry["shape"])
+
+
+def weight_files(directory: Path) -> dict[str, list[str]]:
+    """File name -> the tensor names it holds, from the shard index or the single file.
+
+    Every shard the index names must exist; a missing one is reported with its tensors.
+    """
+    index_path = directory / INDEX_FILE
+    if index_path.is_file():
+        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+        files: dict[str, list[str]] = {}
+        for tensor, file in weight_map.items():
+            files.setdefault(file, []).append(tensor)
+        for file, tensors in files.items():
+            if not (directory / file).is_file():
+                raise CheckpointError(
+                    f"{directory / file}: shard missing; {index_path.name} says it holds "
+                    f"{len(tensors)} tensors, e.g. {', '.join(sorted(tensors)[:3])}")
+        return files
+    single = directory / SINGLE_FILE
+    if single.is_file():
+        return {SINGLE_FILE: list(SafetensorsFile(single).entries)}
+    present = sorted(p.name for p in directory.iterdir())[:12]
+    raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (found: {present}); "
+                          "only safetensors weights are supported")
+
+
+def _text_name(name: str) -> str | None:
+    """The text model's name for a tensor (None for a multimodal model's vision parts)."""
+    if name.startswith(NON_TEXT_PREFIXES):
+        return None
+    for prefix, replacement in TEXT_PREFIXES.items():
+        if name.startswith(prefix):
+            return replacement + name[len(prefix):]
+    return name
+
+
+def to_layout(w: np.ndarray, kind: str, cfg: ModelConfig) -> np.ndarray:
+    """A stored array (torch order: [out, in] for matrices) -> our parameter layout."""
+    D, H, K, Dh = cfg.embed_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    if kind == "vector":
+        return w
+    if kind == "q":
+        return w.T.reshape(D, H, Dh)
+    if kind == "kv":
+        return w.T.reshape(D, K, Dh)
+    if kind == "q_bias":
+        return w.reshape(H, Dh)
+    if kind == "kv_bias":
+        return w.reshape(K, Dh)
+    if kind == "o":
+        return w.T.reshape(H, Dh, D)
+    if kind == "in_out":
+        return w.T
+    raise AssertionError(kind)
+
+
+def stored_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a tensor has in the file, given our parameter's (per-layer) shape."""
+    if kind in ("q", "kv"):
+        return (shape[1] * shape[2], shape[0])
+    if kind in ("q_bias", "kv_bias"):
+        return (shape[0] * shape[1],)
+    if kind == "o":
+        return (shape[2], shape[0] * shape[1])
+    if kind == "in_out":
+        return shape[::-1]
+    return shape
+
+
+def _place(value: np.ndarray, sharding: Any) -> jax.Array:
+    if sharding is None:
+        return jax.device_put(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def load_params(
+    directory: Path, cfg: ModelConfig, *, shardings: Any = None, progress: bool = True
+) -> dict:
+    """Reads and converts the tensors one parameter at a time, placing each on its target
+    before reading the next.
+
+    Names and shapes are checked against the config from the file headers before any data is
+    read. `shardings`: a params-shaped pytree of Shardings (`jaxinfer.sharding.param_shardings`)
+    or None for the default device. A stacked per-layer weight is filled on the host layer by
+    layer, placed, and freed.
+    """
+    np_dtype = NP_DTYPES[cfg.param_dtype]
+    abstract = family(cfg.architecture).abstract_params(cfg)
+    layer_tensors = GEMMA_LAYER_TENSORS if cfg.post_norms else LAYER_TENSORS
+    # Where each parameter comes from: (file, stored name, layout kind), per layer if stacked.
+    stacked: dict[str, dict[int, tuple[SafetensorsFile, str, str]]] = {
+        param: {} for param in abstract["layers"]}
+    single: dict[str, tuple[SafetensorsFile, str, str]] = {}
+    for file, names in sorted(weight_files(directory).items()):
+        reader = SafetensorsFile(directory / file)
+        for stored_name in names:
+            if stored_name not in reader.entries:
+                raise CheckpointError(f"{reader.path}: tensor {stored_name!r} is missing "
+                                      f"(the index places it in this file)")
+            name = _text_name(stored_name)
+            if name is None or (name == "lm_head.weight" and cfg.tie_embeddings):
+                continue  # a vision tower's weights, or a copy of the tied embedding
+            parts = name.split(".", 3)
+            if name.startswith("model.layers.") and parts[2].isdigit():
+                index = int(parts[2])
+                param, kind = layer_tensors.get(parts[3], (None, None))
+                ok = param in abstract["layers"] and index < cfg.n_layers
+                expected = stored_shape(kind, abstract["layers"][param].shape[1:]) if ok else None
+            else:
+                param, kind = GLOBAL_TENSORS.get(name), "vector"
+                ok = param in abstract
+                expected = abstract[param].shape if ok else None
+            if not ok:
+                raise CheckpointError(
+                    f"{reader.path}: unexpected tensor {stored_name!r} for this "
+                    f"{cfg.architecture} config ({cfg.n_layers} layers)")
+            if reader.shape(stored_name) != expected:
+                raise CheckpointError(
+                    f"{reader.path}: tensor {stored_name!r} has shape "
+                    f"{reader.shape(stored_name)}; config.json implies {expected} "
+                    f"(embed_dim={cfg.embed_dim}, heads={cfg.n_heads}, "
+                    f"kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}, "
+                    f"mlp_dim={cfg.mlp_dim}, vocab={cfg.vocab_size})")
+            if name.startswith("model.layers."):
+                stacked[param][index] = (reader, stored_name, kind)
+            else:
+                single[param] = (reader, stored_name, kind)
+    missing = [k for k in abstract if k != "layers" and k not in single] + [
+        f"layers.{p}.{i}" for p in abstract["layers"] for i in range(cfg.n_layers)
+        if i not in stacked[p]]
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensors (jaxinfer's names): "
+                              f"{', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+
+    def sharding_of(*path: str) -> Any:
+        node = shardings
+        for key in path:
+            node = None if node is None else node[key]
+        return node
+
+    total = len(single) + sum(map(len, stacked.values()))
+    done, start = 0, time.perf_counter()
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress and (done % 16 == 0 or done == total):
+            print(f"\rloading {directory.name}: {done}/{total} tensors "
+                  f"({time.perf_counter() - start:.1f}s)", end="", file=sys.stderr, flush=True)
+
+    params: dict[str, Any] = {"layers": {}}
+    for param, (reader, stored_name, kind) in single.items():
+        value = to_layout(reader.tensor(stored_name), kind, cfg).astype(np_dtype)
+        params[param] = _place(value, sharding_of(param))
+        tick()
+    for param, by_layer in stacked.items():
+        host = np.empty(abstract["layers"][param].shape, np_dtype)
+        for index, (reader, stored_name, kind) in by_layer.items():
+            host[index] = to_layout(reader.tensor(stored_name), kind, cfg)
+            tick()
+        params["layers"][param] = _place(host, sharding_of("layers", param))
+        del host  # the host copy goes before the next weight is read
+    if progress:
+        print(file=sys.stderr)
+    return params
+
+
+# -- the directory as a whole --------------------------------------------------------------------
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def download(repo_id: str) -> Path:
+    """A hub id ("Qwen/Qwen3-0.6B") -> the local snapshot directory (downloaded if needed)."""
+    try:
+        import huggingface_hub
+    except ImportError as e:
+        raise CheckpointError(f"{repo_id!r} looks like a hub id, but huggingface_hub is not "
+                              "installed; pip install huggingface_hub") from e
+    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # offline, gated, or no such repo: say which
+        raise CheckpointError(f"could not download {repo_id!r} from the hub "
+                              f"({type(e).__name__}: {e})") from e
+
+
+def load_tokenizer(directory: Path, config: dict | None = None) -> Tokenizer | None:
+    """tokenizer.json + tokenizer_config.json, with stop ids from generation_config.json and
+    config.json; None when the directory has no tokenizer.json."""
+    if not (directory / "tokenizer.json").is_file():
+        return None
+    tokenizer_config = directory / "tokenizer_config.json"
+    stops: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        path = directory / name
+        data = config if name == "config.json" and config is not None else (
+            json.loads(path.read_text()) if path.is_file() else {})
+        eos = data.get("eos_token_id")
+        stops += eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return Tokenizer.from_file(directory / "tokenizer.json",
+                               tokenizer_config if tokenizer_config.is_file() else None,
+                               extra_stop_ids=stops)
+
+
+def load_hf(
+    path: str | os.PathLike, *, dtype: str = "float32", mesh: Any = None, progress: bool = True
+) -> tuple[ModelConfig, dict, Tokenizer | None]:
+    """(ModelConfig, params, tokenizer or None) from a model directory; weights cast to `dtype`
+    and, given a `jax.sharding.Mesh`, placed on their shardings over it as they are read."""
+    directory = Path(path)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory}: no config.json; not a Hugging Face model directory")
+    config = json.loads(config_path.read_text())
+    cfg = model_config(config, config_path).with_dtype(dtype)
+    shardings = None
+    if mesh is not None:
+        from jaxinfer.sharding import param_shardings
+
+        shardings = param_shardings(cfg, mesh)
+    params = load_params(directory, cfg, shardings=shardings, progress=progress)
+    return cfg, params, load_tokenizer(directory, config)
