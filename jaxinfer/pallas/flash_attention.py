@@ -36,12 +36,13 @@ META = 4  # per row block: first KV block, end KV block, kv length, window
 # ----------------------------------------------------------------------------- shared math
 
 
-def _dot(a, b, contract: tuple[int, int], upcast: bool):
-    """a . b with fp32 accumulation; `upcast` widens the inputs first (interpret mode: XLA:CPU
-    has no bf16 x bf16 -> fp32 dot; bf16 products are exact in fp32, so nothing changes)."""
+def _dot(a, b, b_axis: int, upcast: bool):
+    """a [m, n] contracted with b over b's axis `b_axis`, accumulated in fp32. `upcast` widens
+    the inputs first (interpret mode: XLA:CPU has no bf16 x bf16 -> fp32 dot; bf16 products
+    are exact in fp32, so the result is the same)."""
     if upcast:
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    dims = (((1,), (contract[1],)), ((), ()))
+    dims = (((1,), (b_axis,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
@@ -52,7 +53,7 @@ def online_softmax_step(q, k, v, mask, m, total, acc, *, scale: float, softcap: 
     q: [rows, d]; k, v: [keys, d]; mask: [rows, keys]; m, total: [rows, 1] running max and sum
     of exp(score - m); acc: [rows, d] fp32 running sum of exp(score - m) * v.
     """
-    s = _dot(q, k, (1, 1), upcast)
+    s = _dot(q, k, 1, upcast)  # q k^T
     s = s * scale
     if softcap is not None:
         s = softcap * jnp.tanh(s / softcap)
@@ -61,7 +62,7 @@ def online_softmax_step(q, k, v, mask, m, total, acc, *, scale: float, softcap: 
     alpha = jnp.exp(m - m_next)
     p = jnp.where(mask, jnp.exp(s - m_next), 0.0)  # masked keys add 0, even in empty rows
     total_next = alpha * total + jnp.sum(p, axis=1, keepdims=True)
-    pv = _dot(p.astype(v.dtype), v, (1, 0), upcast)
+    pv = _dot(p.astype(v.dtype), v, 0, upcast)
     return m_next, total_next, alpha * acc + pv
 
 
