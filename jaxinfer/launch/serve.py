@@ -12,7 +12,6 @@ SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests finish 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import sys
@@ -20,6 +19,8 @@ import threading
 import time
 
 from absl import app, flags
+
+from jaxinfer.launch import distributed  # --mesh and the multi-host flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "serve_smollm2_135m", "Preset in configs/ (name or .toml path).")
@@ -29,7 +30,6 @@ flags.DEFINE_string("host", None, "Address to listen on.")
 flags.DEFINE_integer("port", None, "Port to listen on.")
 flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16"], "Weight and activation dtype.")
 flags.DEFINE_enum("attention", None, ["auto", "xla", "pallas"], "Attention implementation.")
-flags.DEFINE_string("mesh", None, 'Device mesh, e.g. "data:1,model:8" ("" = one device).')
 flags.DEFINE_integer("max_batch_size", None, "Decode slots: requests generating at once.")
 flags.DEFINE_integer("max_seq_len", None, "Most tokens per request, prompt + generated.")
 flags.DEFINE_integer("page_size", None, "Tokens per KV-cache page.")
@@ -42,7 +42,7 @@ flags.DEFINE_float("max_queue_delay_ms", None, "Hold a partial prefill batch thi
 flags.DEFINE_float("drain_timeout_s", None, "On SIGTERM, wait this long for requests.")
 flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer KEY` ('' = open).")
 
-SETTINGS = ("model", "served_model_name", "host", "port", "dtype", "attention", "mesh",
+SETTINGS = ("model", "served_model_name", "host", "port", "dtype", "attention",
             "max_batch_size", "max_seq_len", "page_size", "kv_cache_gb", "num_pages",
             "decode_steps", "prefill_batch_size", "max_queue_size", "max_queue_delay_ms",
             "drain_timeout_s", "api_key")
@@ -83,16 +83,15 @@ def load_and_attach(opts: dict, config, state) -> None:
     import jaxinfer
     from jaxinfer.serving.engine import Engine
 
-    model = jaxinfer.load_model(opts["model"], dtype=opts["dtype"], progress=True)
-    cfg = dataclasses.replace(model.config, attention=opts["attention"])
-    params, mesh = model.params, None
-    if opts["mesh"]:
-        from jaxinfer import sharding
+    mesh = distributed.setup()
+    if mesh is not None:
+        from jaxinfer.sharding import describe
 
-        mesh = sharding.make_mesh(opts["mesh"])
-        params = sharding.shard_params(params, cfg, mesh)
-        print(f"mesh: {sharding.describe(mesh)}", flush=True)
-    engine = Engine(model._replace(config=cfg, params=params), config, mesh=mesh)
+        print(f"mesh: {describe(mesh)}", flush=True)
+    model = jaxinfer.load_model(opts["model"], dtype=opts["dtype"], attention=opts["attention"],
+                                mesh=mesh, progress=True)
+    cfg = model.config
+    engine = Engine(model, config, mesh=mesh)
     print(f"KV cache: {engine.num_pages - 1} pages of {engine.page_size} tokens "
           f"({engine.usable_pages * config.page_bytes(cfg) / 2**30:.2f} GiB); "
           f"{engine.slots} slots, context {engine.context}; compiling "

@@ -21,6 +21,7 @@ and every program is compiled by `warmup()`, so serving compiles nothing new.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -38,6 +39,7 @@ from jaxinfer.generate import bucket, enable_compilation_cache
 from jaxinfer.models import family
 from jaxinfer.sampling import SamplingArrays, SamplingParams, sample
 from jaxinfer.serving.config import EngineConfig
+from jaxinfer.sharding.rules import cache_specs, constrain_cache, model_rules
 
 log = logging.getLogger(__name__)
 NO_TOKEN = -1
@@ -67,7 +69,8 @@ def _prefill(params, cache, tokens, lengths, page_rows, sampling, counts, *, cfg
     )
     last_hidden = hidden[jnp.arange(rows), jnp.maximum(lengths - 1, 0)]
     logits = model.unembed(params, last_hidden, cfg)
-    return _sample(logits, sampling, counts), dataclasses.replace(cache, page_table=table)
+    cache = constrain_cache(dataclasses.replace(cache, page_table=table), cfg)
+    return _sample(logits, sampling, counts), cache
 
 
 def _decode(params, cache, page_table, last, position, count, done, max_tokens, stop_ids,
@@ -92,7 +95,7 @@ def _decode(params, cache, page_table, last, position, count, done, max_tokens, 
 
     carry = (cache, last, position, count, done)
     (cache, last, position, count, done), tokens = jax.lax.scan(step, carry, None, length=steps)
-    return tokens.T, last, position, count, done, cache
+    return tokens.T, last, position, count, done, constrain_cache(cache, cfg)
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -105,18 +108,19 @@ def compiled_programs() -> int:
     return len(_executables)
 
 
-def _run(jitted, args: tuple, static: dict, what: str, progress: bool = False):
+def _run(jitted, args: tuple, static: dict, what: str, mesh=None, progress: bool = False):
     """Calls `jitted` through an ahead-of-time executable, compiling a new shape once."""
     leaves, treedef = jax.tree.flatten(args)
     shapes = tuple((np.shape(x), np.result_type(x).name) for x in leaves)
-    key = (jitted, tuple(sorted(static.items())), treedef, shapes)
-    if key not in _executables:
-        enable_compilation_cache()
-        start = time.perf_counter()
-        _executables[key] = jitted.lower(*args, **static).compile()
-        message = f"compiled {what} in {time.perf_counter() - start:.1f}s"
-        print(message, flush=True) if progress else log.info(message)
-    return _executables[key](*args)
+    key = (jitted, tuple(sorted(static.items())), treedef, shapes, mesh)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        if key not in _executables:
+            enable_compilation_cache()
+            start = time.perf_counter()
+            _executables[key] = jitted.lower(*args, **static).compile()
+            message = f"compiled {what} in {time.perf_counter() - start:.1f}s"
+            print(message, flush=True) if progress else log.info(message)
+        return _executables[key](*args)
 
 
 @dataclasses.dataclass
@@ -150,10 +154,12 @@ class Engine:
         self.cache = PagedKVCache.init(
             cfg, self.num_pages, self.page_size, self.slots, self.pages_per_seq
         )
-        if mesh is not None:
-            from jaxinfer.sharding.rules import replicate
-
-            self.cache = replicate(self.cache, mesh)
+        self.mesh = mesh
+        if mesh is not None:  # the pool is split like the model: over kv_heads or head_dim
+            specs = cache_specs(self.cache, model_rules(cfg, mesh))
+            self.cache = jax.device_put(self.cache, jax.tree.map(
+                lambda spec: jax.sharding.NamedSharding(mesh, spec), specs,
+                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
         self._free_pages = list(range(self.num_pages - 1, 0, -1))  # pop() hands out low ids first
         slots = self.slots
         self.page_table = np.zeros((slots, self.pages_per_seq), np.int32)
@@ -227,7 +233,7 @@ class Engine:
         args = (self.params, self.cache, tokens, lengths, page_rows,
                 SamplingArrays.stack(sampling), counts)
         first, self.cache = _run(_prefill_jit, args, {"cfg": self.model_config},
-                                 f"prefill ({width} x {seq})")
+                                 f"prefill ({width} x {seq})", self.mesh)
         return np.asarray(first)[: len(rows)].tolist()
 
     def insert(
@@ -266,7 +272,8 @@ class Engine:
         args = (self.params, self.cache, self.page_table, self.last, self.position, self.count,
                 self.done, self.max_tokens, self.stop_ids, self.sampling)
         static = {"cfg": self.model_config, "steps": self.steps}
-        out = _run(_decode_jit, args, static, f"decode ({self.slots} slots x {self.steps} steps)")
+        out = _run(_decode_jit, args, static, f"decode ({self.slots} slots x {self.steps} steps)",
+                   self.mesh)
         tokens, last, position, count, done, self.cache = out
         tokens, last, position, count, done = jax.device_get((tokens, last, position, count, done))
         self.last, self.position, self.count = np.array(last), np.array(position), np.array(count)
@@ -296,13 +303,13 @@ class Engine:
                     np.ones(width, np.int32), np.zeros((width, self.pages_per_seq), np.int32),
                     sampling, np.zeros(width, np.int32))
             _, self.cache = _run(_prefill_jit, args, {"cfg": self.model_config},
-                                 f"prefill ({width} x {seq})", progress)
+                                 f"prefill ({width} x {seq})", self.mesh, progress)
         # All slots are free (done), so this decode call writes only to the scratch page.
         args = (self.params, self.cache, self.page_table, self.last, self.position, self.count,
                 self.done, self.max_tokens, self.stop_ids, self.sampling)
         static = {"cfg": self.model_config, "steps": self.steps}
         out = _run(_decode_jit, args, static,
-                   f"decode ({self.slots} slots x {self.steps} steps)", progress)
+                   f"decode ({self.slots} slots x {self.steps} steps)", self.mesh, progress)
         self.cache = out[-1]
         jax.block_until_ready(self.cache)
 
