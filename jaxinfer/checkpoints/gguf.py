@@ -7,6 +7,7 @@ places tensors into the stacked layout of `jaxinfer.models`, one tensor at a tim
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import time
@@ -290,6 +291,7 @@ def load_params(
             raise GGUFError(f"{filename}: tensor {tensor.name!r} has shape {value.shape}; "
                             f"the config expects {abstract[param].shape}")
         params[param] = place(value, sharding_of(param))
+        _drop_file_pages(reader)
         tick()
     for param, by_layer in layer_tensors.items():
         stacked = np.empty(abstract["layers"][param].shape, np_dtype)
@@ -302,9 +304,18 @@ def load_params(
             tick()
         params["layers"][param] = place(stacked, sharding_of("layers", param))
         del stacked  # the host copy goes before the next weight is read
+        _drop_file_pages(reader)
     if progress:
         print(file=sys.stderr)
     return params
+
+
+def _drop_file_pages(reader: gguf.GGUFReader) -> None:
+    """Returns the memory-mapped file pages read so far to the OS page cache: they would
+    otherwise stay in this process's resident memory until the reader is closed."""
+    mapping = getattr(reader.data, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def load_gguf(

@@ -63,8 +63,11 @@ class ShardingRules:
     mesh_shape: Mapping[str, int]
     table: Mapping[str, str | None]
 
-    def spec(self, axes: Sequence[str | None], shape: Sequence[int], what: str) -> PartitionSpec:
-        """The PartitionSpec of an array `what` with these logical axes and shape."""
+    def spec(
+        self, axes: Sequence[str | None], shape: Sequence[int], what: str, strict: bool = True
+    ) -> PartitionSpec:
+        """The PartitionSpec of an array `what` with these logical axes and shape. A dimension
+        its mesh axis cannot divide is an error, or with `strict=False` stays unsplit."""
         if len(axes) != len(shape):
             raise ValueError(f"{what}: {len(axes)} logical axes {tuple(axes)} for a "
                              f"{len(shape)}-d shape {tuple(shape)}")
@@ -79,6 +82,9 @@ class ShardingRules:
                 entries.append(None)  # a mesh axis shards at most one dimension of an array
                 continue
             parts = self.mesh_shape[mesh_axis]
+            if size % parts and not strict:
+                entries.append(None)
+                continue
             if size % parts:
                 raise ValueError(
                     f"{what}: dimension {name!r} has size {size}, which mesh axis "
@@ -162,14 +168,17 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, table=DEFAULT_RULES) -> Any:
 
 
 def cache_specs(cache: Any, rules: ShardingRules) -> Any:
-    """PartitionSpecs of a KV cache's fields (dense or paged), in the cache's structure."""
+    """PartitionSpecs of a KV cache's fields (dense or paged), in the cache's structure.
+
+    A batch the data axis cannot divide stays unsplit (model_rules already settled heads).
+    """
 
     def spec(path, leaf) -> PartitionSpec:
         field = getattr(path[-1], "name", None) or str(path[-1])
         if field not in CACHE_AXES:
             raise ValueError(f"cache field {field!r} has no sharding rule; known: "
                              f"{', '.join(CACHE_AXES)}")
-        return rules.spec(CACHE_AXES[field], leaf.shape, f"cache.{field}")
+        return rules.spec(CACHE_AXES[field], leaf.shape, f"cache.{field}", strict=False)
 
     return jax.tree_util.tree_map_with_path(spec, cache)
 
