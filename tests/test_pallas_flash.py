@@ -174,3 +174,28 @@ def test_kernel_lowers_for_the_device(platform):
     module = lower_for(platform, lambda q, k, v, p, w: flash_attention(
         q, k, v, p, window=w, softcap=30.0, platform=platform), q, k, k, positions, window)
     assert ("xla.gpu.triton" if platform == "gpu" else "tpu_custom_call") in module
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_random_offsets_lengths_and_windows(platform):
+    """One compiled shape, many draws of what varies at run time: each row's chunk offset and
+    kv length (0 included), and the window."""
+    rng = np.random.default_rng(11)
+    batch, seq, heads, kv_heads, head_dim, kv_len = 3, 9, 4, 1, 64, 48
+    k = jnp.asarray(rng.standard_normal((batch, kv_heads, kv_len, head_dim)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((batch, kv_heads, kv_len, head_dim)), jnp.float32)
+    kernel = jax.jit(lambda q, positions, kv_lengths, window: flash_attention(
+        q, k, v, positions, window=window, kv_lengths=kv_lengths, block_q=16, block_kv=16,
+        platform=platform, interpret=True))
+    for _ in range(12):
+        starts = rng.integers(0, kv_len - seq + 1, batch)
+        positions = (starts[:, None] + np.arange(seq)).astype(np.int32)
+        kv_lengths = np.minimum(starts + seq + rng.integers(-seq, 3, batch), kv_len)
+        kv_lengths = np.maximum(kv_lengths, 0).astype(np.int32)
+        window = int(rng.integers(1, 60))
+        q = jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), jnp.float32)
+        got = kernel(q, positions, kv_lengths, window)
+        want = reference.attention(q, k, v, jnp.asarray(positions), window=window,
+                                   kv_lengths=jnp.asarray(kv_lengths))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL[jnp.float32],
+                                   rtol=0, err_msg=f"starts {starts}, lengths {kv_lengths}")

@@ -178,3 +178,33 @@ def test_kernel_lowers_for_the_device(platform):
         q, k, v, t, p, layer=layer, window=w, softcap=30.0, platform=platform),
         q, pages, pages, table, positions, scalar, scalar)
     assert ("xla.gpu.triton" if platform == "gpu" else "tpu_custom_call") in module
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_random_lengths_windows_and_page_tables(platform):
+    """One compiled shape, many draws of what varies at run time: each row's length (1 up to
+    the table's capacity), a shuffled page table, the window and the layer."""
+    rng = np.random.default_rng(7)
+    batch, seq, heads, kv_heads, head_dim, page_size, pages_per_seq = 4, 2, 6, 2, 64, 8, 4
+    num_pages = 1 + batch * pages_per_seq
+    shape = (2, kv_heads, num_pages, page_size, head_dim)
+    k_pages = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    v_pages = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = jax.jit(lambda q, table, positions, layer, window: paged_attention(
+        q, k_pages, v_pages, table, positions, layer=layer, window=window, block_kv=16,
+        platform=platform, interpret=True))
+    for _ in range(12):
+        lengths = rng.integers(1, pages_per_seq * page_size + 1, batch)
+        table = np.zeros((batch, pages_per_seq), np.int32)
+        free = list(rng.permutation(np.arange(1, num_pages)))
+        for row, length in enumerate(lengths):
+            needed = -(-length // page_size)
+            table[row, :needed] = [free.pop() for _ in range(needed)]
+        positions = np.maximum(lengths[:, None] - seq + np.arange(seq), 0).astype(np.int32)
+        q = jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), jnp.float32)
+        layer, window = int(rng.integers(0, 2)), int(rng.integers(1, 40))
+        got = kernel(q, table, positions, layer, window)
+        want = reference.paged_attention(q, k_pages[layer], v_pages[layer], jnp.asarray(table),
+                                         jnp.asarray(positions), window=window)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL[jnp.float32],
+                                   rtol=0, err_msg=f"lengths {lengths}, window {window}")
