@@ -67,7 +67,8 @@ def paged_attention(
     (traced) index, or [kv_heads, num_pages, page_size, head_dim]; page_table:
     [batch, pages_per_seq] int32; q_positions: [batch, seq]. kv_lengths: [batch], default
     max(q_positions) + 1 per row. block_kv: keys per step, a multiple of page_size (default:
-    the multiple of page_size nearest 128 from above or page_size itself).
+    the largest multiple of page_size up to 128, or page_size if larger). platform: "gpu"
+    (Triton) or "tpu" (Mosaic), default the current backend's; interpret=True runs on CPU.
     """
     if k_pages.ndim == 4:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
