@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import quant
+
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
     """RMSNorm over the last axis, scaled by `offset + weight`, as Hugging Face computes it.
@@ -65,8 +67,10 @@ ACTIVATIONS = {
 def gated_mlp(
     x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, activation: str = "silu"
 ) -> jax.Array:
-    """down(act(x @ gate) * (x @ up)), weights stored [in, out]: SwiGLU or GeGLU."""
-    return (ACTIVATIONS[activation](x @ w_gate) * (x @ w_up)) @ w_down
+    """down(act(x @ gate) * (x @ up)), weights stored [in, out] (float or quantized)."""
+    gate = quant.einsum("...d,df->...f", x, w_gate)
+    hidden = ACTIVATIONS[activation](gate) * quant.einsum("...d,df->...f", x, w_up)
+    return quant.einsum("...f,fd->...d", hidden, w_down)
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinfer import quant
 from jaxinfer.cache import KVCache
 from jaxinfer.config import DTYPES, ModelConfig
 from jaxinfer.models.layers import (
@@ -122,7 +123,7 @@ def layer_data(cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def _project(h: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
-    out = jnp.einsum("btd,dhk->bthk", h, w)
+    out = quant.einsum("btd,dhk->bthk", h, w)
     return out if b is None else out + b
 
 
@@ -153,7 +154,7 @@ def decoder_layer(
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
     attn = cache.attend(index, q, positions, window=data.get("window"),
                         softcap=cfg.attn_softcap, scale=scale, impl=cfg.attention)
-    out = jnp.einsum("bthk,hkd->btd", attn, layer["wo"])
+    out = quant.einsum("bthk,hkd->btd", attn, layer["wo"])
     if cfg.post_norms:
         out = rms_norm(out, layer["post_attn_norm"], eps, offset)
     x = x + out
@@ -166,7 +167,7 @@ def decoder_layer(
 
 def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     """tokens [batch, seq] -> embeddings [batch, seq, embed] in the compute dtype."""
-    x = params["embed"][tokens].astype(cfg.dtype)
+    x = quant.take(params["embed"], tokens, cfg.dtype)
     if cfg.embed_scale != 1.0:  # Gemma rounds the scale to the compute dtype first
         x = x * jnp.asarray(cfg.embed_scale, cfg.dtype)
     return x
@@ -176,7 +177,8 @@ def transformer(
     params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig
 ) -> tuple[jax.Array, KVCache]:
     """tokens, positions: [batch, seq] -> final hidden states [batch, seq, embed], new cache."""
-    params = jax.tree.map(lambda p: p.astype(cfg.dtype), params)  # no-op when dtypes match
+    # No-op when dtypes match; quantized weights keep their integer values.
+    params = jax.tree.map(lambda p: p.astype(cfg.dtype), params, is_leaf=quant.is_quantized)
     x = embed(params, tokens, cfg)
 
     def step(carry, layer_and_index):
@@ -193,9 +195,7 @@ def transformer(
 def unembed(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """hidden [..., embed] -> fp32 logits [..., vocab] (soft-capped when the config says so)."""
     head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-    logits = jnp.einsum(
-        "...d,vd->...v", hidden, head.astype(cfg.dtype), preferred_element_type=jnp.float32
-    )
+    logits = quant.einsum("...d,vd->...v", hidden, head, jnp.float32)
     return softcap(logits, cfg.final_softcap)
 
 

@@ -6,8 +6,12 @@ from jaxinfer.quant.qarray import (
     check_quant,
     dequantize,
     einsum,
+    is_quantized,
     quantize,
     take,
 )
 
-__all__ = ["PRECISIONS", "QArray", "check_quant", "dequantize", "einsum", "quantize", "take"]
+__all__ = [
+    "PRECISIONS", "QArray", "check_quant", "dequantize", "einsum", "is_quantized", "quantize",
+    "take",
+]

@@ -157,20 +157,25 @@ def take(w: jax.Array | QArray, indices: jax.Array, dtype) -> jax.Array:
 CPU_FUSED_ROWS = 4
 
 
-def einsum(spec: str, x: jax.Array, w: jax.Array | QArray, dtype=None) -> jax.Array:
-    """`jnp.einsum(spec, x, w)` where `w` may be quantized (then accumulated in fp32).
+def is_quantized(x) -> bool:
+    return isinstance(x, QArray)
+
+
+def einsum(spec: str, x: jax.Array, w: jax.Array | QArray, out_dtype=None) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` in x's dtype, where `w` may be quantized (then accumulated in
+    fp32); the result in `out_dtype` (default: x's dtype).
 
     On accelerators the dequantization is an elementwise producer that XLA fuses into the
     dot. On CPU, few-row products with per-channel int8 (decoding) use fused row reductions.
     """
-    dtype = dtype or x.dtype
     if not isinstance(w, QArray):
-        return jnp.einsum(spec, x, w.astype(dtype))
+        return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=out_dtype)
+    out_dtype = out_dtype or x.dtype
     fast = _fused_rows_plan(spec, x, w)
     if fast is not None:
-        return _fused_rows(fast, x, w).astype(dtype)
-    out = jnp.einsum(spec, x, dequantize(w, dtype), preferred_element_type=jnp.float32)
-    return out.astype(dtype)
+        return _fused_rows(fast, x, w).astype(out_dtype)
+    out = jnp.einsum(spec, x, dequantize(w, x.dtype), preferred_element_type=jnp.float32)
+    return out.astype(out_dtype)
 
 
 def _fused_rows_plan(spec: str, x: jax.Array, w: QArray):
