@@ -87,6 +87,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.steps = 0  # generate() calls so far
+        self.preemptions = 0
 
     # -- called from other threads ------------------------------------------------------------
 
@@ -303,6 +304,7 @@ class Scheduler:
                  request.id, len(request.output_ids))
         self._release_slot(request)
         request.preemptions += 1
+        self.preemptions += 1
         if self.metrics:
             self.metrics.preemptions.inc()
         with self._cond:
