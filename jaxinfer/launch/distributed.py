@@ -12,6 +12,8 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of proce
                     "(else JAX_COORDINATOR_ADDRESS, or detected on TPU pods / SLURM / MPI).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes in the job.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0-based.")
+flags.DEFINE_boolean("distributed", False, "Multi-host: call jax.distributed.initialize() even "
+                     "if the environment names no job (it then asks the TPU / cloud metadata).")
 
 
 def setup() -> Mesh | None:
@@ -20,7 +22,7 @@ def setup() -> Mesh | None:
     from jaxinfer.sharding import initialize_distributed, make_mesh
 
     joined = initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                    FLAGS.process_id)
+                                    FLAGS.process_id, force=FLAGS.distributed)
     if FLAGS.mesh is None and not joined:
         return None
     return make_mesh(None if FLAGS.mesh in (None, "auto") else FLAGS.mesh)
