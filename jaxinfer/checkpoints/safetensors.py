@@ -47,6 +47,18 @@ MODEL_TYPES = {
     "gemma3": "gemma3",  # Gemma3ForConditionalGeneration: its text model only
 }
 
+# transformers' defaults for keys a config.json may leave out (multimodal Gemma 3 configs list
+# only non-default text_config fields).
+CONFIG_DEFAULTS = {
+    "gemma3_text": {
+        "vocab_size": 262_208, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 131_072, "sliding_window": 4096,
+        "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+        "num_key_value_heads": 4,
+    },
+}
+
 # Hugging Face tensor name (per layer, after "model.layers.{i}.") -> (our parameter, how to turn
 # the stored array, torch order [out, in], into our layout; see `to_layout`).
 LAYER_TENSORS = {
@@ -140,6 +152,7 @@ def model_config(config: dict, source: str | os.PathLike = "config.json") -> Mod
             f"supported: {', '.join(MODEL_TYPES)}")
     if model_type == "gemma3":
         config = {**config["text_config"], "model_type": "gemma3_text"}
+    config = {**CONFIG_DEFAULTS.get(config["model_type"], {}), **config}
     arch = MODEL_TYPES[model_type]
     gemma = arch == "gemma3"
     for flag in ("attention_bias", "mlp_bias", "use_bidirectional_attention"):
@@ -158,6 +171,10 @@ def model_config(config: dict, source: str | os.PathLike = "config.json") -> Mod
     if arch in ("qwen2", "qwen3") and not config.get("use_sliding_window", False):
         window = None
     layer_types = config.get("layer_types")
+    if layer_types is None and gemma:  # older configs: every pattern-th layer is global
+        pattern = int(config["sliding_window_pattern"])
+        layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                       for i in range(n_layers)]
     if layer_types is not None and window is None:
         layer_types = None  # without a window every layer attends globally anyway
     global_rope = _rope(config, "full_attention")
