@@ -10,8 +10,9 @@ from typing import Any, NamedTuple
 from jax.sharding import Mesh
 
 from jaxinfer.checkpoints import gguf, orbax, safetensors, sources
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import QUANT_MODES, ModelConfig
 from jaxinfer.generate import GenerateResult, generate
+from jaxinfer.quant import quantize_params
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.sharding import make_mesh
 from jaxinfer.tokenizer import Tokenizer
@@ -31,6 +32,7 @@ def load_model(
     dtype: str = "auto",
     attention: str = "auto",
     mesh: Mesh | str | None = None,
+    quant: str | None = None,
     progress: bool = True,
 ) -> Model:
     """Loads a known model (see `sources.KNOWN_MODELS`), a local .gguf file, a Hugging Face
@@ -41,13 +43,19 @@ def load_model(
     the kernels in interpret mode, slow; for checking them).
     mesh: a `jax.sharding.Mesh` or a spec such as "data:2,model:4" ("auto": every device on
     `model`); each weight goes onto its sharding as it is read. None: one device.
+    quant: None (float weights), "int8" (per output channel), "int4" (groups of 32), or
+    "gguf" (a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K blocks kept as they are).
     An Orbax checkpoint directory (`python -m jaxinfer.launch.convert`) loads too.
     """
     start = time.perf_counter()
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant={quant!r}; allowed: {', '.join(map(str, QUANT_MODES))}")
     if isinstance(mesh, str):
         mesh = make_mesh(None if mesh == "auto" else mesh)
     if orbax.is_checkpoint(name_or_path):
-        return _load_orbax(Path(name_or_path), dtype, attention, mesh, start, progress)
+        model = _load_orbax(Path(name_or_path), dtype, attention, mesh, start, progress)
+        return model._replace(**dict(zip(("config", "params"), _quantize(
+            model.config, model.params, quant, Path(name_or_path)), strict=True)))
     path = sources.resolve(name_or_path)
     if path.is_dir():
         cfg, params, tokenizer = safetensors.load_hf(path, dtype=dtype, mesh=mesh,
@@ -55,8 +63,10 @@ def load_model(
         if tokenizer is None:
             raise ValueError(f"{path}: no tokenizer.json; load the weights alone with "
                              "jaxinfer.checkpoints.safetensors.load_hf")
+        cfg, params = _quantize(cfg, params, quant, path)
     else:
-        cfg, params, reader = gguf.load_gguf(path, dtype=dtype, mesh=mesh, progress=progress)
+        cfg, params, reader = gguf.load_gguf(path, dtype=dtype, mesh=mesh, quant=quant,
+                                             progress=progress)
         tokenizer = Tokenizer.from_gguf(reader)
     cfg = dataclasses.replace(cfg, attention=attention)
     if tokenizer.chat_template is None:  # a preset may know the template its file lacks
@@ -64,6 +74,15 @@ def load_model(
     if progress:
         print(f"loaded {path.name} in {time.perf_counter() - start:.1f}s")
     return Model(cfg, params, tokenizer)
+
+
+def _quantize(cfg: ModelConfig, params, quant: str | None, path: Path):
+    if quant is None:
+        return cfg, params
+    if quant == "gguf":
+        raise ValueError(f"quant='gguf' keeps a GGUF file's own blocks; {path} is not a GGUF "
+                         "file: use int8 or int4")
+    return dataclasses.replace(cfg, quant=quant), quantize_params(params, quant)
 
 
 def _load_orbax(path: Path, dtype, attention, mesh, start, progress) -> Model:

@@ -15,6 +15,7 @@ from jaxinfer.pallas import IMPLEMENTATIONS as ATTENTION_IMPLS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("sliding_attention", "full_attention")
+QUANT_MODES = (None, "int8", "int4", "gguf")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -55,6 +56,9 @@ class ModelConfig:
     # Attention implementation (jaxinfer.pallas.resolve): "xla" (jnp reference), "pallas"
     # (kernels; interpreted on CPU) or "auto" (Pallas on GPU/TPU if head_dim fits, else XLA).
     attention: str = "auto"
+    # How the weights are held: None (floats), "int8" / "int4" (quantized at load) or "gguf"
+    # (the file's own Q8_0 / Q4_0 / Q4_1 / Q4_K blocks kept as they are); see jaxinfer.quant.
+    quant: str | None = None
 
     def __post_init__(self):
         for name in ("param_dtype", "compute_dtype"):
@@ -64,6 +68,9 @@ class ModelConfig:
             raise ValueError(
                 f"attention={self.attention!r}; allowed: {', '.join(ATTENTION_IMPLS)}"
             )
+        if self.quant not in QUANT_MODES:
+            allowed = ", ".join(str(m) for m in QUANT_MODES)
+            raise ValueError(f"quant={self.quant!r}; allowed: {allowed}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"

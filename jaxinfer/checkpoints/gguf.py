@@ -7,6 +7,7 @@ places tensors into the stacked layout of `jaxinfer.models`, one tensor at a tim
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import sys
@@ -19,8 +20,10 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from jaxinfer.checkpoints import gguf_quant
 from jaxinfer.config import ModelConfig
 from jaxinfer.models import family
+from jaxinfer.quant import CONTRACTION_AXES, quantize
 from jaxinfer.sharding import param_shardings
 
 T = gguf.GGMLQuantizationType
@@ -220,7 +223,12 @@ def to_layout(w: np.ndarray, kind: str, cfg: ModelConfig) -> np.ndarray:
 
 
 def load_params(
-    reader: gguf.GGUFReader, cfg: ModelConfig, *, shardings: Any = None, progress: bool = True
+    reader: gguf.GGUFReader,
+    cfg: ModelConfig,
+    *,
+    shardings: Any = None,
+    quant: str | None = None,
+    progress: bool = True,
 ) -> dict:
     """Reads, dequantizes and converts the tensors one parameter at a time, placing each on
     its target sharding before reading the next.
@@ -229,7 +237,13 @@ def load_params(
     None puts everything on the default device. A stacked per-layer weight is filled on the
     host layer by layer, placed, and freed, so host memory peaks near the parameters placed
     so far plus one stacked weight; each process copies only the slices its devices hold.
+
+    `quant`: matrices become QArrays as they are read: "int8" / "int4" quantize the floats,
+    "gguf" keeps the file's Q8_0 / Q4_0 / Q4_1 / Q4_K blocks as they are (other types: int8).
     """
+    if quant is not None and shardings is not None:
+        raise ValueError("quantized weights cannot be placed on a mesh yet; load them on one "
+                         "device (mesh=None) or without quant")
     filename = reader.data.filename
     np_dtype = NP_DTYPES[cfg.param_dtype]
     abstract = family(cfg.architecture).abstract_params(cfg)
@@ -283,6 +297,12 @@ def load_params(
 
     params: dict = {"layers": {}}
     for param, tensor in global_tensors.items():
+        if quant and param in CONTRACTION_AXES:
+            params[param] = jax.device_put(
+                _quantized(reader, [(tensor, "as_is")], abstract[param].shape, param, cfg, quant,
+                           stacked=False))
+            tick()
+            continue
         value = dequantize(reader, tensor)
         if param == "final_norm":  # stored as the whole scale (offset + w), as every norm
             value = to_layout(value, "norm", cfg)
@@ -294,6 +314,15 @@ def load_params(
         _drop_file_pages(reader)
         tick()
     for param, by_layer in layer_tensors.items():
+        if quant and param in CONTRACTION_AXES:
+            layers = [by_layer[i] for i in range(cfg.n_layers)]
+            shape = abstract["layers"][param].shape[1:]
+            params["layers"][param] = jax.device_put(
+                _quantized(reader, layers, shape, param, cfg, quant, stacked=True))
+            _drop_file_pages(reader)
+            for _ in layers:
+                tick()
+            continue
         stacked = np.empty(abstract["layers"][param].shape, np_dtype)
         for index, (tensor, kind) in by_layer.items():
             value = to_layout(dequantize(reader, tensor), kind, cfg)
@@ -310,6 +339,37 @@ def load_params(
     return params
 
 
+def _quantized(reader, tensors, layer_shape, param: str, cfg: ModelConfig, quant: str, *,
+               stacked: bool):
+    """One parameter as a QArray: its per-layer `tensors` stacked when `stacked`."""
+    axis = CONTRACTION_AXES[param]
+    stored = np.moveaxis(np.empty(layer_shape, np.bool_), axis, -1).shape
+    D, H, K = cfg.embed_dim, cfg.n_heads, cfg.n_kv_heads
+    rows_order = {
+        "q": lambda x: unpermute_rotary(x, H),
+        "k": lambda x: unpermute_rotary(x, K),
+        "o": lambda x: x.reshape(D, H, -1).transpose(1, 0, 2),
+    }
+    if quant == "gguf":
+        native = [gguf_quant.to_qarray(t, stored, axis, rows_order.get(kind))
+                  for t, kind in tensors]
+        if all(q is not None for q in native):
+            if not stacked:
+                return native[0]
+            if (joined := gguf_quant.stack(native)) is not None:
+                return joined
+    precision = "int8" if quant == "gguf" else quant
+    layers = []
+    for tensor, kind in tensors:
+        value = dequantize(reader, tensor)
+        value = value if kind == "as_is" else to_layout(value, kind, cfg)
+        if value.shape != layer_shape:
+            raise GGUFError(f"{reader.data.filename}: tensor {tensor.name!r} has shape "
+                            f"{value.shape} after conversion; the config expects {layer_shape}")
+        layers.append(quantize(value, precision, axis=axis))
+    return gguf_quant.stack(layers) if stacked else layers[0]
+
+
 def _drop_file_pages(reader: gguf.GGUFReader) -> None:
     """Returns the memory-mapped file pages read so far to the OS page cache: they would
     otherwise stay in this process's resident memory until the reader is closed."""
@@ -319,11 +379,19 @@ def _drop_file_pages(reader: gguf.GGUFReader) -> None:
 
 
 def load_gguf(
-    path: str | os.PathLike, *, dtype: str = "float32", mesh: Any = None, progress: bool = True
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    mesh: Any = None,
+    quant: str | None = None,
+    progress: bool = True,
 ):
     """(ModelConfig, params, reader) from a GGUF file; weights dequantized to `dtype` and,
     given a `jax.sharding.Mesh`, placed on their shardings over it as they are read."""
     reader = open_gguf(path)
     cfg = model_config(reader).with_dtype(dtype)
     shardings = None if mesh is None else param_shardings(cfg, mesh)
-    return cfg, load_params(reader, cfg, shardings=shardings, progress=progress), reader
+    if quant is not None:
+        cfg = dataclasses.replace(cfg, quant=quant)
+    params = load_params(reader, cfg, shardings=shardings, quant=quant, progress=progress)
+    return cfg, params, reader
