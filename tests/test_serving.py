@@ -205,6 +205,10 @@ def test_stop_string_cuts_the_text_before_it(client):
     response = greedy(client, PROMPTS[4], max_tokens=24, stop=[stop])
     assert response.choices[0].text == free[: free.index(stop)]
     assert response.choices[0].finish_reason == "stop"
+    # Streamed, text that might begin the stop string is held back, never sent then retracted.
+    chunks = list(greedy(client, PROMPTS[4], max_tokens=24, stop=[stop], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == free[: free.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_seeded_sampling_is_reproducible(client):
