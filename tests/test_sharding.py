@@ -179,3 +179,13 @@ def test_coordinator_without_process_count_is_an_error(monkeypatch):
 def test_process_id_out_of_range_is_an_error():
     with pytest.raises(ValueError, match=r"process_id=2 must be in \[0, 2\)"):
         initialize_distributed("10.0.0.1:1234", num_processes=2, process_id=2)
+
+
+def test_generate_launcher_rejects_a_mesh_that_does_not_fit_the_devices():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "jaxinfer.launch.generate", "--mesh=data:3"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert f"has 3 devices but this run has {jax.device_count()}" in run.stderr

@@ -16,13 +16,15 @@ flags.DEFINE_boolean("distributed", False, "Multi-host: call jax.distributed.ini
                      "if the environment names no job (it then asks the TPU / cloud metadata).")
 
 
-def setup() -> Mesh | None:
+def setup(preset_mesh: str | None = None) -> Mesh | None:
     """Joins a multi-host job if the flags or environment describe one, then builds the mesh
-    `--mesh` names (a multi-host job with no --mesh gets every device on `model`)."""
+    `--mesh` names, else the preset's `mesh` field (a multi-host job with neither gets every
+    device on `model`; a single host gets None: one device)."""
     from jaxinfer.sharding import initialize_distributed, make_mesh
 
     joined = initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, force=FLAGS.distributed)
-    if FLAGS.mesh is None and not joined:
+    spec = FLAGS.mesh if FLAGS.mesh is not None else preset_mesh
+    if spec is None and not joined:
         return None
-    return make_mesh(None if FLAGS.mesh in (None, "auto") else FLAGS.mesh)
+    return make_mesh(None if spec in (None, "auto") else spec)

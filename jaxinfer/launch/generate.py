@@ -45,6 +45,13 @@ def settings() -> dict:
     return values
 
 
+def preset_mesh() -> str | None:
+    """The preset's `mesh` field ("data:2,model:4"), if it has one."""
+    from jaxinfer.config import load_preset
+
+    return load_preset(FLAGS.preset).get("mesh")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -62,7 +69,7 @@ def main(argv: list[str]) -> None:
             temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
             seed=opts["seed"],
         )
-        mesh = distributed.setup()  # --mesh and multi-host flags
+        mesh = distributed.setup(preset_mesh())  # --mesh (or the preset's) and multi-host flags
         start = time.perf_counter()
         model = jaxinfer.load_model(
             opts["model"], dtype=opts["dtype"], attention=FLAGS.attention, mesh=mesh,
