@@ -69,8 +69,8 @@ def to_qarray(tensor: gguf.ReaderTensor, stored_shape: tuple[int, ...], axis: in
     """The tensor as a numpy-backed QArray whose storage is `stored_shape` ([..., in]) and
     whose float weight has the `in` axis at `axis`; `rows_order(x)` rearranges the [out, ...]
     rows (e.g. the rotary un-permutation and head split). None for non-native types."""
-    if tensor.tensor_type not in NATIVE_TYPES:
-        return None
+    if tensor.tensor_type not in NATIVE_TYPES or stored_shape[-1] % 32:
+        return None  # (a head_dim under 32 splits blocks across our wo's groups)
     values, scales, zeros, bits = blocks(tensor)
     arrange = rows_order or (lambda x: x)
     values, scales = arrange(values), arrange(scales)
