@@ -256,3 +256,17 @@ def test_family_presets_name_a_known_model_or_a_hub_id(name):
 
     model = load_preset(name)["model"]
     assert model in sources.KNOWN_MODELS or sources.HUB_ID.fullmatch(model)
+
+
+def test_bfloat16_checkpoints_load_exactly(tmp_path):
+    # Hub checkpoints are mostly bf16; upcast to fp32 every value is exact.
+    config, model_class = _configs()["qwen2"]
+    torch.manual_seed(0)
+    model = model_class(config).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    cfg, params, _ = hf.load_hf(tmp_path / "bf16", dtype="float32", progress=False)
+    expected = model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()  # [H * Dh, D]
+    ours = np.asarray(params["layers"]["wq"][1])  # [D, H, Dh]
+    np.testing.assert_array_equal(ours.reshape(cfg.embed_dim, -1).T, expected)
+    bias = model.model.layers[0].self_attn.k_proj.bias.detach().float().numpy()
+    np.testing.assert_array_equal(np.asarray(params["layers"]["bk"][0]).reshape(-1), bias)
