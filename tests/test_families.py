@@ -270,3 +270,27 @@ def test_bfloat16_checkpoints_load_exactly(tmp_path):
     np.testing.assert_array_equal(ours.reshape(cfg.embed_dim, -1).T, expected)
     bias = model.model.layers[0].self_attn.k_proj.bias.detach().float().numpy()
     np.testing.assert_array_equal(np.asarray(params["layers"]["bk"][0]).reshape(-1), bias)
+
+
+def test_hub_ids_resolve_through_huggingface_hub(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from jaxinfer.checkpoints import sources
+
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert sources.resolve("Qwen/Qwen3-0.6B") == tmp_path
+    assert asked[0][0] == "Qwen/Qwen3-0.6B" and "*.safetensors" in asked[0][1]
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ValueError, match=r"could not download 'Qwen/Qwen3-0\.6B' from the hub "
+                                         r"\(OSError: network is unreachable\)"):
+        sources.resolve("Qwen/Qwen3-0.6B")
