@@ -60,6 +60,10 @@ def save(
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise CheckpointError(f"{path} exists and is not empty; pass overwrite=True "
                               "(--overwrite) or choose another output directory")
+    if jax.process_count() > 1:  # every process checked before any of them writes
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxinfer.orbax.save")
     start = time.perf_counter()
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_DIR, params, force=overwrite)
