@@ -33,6 +33,7 @@ def load_model(
     attention: str = "auto",
     mesh: Mesh | str | None = None,
     quant: str | None = None,
+    kv_quant: str | None = None,
     progress: bool = True,
 ) -> Model:
     """Loads a known model (see `sources.KNOWN_MODELS`), a local .gguf file, a Hugging Face
@@ -45,6 +46,7 @@ def load_model(
     `model`); each weight goes onto its sharding as it is read. None: one device.
     quant: None (float weights), "int8" (per output channel), "int4" (groups of 32), or
     "gguf" (a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K blocks kept as they are).
+    kv_quant: None (KV cache in the compute dtype) or "int8" (per-token, per-head scales).
     An Orbax checkpoint directory (`python -m jaxinfer.launch.convert`) loads too.
     """
     start = time.perf_counter()
@@ -54,8 +56,8 @@ def load_model(
         mesh = make_mesh(None if mesh == "auto" else mesh)
     if orbax.is_checkpoint(name_or_path):
         model = _load_orbax(Path(name_or_path), dtype, attention, mesh, start, progress)
-        return model._replace(**dict(zip(("config", "params"), _quantize(
-            model.config, model.params, quant, Path(name_or_path)), strict=True)))
+        cfg, params = _quantize(model.config, model.params, quant, Path(name_or_path))
+        return model._replace(config=dataclasses.replace(cfg, kv_quant=kv_quant), params=params)
     path = sources.resolve(name_or_path)
     if path.is_dir():
         cfg, params, tokenizer = safetensors.load_hf(path, dtype=dtype, mesh=mesh,
@@ -68,7 +70,7 @@ def load_model(
         cfg, params, reader = gguf.load_gguf(path, dtype=dtype, mesh=mesh, quant=quant,
                                              progress=progress)
         tokenizer = Tokenizer.from_gguf(reader)
-    cfg = dataclasses.replace(cfg, attention=attention)
+    cfg = dataclasses.replace(cfg, attention=attention, kv_quant=kv_quant)
     if tokenizer.chat_template is None:  # a preset may know the template its file lacks
         tokenizer.chat_template = sources.chat_template(name_or_path)
     if progress:

@@ -11,22 +11,49 @@ from jaxinfer import pallas
 from jaxinfer.config import ModelConfig
 
 
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[..., head_dim] -> int8 values and one fp32 scale per token and head ([...])."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127
+    q = jnp.round(x32 / jnp.where(scale == 0, 1, scale)[..., None])
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
+def dequantize_kv(q: jax.Array, scale: jax.Array | None, dtype) -> jax.Array:
+    """int8 cache values and their scales -> `dtype` (a float cache passes through)."""
+    if scale is None:
+        return q.astype(dtype)
+    return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
+def _zeros_and_scales(cfg: ModelConfig, shape: tuple[int, ...]):
+    """Empty k/v storage of `shape` [..., head_dim] (int8 + per-token scales for kv_quant)."""
+    if cfg.kv_quant == "int8":
+        return jnp.zeros(shape, jnp.int8), jnp.ones(shape[:-1], jnp.float32)
+    return jnp.zeros(shape, cfg.dtype), None
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
     """Dense cache for `generate()`: k, v [layers, batch, kv_heads, max_len, head_dim].
 
     Position p of row b holds the key/value of that row's token at position p; attention
-    masks by position, so slots past a row's length may hold stale values.
+    masks by position, so slots past a row's length may hold stale values. With
+    `cfg.kv_quant="int8"`, k and v are int8 with one fp32 scale per token and head in
+    k_scale, v_scale [layers, batch, kv_heads, max_len]; else those are None.
     """
 
     k: jax.Array
     v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype))
+        (k, k_scale), (v, v_scale) = _zeros_and_scales(cfg, shape), _zeros_and_scales(cfg, shape)
+        return cls(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
 
     @property
     def max_len(self) -> int:
@@ -38,14 +65,27 @@ class KVCache:
         """Writes `k_new, v_new: [batch, seq, kv_heads, head_dim]` at `positions: [batch, seq]`."""
         rows = jnp.arange(positions.shape[0])[:, None]
         # Advanced indices split by a slice put their [batch, seq] dims first: [b, s, kv, d].
-        k = self.k.at[layer, rows, :, positions].set(k_new.astype(self.k.dtype))
-        v = self.v.at[layer, rows, :, positions].set(v_new.astype(self.v.dtype))
-        return KVCache(k=k, v=v)
+        if self.k_scale is None:
+            k = self.k.at[layer, rows, :, positions].set(k_new.astype(self.k.dtype))
+            v = self.v.at[layer, rows, :, positions].set(v_new.astype(self.v.dtype))
+            return KVCache(k=k, v=v)
+        (kq, ks), (vq, vs) = quantize_kv(k_new), quantize_kv(v_new)
+        return KVCache(
+            k=self.k.at[layer, rows, :, positions].set(kq),
+            v=self.v.at[layer, rows, :, positions].set(vq),
+            k_scale=self.k_scale.at[layer, rows, :, positions].set(ks),
+            v_scale=self.v_scale.at[layer, rows, :, positions].set(vs),
+        )
 
     def attend(self, layer: jax.Array, q: jax.Array, positions: jax.Array, **options) -> jax.Array:
         """Attention of `q: [batch, seq, heads, head_dim]` at `positions` over this layer's
-        cache; `options` (window, softcap, scale, impl) go to `jaxinfer.pallas.attention`."""
-        return pallas.attention(q, self.k[layer], self.v[layer], positions, **options)
+        cache; `options` (window, softcap, scale, impl) go to `jaxinfer.pallas.attention`.
+        An int8 cache is dequantized (this layer only) on the way in."""
+        scales = (None, None) if self.k_scale is None else (self.k_scale[layer],
+                                                            self.v_scale[layer])
+        k = dequantize_kv(self.k[layer], scales[0], q.dtype)
+        v = dequantize_kv(self.v[layer], scales[1], q.dtype)
+        return pallas.attention(q, k, v, positions, **options)
 
 
 @jax.tree_util.register_dataclass
@@ -60,11 +100,16 @@ class PagedKVCache:
     inactive rows and of positions past the table land there harmlessly. As in `KVCache`,
     attention masks by position (key j is visible to a query at p iff j <= p, and within the
     window), so a row's length is implied by its query positions and needs no field here.
+    With `cfg.kv_quant="int8"` the pages hold int8 and k_scales, v_scales [layers, kv_heads,
+    num_pages, page_size] one fp32 scale per token and head; attention then reads through
+    the gathered (dense) path, dequantizing one layer at a time.
     """
 
     k_pages: jax.Array
     v_pages: jax.Array
     page_table: jax.Array
+    k_scales: jax.Array | None = None
+    v_scales: jax.Array | None = None
 
     # Calls with at most this many query tokens per row use the paged decode kernel; longer
     # ones (prefill chunks) gather the row's pages into a dense view for the prefill kernel.
@@ -82,10 +127,13 @@ class PagedKVCache:
                 f"page_size={page_size}, pages_per_seq={pages_per_seq}; both must be >= 1"
             )
         shape = (cfg.n_layers, cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
+        (k, k_scales), (v, v_scales) = _zeros_and_scales(cfg, shape), _zeros_and_scales(cfg, shape)
         return cls(
-            k_pages=jnp.zeros(shape, cfg.dtype),
-            v_pages=jnp.zeros(shape, cfg.dtype),
+            k_pages=k,
+            v_pages=v,
             page_table=jnp.zeros((batch, pages_per_seq), jnp.int32),
+            k_scales=k_scales,
+            v_scales=v_scales,
         )
 
     @property
@@ -119,9 +167,18 @@ class PagedKVCache:
         """Writes `k_new, v_new: [batch, seq, kv_heads, head_dim]` at `positions: [batch, seq]`."""
         page, offset = self.slots(positions)
         # Advanced indices split by a slice put their [batch, seq] dims first: [b, s, kv, d].
-        k = self.k_pages.at[layer, :, page, offset].set(k_new.astype(self.k_pages.dtype))
-        v = self.v_pages.at[layer, :, page, offset].set(v_new.astype(self.v_pages.dtype))
-        return dataclasses.replace(self, k_pages=k, v_pages=v)
+        if self.k_scales is None:
+            k = self.k_pages.at[layer, :, page, offset].set(k_new.astype(self.k_pages.dtype))
+            v = self.v_pages.at[layer, :, page, offset].set(v_new.astype(self.v_pages.dtype))
+            return dataclasses.replace(self, k_pages=k, v_pages=v)
+        (kq, ks), (vq, vs) = quantize_kv(k_new), quantize_kv(v_new)
+        return dataclasses.replace(
+            self,
+            k_pages=self.k_pages.at[layer, :, page, offset].set(kq),
+            v_pages=self.v_pages.at[layer, :, page, offset].set(vq),
+            k_scales=self.k_scales.at[layer, :, page, offset].set(ks),
+            v_scales=self.v_scales.at[layer, :, page, offset].set(vs),
+        )
 
     def attend(self, layer: jax.Array, q: jax.Array, positions: jax.Array, **options) -> jax.Array:
         """Attention of `q: [batch, seq, heads, head_dim]` at `positions` over this layer's
@@ -131,6 +188,10 @@ class PagedKVCache:
         place. More (prefill): the row's pages are gathered into a dense
         [batch, kv_heads, max_len, head_dim] view first, then `pallas.attention` runs on it.
         """
+        if self.k_scales is not None:
+            k = self._gather_dequantized(self.k_pages[layer], self.k_scales[layer], q.dtype)
+            v = self._gather_dequantized(self.v_pages[layer], self.v_scales[layer], q.dtype)
+            return pallas.attention(q, k, v, positions, **options)
         if q.shape[1] <= self.DECODE_MAX_TOKENS:
             return pallas.paged_attention(
                 q, self.k_pages, self.v_pages, self.page_table, positions, layer=layer, **options
@@ -138,3 +199,9 @@ class PagedKVCache:
         k = pallas.reference.gather_pages(self.k_pages[layer], self.page_table)
         v = pallas.reference.gather_pages(self.v_pages[layer], self.page_table)
         return pallas.attention(q, k, v, positions, **options)
+
+    def _gather_dequantized(self, pages: jax.Array, scales: jax.Array, dtype) -> jax.Array:
+        """One layer's int8 pages -> dense [batch, kv_heads, max_len, head_dim] in `dtype`."""
+        dense = pallas.reference.gather_pages(pages, self.page_table)
+        scale = pallas.reference.gather_pages(scales[..., None], self.page_table)[..., 0]
+        return dequantize_kv(dense, scale, dtype)

@@ -59,6 +59,7 @@ class ModelConfig:
     # How the weights are held: None (floats), "int8" / "int4" (quantized at load) or "gguf"
     # (the file's own Q8_0 / Q4_0 / Q4_1 / Q4_K blocks kept as they are); see jaxinfer.quant.
     quant: str | None = None
+    kv_quant: str | None = None  # "int8": KV cache in int8 with per-token, per-head scales
 
     def __post_init__(self):
         for name in ("param_dtype", "compute_dtype"):
@@ -71,6 +72,8 @@ class ModelConfig:
         if self.quant not in QUANT_MODES:
             allowed = ", ".join(str(m) for m in QUANT_MODES)
             raise ValueError(f"quant={self.quant!r}; allowed: {allowed}")
+        if self.kv_quant not in (None, "int8"):
+            raise ValueError(f"kv_quant={self.kv_quant!r}; allowed: None, int8")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"

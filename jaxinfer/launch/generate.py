@@ -27,6 +27,10 @@ flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16"], "Weight and ac
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "pallas"],
                   "Attention: Pallas kernels (GPU/TPU; interpreted, slowly, on CPU), the XLA "
                   "reference, or auto (Pallas on GPU/TPU, XLA on CPU).")
+flags.DEFINE_enum("quant", None, ["int8", "int4", "gguf"],
+                  "Quantize the weights at load (int8 per channel, int4 in groups of 32), or keep "
+                  "a GGUF file's own Q8_0/Q4_0/Q4_1/Q4_K blocks (gguf). Unset: float weights.")
+flags.DEFINE_enum("kv_quant", None, ["int8"], "KV cache in int8 (per-token, per-head scales).")
 
 SETTINGS = ("model", "prompt", "chat", "max_new_tokens", "temperature", "top_p", "top_k",
             "seed", "dtype")
@@ -73,7 +77,7 @@ def main(argv: list[str]) -> None:
         start = time.perf_counter()
         model = jaxinfer.load_model(
             opts["model"], dtype=opts["dtype"], attention=FLAGS.attention, mesh=mesh,
-            progress=True,
+            quant=FLAGS.quant, kv_quant=FLAGS.kv_quant, progress=True,
         )
         load_s = time.perf_counter() - start
         if opts["chat"]:

@@ -51,6 +51,11 @@ CACHE_AXES: Mapping[str, tuple[str | None, ...]] = {
     "k_pages": ("layers", "kv_heads", "pages", "page_size", "head_dim"),
     "v_pages": ("layers", "kv_heads", "pages", "page_size", "head_dim"),
     "page_table": ("batch", "pages_per_seq"),
+    # int8 caches' per-token, per-head scales (cfg.kv_quant)
+    "k_scale": ("layers", "batch", "kv_heads", "cache_len"),
+    "v_scale": ("layers", "batch", "kv_heads", "cache_len"),
+    "k_scales": ("layers", "kv_heads", "pages", "page_size"),
+    "v_scales": ("layers", "kv_heads", "pages", "page_size"),
     "lengths": ("batch",),
 }
 ACTIVATION_AXES = ("batch", "seq", "embed")  # the residual stream between layers
