@@ -33,8 +33,11 @@ run: install
 test: install-test
 	$(PY) -m pytest -q tests $(ARGS)
 
+# jaxinfer beside llama.cpp and transformers on the same GGUF; ARGS adds flags (see benchmarks/).
 bench: install-test
-	$(PY) benchmarks/generate_vs_transformers.py $(ARGS)
+	$(PIP) -e ".[bench]"
+	$(PY) -m jaxinfer.launch.bench --quant=none,none:bfloat16,int8,gguf \
+		--peers=llama_cpp,transformers --png_out=benchmarks/results/bench.png $(ARGS)
 
 lint: install-test
 	$(PY) -m ruff check jaxinfer tests benchmarks

@@ -1,0 +1,66 @@
+"""What the machine gives: measured memory bandwidth, peak RSS, thread pinning."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+
+def pin_threads(threads: int) -> None:
+    """Restricts this process (and the thread pools it starts later) to `threads` cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    if threads > len(cores):
+        raise ValueError(f"threads={threads}, but this process may use only {len(cores)} cores")
+    os.sched_setaffinity(0, cores[:threads])
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` timed calls of fn (after one untimed warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def memory_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
+    """Bytes/s the machine streams, measured three ways on `mib` MiB arrays (best of `repeats`):
+
+    - "numpy copy": one thread, counts the bytes read plus the bytes written;
+    - "jax sum": XLA:CPU's multi-threaded read of an fp32 array (what decoding does with weights);
+    - "jax matvec": x[1, 1024] @ W[1024, n] in fp32, the decode step's weight read itself.
+
+    Returns each figure in GB/s and, as `gbps`, the largest, with its method's name.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n = mib * 2**20 // 4
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)  # the warm-up copy touches it, so page faults stay untimed
+    figures = {"numpy copy": 2 * src.nbytes / best_seconds(lambda: np.copyto(dst, src), repeats)}
+    weights = jnp.asarray(src.reshape(1024, -1))
+    src = dst = None  # frees both before the jax measurements
+    total = jax.jit(jnp.sum)
+    figures["jax sum"] = weights.nbytes / best_seconds(
+        lambda: total(weights).block_until_ready(), repeats)
+    x = jnp.ones((1, 1024), jnp.float32)
+    matvec = jax.jit(jnp.matmul)
+    figures["jax matvec"] = weights.nbytes / best_seconds(
+        lambda: matvec(x, weights).block_until_ready(), repeats)
+    method = max(figures, key=figures.get)
+    return {"gbps": figures[method] / 1e9, "method": method,
+            "all_gbps": {k: v / 1e9 for k, v in figures.items()}, "array_mib": mib}

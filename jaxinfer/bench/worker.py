@@ -1,0 +1,61 @@
+"""Runs one engine on the workload in a fresh process, so each gets a cold start of its own,
+its own peak RSS and no other engine's threads or memory: `python -m jaxinfer.bench.worker
+'{"engine": ..., "workload": {...}}'` prints the result as JSON on its last stdout line."""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import sys
+import tempfile
+import time
+
+from jaxinfer.bench.machine import peak_rss_bytes, pin_threads
+from jaxinfer.bench.workload import Workload
+
+
+def run(engine: dict, workload: Workload) -> dict:
+    """Runs `engine` ({"engine": name, "quant": ..., "dtype": ...}) in a child process and
+    returns its result, or {"error": why} if the child failed. The child's progress lines
+    pass through to stderr as they come; the libraries' chatter shows only on failure."""
+    spec = json.dumps({**engine, "workload": workload.to_json()})
+    start = time.perf_counter()
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    with tempfile.TemporaryFile("w+") as stdout:
+        with subprocess.Popen([sys.executable, "-m", "jaxinfer.bench.worker", spec],
+                              stdout=stdout, stderr=subprocess.PIPE, text=True) as child:
+            for line in child.stderr:
+                tail.append(line)
+                if line.startswith("["):
+                    sys.stderr.write(line)
+        stdout.seek(0)
+        lines = stdout.read().strip().splitlines()
+    if child.returncode != 0 or not lines:
+        sys.stderr.write("".join(tail))
+        why = tail[-1].strip() if tail else f"exit status {child.returncode}"
+        return {**engine, "error": why, "wall_s": time.perf_counter() - start}
+    return {**engine, **json.loads(lines[-1]), "wall_s": time.perf_counter() - start}
+
+
+def main(spec: str) -> None:
+    from jaxinfer.bench import engines
+
+    spec_data = json.loads(spec)
+    workload = Workload.from_json(spec_data["workload"])
+    pin_threads(workload.threads)
+    name = spec_data["engine"]
+    if name == "jaxinfer":
+        result = engines.run_jaxinfer(workload, spec_data["quant"], spec_data["dtype"])
+    elif name == "llama_cpp":
+        result = engines.run_llama_cpp(workload)
+    elif name == "transformers":
+        result = engines.run_transformers(workload)
+    else:
+        raise ValueError(f"unknown engine {name!r}")
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

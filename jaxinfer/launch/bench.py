@@ -1,0 +1,187 @@
+"""Offline benchmark: `python -m jaxinfer.launch.bench [--quant=none,int8,gguf]
+[--dtype=float32,bfloat16] [--peers=llama_cpp,transformers] [--json]`.
+
+Reports load time, compile time, time to first token, prefill tok/s per prompt length, decode
+tok/s per batch size, parameter bytes, peak RSS, and the weight bandwidth decoding achieves
+(parameter bytes x decode steps/s) as a fraction of the machine's memory bandwidth, which it
+measures first. Each engine configuration runs in a fresh process on the same token ids,
+pinned to the same cores; peers (llama.cpp and transformers on the same checkpoint) run in
+the same invocation and the report gives jaxinfer's speed as a ratio of theirs.
+
+--quant and --dtype take comma-separated lists and run every combination; a quant entry may
+name its own dtype ("none:bfloat16") to skip the cross product.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m-instruct", "Known model name, .gguf file or model dir.")
+flags.DEFINE_string("prompt", "Write a short story about a lighthouse keeper who finds a "
+                    "message in a bottle.", "Prompt for time to first token and decoding.")
+flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Decode batch sizes.")
+flags.DEFINE_integer("decode_tokens", 64, "New tokens per row when measuring decode.")
+flags.DEFINE_list("prefill_tokens", ["128", "512", "2048"], "Prompt lengths for prefill tok/s.")
+flags.DEFINE_list("quant", ["none"], "Weight formats: none, int8, int4, gguf (the file's "
+                  "own quantized blocks); an entry may carry its dtype: none:bfloat16.")
+flags.DEFINE_list("dtype", ["float32"], "Compute dtypes: float32, bfloat16, auto.")
+flags.DEFINE_list("peers", [], "Also run: llama_cpp, transformers.")
+flags.DEFINE_integer("threads", None, "Cores for every engine (default: all this process may use).")
+flags.DEFINE_integer("repeats", 3, "Timed runs per measurement after a warm-up; the best counts.")
+flags.DEFINE_integer("bandwidth_mib", 512, "Array size for measuring memory bandwidth.")
+flags.DEFINE_boolean("json", False, "Print the report as one JSON object on the last line.")
+flags.DEFINE_string("json_out", None, "Write the JSON report to this file.")
+flags.DEFINE_string("png_out", None, "Write a bar chart (PNG) to this file.")
+
+QUANTS = ("none", "int8", "int4", "gguf")
+DTYPES = ("float32", "bfloat16", "auto")
+
+
+def positive_ints(name: str, values: list[str]) -> tuple[int, ...]:
+    """A list flag of positive integers, or a UsageError naming the flag and the bad entry."""
+    try:
+        numbers = tuple(int(v) for v in values)
+    except ValueError:
+        raise app.UsageError(f"--{name}={','.join(values)}: expected positive integers "
+                             "separated by commas, e.g. 1,8,32") from None
+    if not numbers or min(numbers) < 1:
+        raise app.UsageError(f"--{name}={','.join(values)}: expected at least one value, "
+                             "each at least 1")
+    return numbers
+
+
+def configs(quants: list[str], dtypes: list[str]) -> list[dict]:
+    """The jaxinfer configurations: each quant with each dtype, unless it names its own."""
+    for dtype in dtypes:
+        if dtype not in DTYPES:
+            raise app.UsageError(f"--dtype: unknown {dtype!r}; allowed: {', '.join(DTYPES)}")
+    out = []
+    for entry in quants:
+        quant, _, own_dtype = entry.partition(":")
+        if quant not in QUANTS:
+            raise app.UsageError(f"--quant: unknown {quant!r}; allowed: {', '.join(QUANTS)}")
+        if own_dtype and own_dtype not in DTYPES:
+            raise app.UsageError(f"--quant={entry}: unknown dtype {own_dtype!r}; allowed: "
+                                 f"{', '.join(DTYPES)}")
+        for dtype in [own_dtype] if own_dtype else dtypes:
+            config = {"engine": "jaxinfer", "quant": None if quant == "none" else quant,
+                      "dtype": dtype}
+            if config not in out:
+                out.append(config)
+    return out
+
+
+def peers(names: list[str], model_path: Path) -> list[dict]:
+    from jaxinfer.bench.workload import PEERS
+
+    out = []
+    for name in names:
+        if name not in PEERS:
+            raise app.UsageError(f"--peers: unknown {name!r}; allowed: {', '.join(PEERS)}")
+        module = "llama_cpp" if name == "llama_cpp" else "transformers"
+        if importlib.util.find_spec(module) is None:
+            raise app.UsageError(f"--peers={name} needs the {module} package, which "
+                                 "`make bench` installs")
+        if name == "llama_cpp" and model_path.suffix != ".gguf":
+            raise app.UsageError(f"--peers=llama_cpp needs a .gguf model; {model_path} is not one")
+        out.append({"engine": name})
+    return out
+
+
+def workload(model_path: Path, threads: int):
+    """The Workload for the flags; checks lengths against the model's context."""
+    from jaxinfer.bench.workload import Workload
+    from jaxinfer.checkpoints import gguf
+    from jaxinfer.tokenizer import Tokenizer
+
+    prefill = positive_ints("prefill_tokens", FLAGS.prefill_tokens)
+    batches = positive_ints("batch_sizes", FLAGS.batch_sizes)
+    if FLAGS.decode_tokens < 2:
+        raise app.UsageError(f"--decode_tokens={FLAGS.decode_tokens}: decode tok/s needs at "
+                             "least 2 new tokens per row (the first comes from prefill)")
+    if FLAGS.repeats < 1:
+        raise app.UsageError(f"--repeats={FLAGS.repeats}: it must be at least 1")
+    if model_path.suffix == ".gguf":
+        reader = gguf.open_gguf(model_path)
+        tokenizer = Tokenizer.from_gguf(reader)
+        context = gguf.model_config(reader).max_seq_len
+    else:
+        tokenizer = Tokenizer.from_file(model_path / "tokenizer.json")
+        context = json.loads((model_path / "config.json").read_text()).get(
+            "max_position_embeddings", 1 << 30)
+    prompt_ids = tokenizer.encode(FLAGS.prompt)
+    if not prompt_ids:
+        raise app.UsageError("--prompt is empty: it needs at least one token")
+    for name, tokens in (("prefill_tokens", max(prefill)),
+                         ("prompt plus --decode_tokens", len(prompt_ids) + FLAGS.decode_tokens)):
+        if tokens + 1 > context:
+            raise app.UsageError(f"--{name}: {tokens:,} tokens (plus one generated) exceed this "
+                                 f"model's context of {context:,}")
+    return Workload(model=str(model_path), prompt_ids=tuple(prompt_ids), prefill_tokens=prefill,
+                    batch_sizes=batches, decode_tokens=FLAGS.decode_tokens,
+                    vocab_size=tokenizer.vocab_size, threads=threads, repeats=FLAGS.repeats)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from jaxinfer.bench import machine, report, worker
+    from jaxinfer.bench.workload import log
+    from jaxinfer.checkpoints import sources
+
+    cores = len(os.sched_getaffinity(0))
+    threads = cores if FLAGS.threads is None else FLAGS.threads
+    if not 1 <= threads <= cores:
+        raise app.UsageError(f"--threads={threads}: this process may use 1 to {cores} cores")
+    engines = configs(FLAGS.quant, FLAGS.dtype)
+    try:
+        model_path = sources.resolve(FLAGS.model)
+    except (ValueError, FileNotFoundError) as e:
+        raise app.UsageError(f"--model: {e}") from None
+    engines += peers(FLAGS.peers, model_path)
+    work = workload(model_path, threads)
+    machine.pin_threads(threads)  # the children inherit it
+
+    load_before = os.getloadavg()[0]
+    log("machine", f"memory bandwidth ({FLAGS.bandwidth_mib} MiB arrays)")
+    bandwidth = machine.memory_bandwidth(FLAGS.bandwidth_mib)
+    results = []
+    for i, engine in enumerate(engines, 1):
+        log("bench", f"engine {i}/{len(engines)}: {report.column_name(engine)}")
+        result = worker.run(engine, work)
+        report.add_bandwidth(result, bandwidth["gbps"])
+        results.append(result)
+    out = {
+        "settings": {
+            "model": str(model_path), "model_name": model_path.name,
+            "prompt_tokens": len(work.prompt_ids), "prefill_tokens": list(work.prefill_tokens),
+            "batch_sizes": list(work.batch_sizes), "decode_tokens": work.decode_tokens,
+            "threads": threads, "repeats": work.repeats,
+        },
+        "machine": {"cpus": os.cpu_count(), "bandwidth": bandwidth,
+                    "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
+                    "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},
+        "results": results,
+        "ratios": report.ratios(results),
+    }
+    print(report.table(out))
+    if FLAGS.json_out:
+        Path(FLAGS.json_out).write_text(json.dumps(out, indent=1) + "\n")
+    if FLAGS.png_out:
+        report.chart(out, FLAGS.png_out)
+    if FLAGS.json:
+        print(json.dumps(out))
+    if any("error" in r for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
