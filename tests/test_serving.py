@@ -459,3 +459,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_launcher_rejects_a_bad_engine_flag_with_the_reason():
+    run = subprocess.run([sys.executable, "-m", "jaxinfer.launch.serve", "--max_batch_size=0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "max_batch_size=0" in run.stderr
