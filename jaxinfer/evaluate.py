@@ -15,6 +15,20 @@ from jaxinfer.models import family
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
+def _forward(params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    seq = tokens.shape[1]
+    logits, _ = family(cfg.architecture).forward(
+        params, tokens, jnp.arange(seq)[None], KVCache.init(cfg, 1, seq), cfg
+    )
+    return logits[0]
+
+
+def forward_logits(params, tokens: Sequence[int], cfg: ModelConfig) -> jax.Array:
+    """fp32 logits [seq, vocab] of one token sequence (no generation, no buckets)."""
+    return _forward(params, jnp.asarray([list(tokens)], jnp.int32), cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def _nll(params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Summed negative log-likelihood of tokens[1:] given their prefixes; tokens: [1, seq]."""
     seq = tokens.shape[1]

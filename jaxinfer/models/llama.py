@@ -178,7 +178,7 @@ def transformer(
 ) -> tuple[jax.Array, KVCache]:
     """tokens, positions: [batch, seq] -> final hidden states [batch, seq, embed], new cache."""
     # No-op when dtypes match; quantized weights keep their integer values.
-    params = jax.tree.map(lambda p: p.astype(cfg.dtype), params, is_leaf=quant.is_quantized)
+    params = jax.tree.map(lambda p: p.astype(cfg.dtype), params, is_leaf=quant.keeps_structure)
     x = embed(params, tokens, cfg)
 
     def step(carry, layer_and_index):

@@ -93,11 +93,18 @@ def _grouped(x, group: int):
 
 
 def quantize(
-    w: jax.Array | np.ndarray, precision: str = "int8", *, axis: int = -1, group: int | None = None
+    w: jax.Array | np.ndarray,
+    precision: str = "int8",
+    *,
+    axis: int = -1,
+    group: int | None = None,
+    clip: float | jax.Array = 1.0,
 ) -> QArray:
     """Quantizes float `w` along its contraction `axis` (negative): int8 symmetric, or int4
     affine. group=None: one group over the whole axis for int8 (per output channel), 32 for
-    int4. Works on numpy arrays (at load time, on the host) and on jax arrays."""
+    int4. `clip` (a scalar, or one per group: [..., out, in / group] in storage order) shrinks
+    each group's range; values beyond it saturate. Works on numpy arrays (at load time, on
+    the host) and on jax arrays."""
     if axis >= 0:
         raise ValueError(f"axis={axis}: pass the contraction axis as a negative index")
     dim = w.shape[axis]
@@ -107,13 +114,15 @@ def quantize(
     group = group or dim
     xp = np if isinstance(w, np.ndarray) else jnp
     g = _grouped(xp.moveaxis(w, axis, -1).astype(np.float32), group)
+    clip = xp.asarray(clip, np.float32)[..., None] if np.ndim(clip) else clip
     if precision == "int8":
-        scale = xp.max(xp.abs(g), axis=-1, keepdims=True) / 127
+        scale = clip * xp.max(xp.abs(g), axis=-1, keepdims=True) / 127
         q = xp.clip(xp.round(g / xp.where(scale == 0, 1, scale)), -127, 127)
         return QArray(q.astype(np.int8).reshape(*g.shape[:-2], dim), scale[..., 0], None,
                       8, group, axis)
     low, high = xp.min(g, axis=-1, keepdims=True), xp.max(g, axis=-1, keepdims=True)
-    scale = (high - low) / 15
+    center, radius = (high + low) / 2, clip * (high - low) / 2
+    low, scale = center - radius, 2 * radius / 15
     q = xp.clip(xp.round((g - low) / xp.where(scale == 0, 1, scale)), 0, 15).astype(np.uint8)
     half = group // 2
     packed = (q[..., :half] | (q[..., half:] << 4)).astype(np.uint8)
@@ -144,6 +153,8 @@ def dequantize(w: QArray, dtype=jnp.float32) -> jax.Array:
 
 def take(w: jax.Array | QArray, indices: jax.Array, dtype) -> jax.Array:
     """Rows `w[indices]` (an embedding lookup) in `dtype`; only those rows are dequantized."""
+    if isinstance(w, Probe):
+        w = w.weight
     if not isinstance(w, QArray):
         return w[indices].astype(dtype)
     if w.axis != -1 or w.ndim != 2:
@@ -161,6 +172,53 @@ def is_quantized(x) -> bool:
     return isinstance(x, QArray)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """A float weight that reports what it is multiplied with (for calibration): each product
+    sends the mean square of its inputs per contracted channel to `recorder(name, layer,
+    moments)` on the host. `layer` is scanned with stacked weights (-1 for global ones)."""
+
+    weight: jax.Array
+    layer: jax.Array
+    name: str = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.weight.shape
+
+    def astype(self, dtype) -> Probe:
+        return dataclasses.replace(self, weight=self.weight.astype(dtype))
+
+
+def keeps_structure(x) -> bool:
+    """Weights that stay whole under the model's dtype casts (quantized or probed)."""
+    return isinstance(x, QArray | Probe)
+
+
+recorder = None  # set by calibration: called as recorder(name, layer, moments)
+
+
+def _record(spec: str, x: jax.Array, w: Probe) -> None:
+    x_letters, w_letters, _ = _letters(spec, x)
+    contracted = "".join(c for c in w_letters if c in x_letters)
+    moments = jnp.einsum(f"{x_letters}->{contracted}", jnp.square(x.astype(jnp.float32)))
+    moments = moments / (x.size // moments.size)  # mean over the rows
+    jax.debug.callback(lambda layer, m: recorder(w.name, int(layer), np.asarray(m)),
+                       w.layer, moments)
+
+
+def _letters(spec: str, x: jax.Array) -> tuple[str, str, str]:
+    """(x letters, w letters, output letters) of an einsum spec, with x's ellipsis named."""
+    inputs, out = spec.split("->")
+    x_letters, w_letters = inputs.split(",")
+    if "..." in x_letters:
+        spare = "".join(c for c in string.ascii_letters if c not in spec)
+        extra = spare[: x.ndim - len(x_letters) + 3]
+        x_letters, out = x_letters.replace("...", extra), out.replace("...", extra)
+    return x_letters, w_letters, out
+
+
 def einsum(spec: str, x: jax.Array, w: jax.Array | QArray, out_dtype=None) -> jax.Array:
     """`jnp.einsum(spec, x, w)` in x's dtype, where `w` may be quantized (then accumulated in
     fp32); the result in `out_dtype` (default: x's dtype).
@@ -168,6 +226,10 @@ def einsum(spec: str, x: jax.Array, w: jax.Array | QArray, out_dtype=None) -> ja
     On accelerators the dequantization is an elementwise producer that XLA fuses into the
     dot. On CPU, few-row products with per-channel int8 (decoding) use fused row reductions.
     """
+    if isinstance(w, Probe):
+        if recorder is not None:
+            _record(spec, x, w)
+        w = w.weight
     if not isinstance(w, QArray):
         return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=out_dtype)
     out_dtype = out_dtype or x.dtype
@@ -182,12 +244,7 @@ def _fused_rows_plan(spec: str, x: jax.Array, w: QArray):
     """Letter bookkeeping for `_fused_rows`, or None when the product doesn't qualify."""
     if jax.default_backend() != "cpu" or w.bits != 8 or w.zeros is not None:
         return None
-    inputs, out = spec.split("->")
-    x_letters, w_letters = inputs.split(",")
-    if "..." in x_letters:  # name the ellipsis dims with unused letters
-        spare = "".join(c for c in string.ascii_letters if c not in spec)
-        extra = spare[: x.ndim - len(x_letters) + 3]
-        x_letters, out = x_letters.replace("...", extra), out.replace("...", extra)
+    x_letters, w_letters, out = _letters(spec, x)
     contracted = [c for c in w_letters if c in x_letters]
     if len(contracted) != 1 or w_letters.index(contracted[0]) - len(w_letters) != w.axis:
         return None
