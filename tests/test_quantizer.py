@@ -84,3 +84,20 @@ def test_static_quantizer_needs_calibration_data(tiny_cfg):
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="method='awq'; allowed: dynamic, static"):
         quant.Quantizer("awq")
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_params_round_trip_through_orbax(tmp_path, cfg32, params32, precision):
+    from jaxinfer.checkpoints import orbax
+
+    cfg = dataclasses.replace(cfg32, quant=precision)
+    params = quant.quantize_params(params32, precision)
+    orbax.save(tmp_path / "ckpt", cfg, params)
+    loaded_cfg, loaded, _ = orbax.load(tmp_path / "ckpt")
+    assert loaded_cfg == cfg
+    for name in ("wq", "wo", "w_down"):
+        a, b = params["layers"][name], loaded["layers"][name]
+        assert quant.is_quantized(b) and (a.bits, a.group, a.axis) == (b.bits, b.group, b.axis)
+        np.testing.assert_array_equal(a.values, b.values)
+        np.testing.assert_array_equal(a.scales, b.scales)
+    np.testing.assert_array_equal(loaded["layers"]["attn_norm"], params["layers"]["attn_norm"])

@@ -6,6 +6,8 @@ Layout of a checkpoint directory:
     config.json              ModelConfig fields and the format marker
     tokenizer.json           Hugging Face tokenizers file (when a tokenizer was saved)
     tokenizer_config.json    BOS/EOS/PAD, add_bos, chat template, stop ids
+    quant.json               for quantized params (config "quant"): each QArray's bits,
+                             group and axis; its arrays are saved as values/scales/zeros
 
 Restoring reads each array directly into its target sharding: every device (of every
 process) reads only its own slice from disk, so no full array is built on a host.
@@ -27,6 +29,7 @@ from jax.sharding import Mesh
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.models import family
+from jaxinfer.quant import QArray, is_quantized
 from jaxinfer.sharding import param_shardings
 from jaxinfer.tokenizer import Tokenizer
 
@@ -36,6 +39,7 @@ PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+QUANT_FILE = "quant.json"
 
 
 class CheckpointError(ValueError):
@@ -65,6 +69,7 @@ def save(
 
         multihost_utils.sync_global_devices("jaxinfer.orbax.save")
     start = time.perf_counter()
+    params, layout = _split_quantized(params)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_DIR, params, force=overwrite)
         checkpointer.wait_until_finished()
@@ -74,6 +79,8 @@ def save(
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             _save_tokenizer(path, tokenizer)
+        if layout:
+            (path / QUANT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
     print(f"saved {path} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return path
 
@@ -120,6 +127,8 @@ def load(
     cfg = read_config(path, architecture)
     if dtype is not None:
         cfg = cfg.with_dtype(dtype)
+    if cfg.quant is not None:
+        return cfg, _load_quantized(path, mesh), _load_tokenizer(path)
     abstract = family(cfg.architecture).abstract_params(cfg)
     if mesh is None:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
@@ -135,6 +144,52 @@ def load(
         params = checkpointer.restore(path / PARAMS_DIR, target)
     print(f"restored {path.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return cfg, params, _load_tokenizer(path)
+
+
+def _split_quantized(params: Any) -> tuple[Any, dict[str, dict]]:
+    """QArrays -> plain {"values", "scales", "zeros"} dicts (what Orbax stores), and their
+    static fields by parameter path."""
+    layout = {}
+
+    def visit(key_path, leaf):
+        if not isinstance(leaf, QArray):
+            return leaf
+        layout[jax.tree_util.keystr(key_path)] = {"bits": leaf.bits, "group": leaf.group,
+                                                  "axis": leaf.axis}
+        arrays = {"values": leaf.values, "scales": leaf.scales}
+        return arrays if leaf.zeros is None else arrays | {"zeros": leaf.zeros}
+
+    params = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_quantized)
+    return params, layout
+
+
+def _load_quantized(path: Path, mesh: Mesh | None) -> Any:
+    """Quantized params: the saved arrays as they are, regrouped into QArrays."""
+    if mesh is not None:
+        raise CheckpointError(f"{path} holds quantized weights, which cannot be placed on a "
+                              "mesh yet; load it without a mesh")
+    if not (path / QUANT_FILE).is_file():
+        raise CheckpointError(f"{path}: the config says quantized but {QUANT_FILE} is missing")
+    layout = json.loads((path / QUANT_FILE).read_text())
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    start = time.perf_counter()
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.metadata(path / PARAMS_DIR).item_metadata
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), saved)
+        params = checkpointer.restore(path / PARAMS_DIR, target)
+
+    def regroup(node, prefix=""):
+        if isinstance(node, dict):
+            key = prefix
+            if key in layout:
+                return QArray(node["values"], node["scales"], node.get("zeros"),
+                              **layout[key])
+            return {k: regroup(v, f"{prefix}['{k}']") for k, v in node.items()}
+        return node
+
+    print(f"restored {path.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return regroup(dict(params))
 
 
 def _check_tree(path: Path, saved: Any, abstract: Any) -> None:
