@@ -15,7 +15,8 @@ from jaxinfer.launch import distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "smollm2_135m", "Preset in configs/ (name or .toml path).")
-flags.DEFINE_string("model", None, "Known model name or path to a .gguf file.")
+flags.DEFINE_string("model", None, "Known model name, .gguf file, Hugging Face model directory "
+                    "or hub id, or an Orbax checkpoint directory.")
 flags.DEFINE_string("prompt", None, "Prompt text.")
 flags.DEFINE_boolean("chat", None, "Wrap the prompt in the model's chat template.")
 flags.DEFINE_integer("max_new_tokens", None, "Most tokens to generate.")
