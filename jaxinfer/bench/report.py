@@ -112,7 +112,8 @@ def table(report: dict) -> str:
     parts.append(
         f"\nmachine bandwidth {bw['gbps']:.1f} GB/s ({bw['method']}, "
         + ", ".join(f"{k} {v:.1f}" for k, v in bw["all_gbps"].items())
-        + f"); {s['threads']} threads of {m['cpus']} cores; best of {s['repeats']}; decode "
+        + f"); {s['threads']} threads of {m['cpus']} cores; peers' OMP_WAIT_POLICY "
+        f"{s['peer_omp_wait_policy']}; best of {s['repeats']}; decode "
         f"prompts {s['prompt_tokens']} tokens, {s['decode_tokens']} new tokens per row; "
         f"1-minute load average {m['load_avg_before']:.1f} before, {m['load_avg_after']:.1f} after")
     return "\n".join(parts)

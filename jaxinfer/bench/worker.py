@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -15,16 +16,18 @@ from jaxinfer.bench.machine import peak_rss_bytes, pin_threads
 from jaxinfer.bench.workload import Workload
 
 
-def run(engine: dict, workload: Workload) -> dict:
-    """Runs `engine` ({"engine": name, "quant": ..., "dtype": ...}) in a child process and
-    returns its result, or {"error": why} if the child failed. The child's progress lines
-    pass through to stderr as they come; the libraries' chatter shows only on failure."""
+def run(engine: dict, workload: Workload, env: dict[str, str] | None = None) -> dict:
+    """Runs `engine` ({"engine": name, "quant": ..., "dtype": ...}) in a child process (with
+    `env` added to its environment) and returns its result, or {"error": why} if the child
+    failed. Its progress lines pass through to stderr as they come; the libraries' chatter
+    shows only on failure."""
     spec = json.dumps({**engine, "workload": workload.to_json()})
     start = time.perf_counter()
     tail: collections.deque[str] = collections.deque(maxlen=20)
     with tempfile.TemporaryFile("w+") as stdout:
         with subprocess.Popen([sys.executable, "-m", "jaxinfer.bench.worker", spec],
-                              stdout=stdout, stderr=subprocess.PIPE, text=True) as child:
+                              stdout=stdout, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **(env or {})}) as child:
             for line in child.stderr:
                 tail.append(line)
                 if line.startswith("["):

@@ -35,6 +35,10 @@ flags.DEFINE_list("quant", ["none"], "Weight formats: none, int8, int4, gguf (th
 flags.DEFINE_list("dtype", ["float32"], "Compute dtypes: float32, bfloat16, auto.")
 flags.DEFINE_list("peers", [], "Also run: llama_cpp, transformers.")
 flags.DEFINE_integer("threads", None, "Cores for every engine (default: all this process may use).")
+flags.DEFINE_enum("omp_wait_policy", "default", ["default", "passive", "active"],
+                  "OMP_WAIT_POLICY for the peers (llama.cpp and torch use OpenMP): passive keeps "
+                  "their idle threads from spinning, which matters when other processes share "
+                  "the cores; default leaves the libraries' own choice.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per measurement after a warm-up; the best counts.")
 flags.DEFINE_integer("bandwidth_mib", 512, "Array size for measuring memory bandwidth.")
 flags.DEFINE_boolean("json", False, "Print the report as one JSON object on the last line.")
@@ -156,7 +160,9 @@ def main(argv: list[str]) -> None:
     results = []
     for i, engine in enumerate(engines, 1):
         log("bench", f"engine {i}/{len(engines)}: {report.column_name(engine)}")
-        result = worker.run(engine, work)
+        env = ({"OMP_WAIT_POLICY": FLAGS.omp_wait_policy.upper()}
+               if engine["engine"] != "jaxinfer" and FLAGS.omp_wait_policy != "default" else None)
+        result = worker.run(engine, work, env)
         report.add_bandwidth(result, bandwidth["gbps"])
         results.append(result)
     out = {
@@ -165,6 +171,7 @@ def main(argv: list[str]) -> None:
             "prompt_tokens": len(work.prompt_ids), "prefill_tokens": list(work.prefill_tokens),
             "batch_sizes": list(work.batch_sizes), "decode_tokens": work.decode_tokens,
             "threads": threads, "repeats": work.repeats,
+            "peer_omp_wait_policy": FLAGS.omp_wait_policy,
         },
         "machine": {"cpus": os.cpu_count(), "bandwidth": bandwidth,
                     "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
