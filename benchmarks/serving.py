@@ -3,9 +3,9 @@
     # against a running server, at fixed concurrency and at a Poisson rate:
     python benchmarks/serving.py --base_url http://127.0.0.1:8000 --concurrency 1,8,32
     python benchmarks/serving.py --base_url http://127.0.0.1:8000 --request_rate 2.0
-    # start jaxinfer's server and llama.cpp's (llama-cpp-python[server]) on the same GGUF,
-    # one after the other, and compare them:
-    python benchmarks/serving.py --launch jaxinfer,llama.cpp --concurrency 1,8,32
+    # start jaxinfer's server (twice: all slots, then --adaptive_decode) and llama.cpp's
+    # (llama-cpp-python[server]) on the same GGUF, one after the other, and compare them:
+    python benchmarks/serving.py --launch "jaxinfer,jaxinfer:--adaptive_decode,llama.cpp"
 
 Prompts are random vocabulary words, --input_len tokens each (seeded: every server and
 every concurrency level gets the same prompts); each request asks for --output_len tokens
@@ -176,21 +176,24 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float, path: str)
 
 
 def launch(kind: str, args, port: int) -> tuple[subprocess.Popen, str]:
-    """Starts jaxinfer's server or llama-cpp-python's on the same GGUF; returns it and the
-    name requests must use."""
+    """Starts jaxinfer's server ("jaxinfer" or "jaxinfer:--flag=value ...") or
+    llama-cpp-python's on the same GGUF; returns it and the name requests must use."""
     from jaxinfer.checkpoints import sources
 
     path = str(sources.resolve(args.model))
+    kind, _, extra = kind.partition(":")
     if kind == "jaxinfer":
         command = [sys.executable, "-m", "jaxinfer.launch.serve", f"--port={port}",
                    f"--model={args.model}", f"--max_batch_size={args.max_batch_size}",
                    f"--max_seq_len={args.max_seq_len}", "--max_queue_size=1024",
-                   *args.jaxinfer_flags.split()]
+                   *args.jaxinfer_flags.split(), *extra.split()]
         name, health = args.model, "/health"
     elif kind == "llama.cpp":
+        # Its server handles one request at a time; by default a new one interrupts it.
         command = [args.llama_python, "-m", "llama_cpp.server", "--model", path, "--port",
                    str(port), "--n_threads", str(args.threads), "--n_ctx",
-                   str(args.max_seq_len), "--model_alias", args.model]
+                   str(args.max_seq_len), "--model_alias", args.model,
+                   "--interrupt_requests", "False", *extra.split()]
         name, health = args.model, "/v1/models"
     else:
         raise ValueError(f"--launch {kind!r}: allowed: jaxinfer, llama.cpp")
@@ -216,7 +219,7 @@ def bench_server(url: str, name: str, prompts: list[str], args) -> list[dict]:
     modes = [("concurrency", c) for c in args.concurrency]
     modes += [("rate", r) for r in args.request_rate]
     for mode, value in modes:
-        n = args.num_prompts or (max(4, 4 * int(value)) if mode == "concurrency" else 32)
+        n = args.num_prompts or (max(4, int(value)) if mode == "concurrency" else 32)
         log(f"{name} @ {url}: {mode} {value}, {n} requests")
         results, duration = asyncio.run(run_load(
             url, name, (prompts * (n // len(prompts) + 1))[:n], args.output_len,
@@ -240,7 +243,9 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base_url", default=None, help="A running server (else --launch).")
-    parser.add_argument("--launch", default="", help="jaxinfer,llama.cpp: start these in turn")
+    parser.add_argument("--launch", default="",
+                        help="Servers to start in turn: jaxinfer, jaxinfer:<more flags>, "
+                        "llama.cpp (comma-separated)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--concurrency", default="1,8,32",
                         type=lambda s: [int(x) for x in s.split(",") if x])
@@ -248,7 +253,7 @@ def main() -> None:
                         type=lambda s: [float(x) for x in s.split(",") if x],
                         help="Poisson arrival rates (requests/s), e.g. 1,4")
     parser.add_argument("--num_prompts", type=int, default=0,
-                        help="Requests per mode (0: 4 x concurrency, 32 at a rate).")
+                        help="Requests per mode (0: max(4, concurrency), 32 at a rate).")
     parser.add_argument("--input_len", type=int, default=128)
     parser.add_argument("--output_len", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -272,7 +277,7 @@ def main() -> None:
     for kind in [k for k in args.launch.split(",") if k]:
         process, name = launch(kind, args, args.port)
         try:
-            rows += [{"server": kind, **r}
+            rows += [{"server": kind.replace(":--", " --"), **r}
                      for r in bench_server(f"http://127.0.0.1:{args.port}", name, prompts, args)]
         finally:
             stop(process)

@@ -233,3 +233,16 @@ def test_stop_ids_end_the_slot_on_device(tiny_model):
         out += [int(t) for t in engine.generate()[0] if t != NO_TOKEN]
     assert out == free[: free.index(stop) + 1]
     assert np.all(engine.done[1:])  # free slots stay done
+
+
+def test_adaptive_decode_runs_the_occupied_prefix_of_slots(tiny_model):
+    config = EngineConfig(**{**CONFIG.__dict__, "adaptive_decode": True})
+    engine = Engine(tiny_model, config)
+    assert engine.decode_widths == [1, 2, 4] and engine.decode_width() == 1
+    out = run_engine(engine, {0: PROMPTS[0]}, 7)
+    assert out[0] == reference(tiny_model, PROMPTS[0], 7)
+    engine.free(0)
+    pages = engine.allocate(2)
+    engine.insert(2, last_token=1, position=3, count=1, max_tokens=4, pages=pages,
+                  sampling=SamplingParams(), stop_ids=[])
+    assert engine.decode_width() == 4  # slot 2 needs the width-4 program

@@ -30,6 +30,10 @@ class EngineConfig:
     max_queue_size: int = 256  # waiting requests; beyond it new ones get HTTP 429
     max_queue_delay_ms: float = 0.0  # how long to hold a partial prefill batch for more prompts
     max_stop_token_ids: int = 16  # per request, tokenizer stops included (a fixed-size array)
+    # Decode only the smallest power-of-two prefix of slots that holds every running request:
+    # much faster at low load, but then a request's numerics depend on how many others run,
+    # so greedy outputs are batch invariant only with this off (the default).
+    adaptive_decode: bool = False
 
     def __post_init__(self):
         positive = ("max_batch_size", "max_seq_len", "page_size", "decode_steps",

@@ -269,16 +269,41 @@ class Engine:
 
     def generate(self) -> np.ndarray:
         """decode_steps steps for every slot -> tokens [slots, steps], NO_TOKEN where idle."""
-        args = (self.params, self.cache, self.page_table, self.last, self.position, self.count,
-                self.done, self.max_tokens, self.stop_ids, self.sampling)
-        static = {"cfg": self.model_config, "steps": self.steps}
-        out = _run(_decode_jit, args, static, f"decode ({self.slots} slots x {self.steps} steps)",
-                   self.mesh)
+        width = self.decode_width()
+        rows = slice(0, width)
+        sampling = jax.tree.map(lambda column: column[rows], self.sampling)
+        args = (self.params, self.cache, self.page_table[rows], self.last[rows],
+                self.position[rows], self.count[rows], self.done[rows], self.max_tokens[rows],
+                self.stop_ids[rows], sampling)
+        out = self._decode(args, width)
         tokens, last, position, count, done, self.cache = out
         tokens, last, position, count, done = jax.device_get((tokens, last, position, count, done))
-        self.last, self.position, self.count = np.array(last), np.array(position), np.array(count)
-        self.done = np.array(done)
-        return np.asarray(tokens)
+        self.last[rows], self.position[rows], self.count[rows] = last, position, count
+        self.done[rows] = done
+        all_tokens = np.full((self.slots, self.steps), NO_TOKEN, np.int32)
+        all_tokens[rows] = tokens
+        return all_tokens
+
+    def decode_width(self) -> int:
+        """How many slots (from slot 0) the next decode call runs: all of them, or with
+        adaptive_decode the smallest width in `decode_widths` covering every occupied slot."""
+        if not self.config.adaptive_decode:
+            return self.slots
+        occupied = [s for s in range(self.slots) if self.slot_pages[s]]
+        last = max(occupied, default=0) + 1
+        return next(w for w in self.decode_widths if w >= last)
+
+    @property
+    def decode_widths(self) -> list[int]:
+        if not self.config.adaptive_decode:
+            return [self.slots]
+        widths = [w for w in (1 << i for i in range(self.slots.bit_length())) if w < self.slots]
+        return [*widths, self.slots]
+
+    def _decode(self, args: tuple, width: int, progress: bool = False):
+        static = {"cfg": self.model_config, "steps": self.steps}
+        return _run(_decode_jit, args, static, f"decode ({width} slots x {self.steps} steps)",
+                    self.mesh, progress)
 
     def free(self, slot: int) -> None:
         """Empties `slot`: it stops emitting and its pages go back to the pool."""
@@ -304,14 +329,20 @@ class Engine:
                     sampling, np.zeros(width, np.int32))
             _, self.cache = _run(_prefill_jit, args, {"cfg": self.model_config},
                                  f"prefill ({width} x {seq})", self.mesh, progress)
-        # All slots are free (done), so this decode call writes only to the scratch page.
-        args = (self.params, self.cache, self.page_table, self.last, self.position, self.count,
-                self.done, self.max_tokens, self.stop_ids, self.sampling)
-        static = {"cfg": self.model_config, "steps": self.steps}
-        out = _run(_decode_jit, args, static,
-                   f"decode ({self.slots} slots x {self.steps} steps)", self.mesh, progress)
-        self.cache = out[-1]
+        # All slots are free (done), so these decode calls write only to the scratch page.
+        for width in self.decode_widths:
+            rows = slice(0, width)
+            sampling = jax.tree.map(lambda column, rows=rows: column[rows], self.sampling)
+            args = (self.params, self.cache, self.page_table[rows], self.last[rows],
+                    self.position[rows], self.count[rows], self.done[rows],
+                    self.max_tokens[rows], self.stop_ids[rows], sampling)
+            self.cache = self._decode(args, width, progress)[-1]
         jax.block_until_ready(self.cache)
+
+    @property
+    def num_programs(self) -> int:
+        """Programs `warmup` compiles: one per prefill bucket and one per decode width."""
+        return len(self.buckets) + len(self.decode_widths)
 
 
 def prefill_buckets(minimum: int, context: int) -> list[int]:
