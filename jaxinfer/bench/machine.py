@@ -20,9 +20,17 @@ def pin_threads(threads: int) -> None:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident set size. On Linux, VmHWM: getrusage's ru_maxrss keeps the
+    parent's peak across fork and exec, so a child started by a big parent would report that."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
