@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 
 MESHES = ("data:1,model:8", "data:2,model:4", "data:8,model:1")
@@ -54,6 +53,14 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes() -> int:
+    """This process's high-water RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    across exec, so it would include the forking parent's (pytest's) resident memory."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
+
+
 def shard_shapes(params) -> dict:
     import jax
 
@@ -87,7 +94,7 @@ def main(gguf_path: str, work_dir: str, prompts_json: str) -> None:
     before = rss_bytes()
     cfg, params, _ = gguf.load_gguf(gguf_path, dtype="float32", progress=False)
     jax.block_until_ready(params)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB
+    peak = peak_rss_bytes()
     facts["load_peak_rss_bytes"] = peak - before
     facts["param_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params))
     del params
