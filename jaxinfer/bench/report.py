@@ -138,10 +138,10 @@ def chart(report: dict, path: str) -> None:
         width = 0.8 / max(len(results), 1)
         for i, r in enumerate(results):
             values = [r[kind].get(str(k), 0.0) for k in keys]
-            ax.bar(x + (i - (len(results) - 1) / 2) * width, values, width,
-                   label=column_name(r))
+            bars = ax.bar(x + (i - (len(results) - 1) / 2) * width, values, width,
+                          label=column_name(r))
+            ax.bar_label(bars, fmt="%.0f", fontsize="x-small")
         ax.set_xticks(x, [str(k) for k in keys])
-        ax.set_yscale("log")
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[1].legend(fontsize="small")
