@@ -226,6 +226,7 @@ def bench_server(url: str, name: str, prompts: list[str], args) -> list[dict]:
             concurrency=int(value) if mode == "concurrency" else None,
             rate=value if mode == "rate" else None, seed=args.seed, api_key=args.api_key))
         rows.append({"mode": f"{mode} {value:g}", **summarize(results, duration)})
+        log(json.dumps({k: v for k, v in rows[-1].items() if k != "errors"}))  # partial results
     return rows
 
 
