@@ -14,7 +14,6 @@ name its own dtype ("none:bfloat16") to skip the cross product.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -45,113 +44,29 @@ flags.DEFINE_boolean("json", False, "Print the report as one JSON object on the 
 flags.DEFINE_string("json_out", None, "Write the JSON report to this file.")
 flags.DEFINE_string("png_out", None, "Write a bar chart (PNG) to this file.")
 
-QUANTS = ("none", "int8", "int4", "gguf")
-DTYPES = ("float32", "bfloat16", "auto")
-
-
-def positive_ints(name: str, values: list[str]) -> tuple[int, ...]:
-    """A list flag of positive integers, or a UsageError naming the flag and the bad entry."""
-    try:
-        numbers = tuple(int(v) for v in values)
-    except ValueError:
-        raise app.UsageError(f"--{name}={','.join(values)}: expected positive integers "
-                             "separated by commas, e.g. 1,8,32") from None
-    if not numbers or min(numbers) < 1:
-        raise app.UsageError(f"--{name}={','.join(values)}: expected at least one value, "
-                             "each at least 1")
-    return numbers
-
-
-def configs(quants: list[str], dtypes: list[str]) -> list[dict]:
-    """The jaxinfer configurations: each quant with each dtype, unless it names its own."""
-    for dtype in dtypes:
-        if dtype not in DTYPES:
-            raise app.UsageError(f"--dtype: unknown {dtype!r}; allowed: {', '.join(DTYPES)}")
-    out = []
-    for entry in quants:
-        quant, _, own_dtype = entry.partition(":")
-        if quant not in QUANTS:
-            raise app.UsageError(f"--quant: unknown {quant!r}; allowed: {', '.join(QUANTS)}")
-        if own_dtype and own_dtype not in DTYPES:
-            raise app.UsageError(f"--quant={entry}: unknown dtype {own_dtype!r}; allowed: "
-                                 f"{', '.join(DTYPES)}")
-        for dtype in [own_dtype] if own_dtype else dtypes:
-            config = {"engine": "jaxinfer", "quant": None if quant == "none" else quant,
-                      "dtype": dtype}
-            if config not in out:
-                out.append(config)
-    return out
-
-
-def peers(names: list[str], model_path: Path) -> list[dict]:
-    from jaxinfer.bench.workload import PEERS
-
-    out = []
-    for name in names:
-        if name not in PEERS:
-            raise app.UsageError(f"--peers: unknown {name!r}; allowed: {', '.join(PEERS)}")
-        module = "llama_cpp" if name == "llama_cpp" else "transformers"
-        if importlib.util.find_spec(module) is None:
-            raise app.UsageError(f"--peers={name} needs the {module} package, which "
-                                 "`make bench` installs")
-        if name == "llama_cpp" and model_path.suffix != ".gguf":
-            raise app.UsageError(f"--peers=llama_cpp needs a .gguf model; {model_path} is not one")
-        out.append({"engine": name})
-    return out
-
-
-def workload(model_path: Path, threads: int):
-    """The Workload for the flags; checks lengths against the model's context."""
-    from jaxinfer.bench.workload import Workload
-    from jaxinfer.checkpoints import gguf
-    from jaxinfer.tokenizer import Tokenizer
-
-    prefill = positive_ints("prefill_tokens", FLAGS.prefill_tokens)
-    batches = positive_ints("batch_sizes", FLAGS.batch_sizes)
-    if FLAGS.decode_tokens < 2:
-        raise app.UsageError(f"--decode_tokens={FLAGS.decode_tokens}: decode tok/s needs at "
-                             "least 2 new tokens per row (the first comes from prefill)")
-    if FLAGS.repeats < 1:
-        raise app.UsageError(f"--repeats={FLAGS.repeats}: it must be at least 1")
-    if model_path.suffix == ".gguf":
-        reader = gguf.open_gguf(model_path)
-        tokenizer = Tokenizer.from_gguf(reader)
-        context = gguf.model_config(reader).max_seq_len
-    else:
-        tokenizer = Tokenizer.from_file(model_path / "tokenizer.json")
-        context = json.loads((model_path / "config.json").read_text()).get(
-            "max_position_embeddings", 1 << 30)
-    prompt_ids = tokenizer.encode(FLAGS.prompt)
-    if not prompt_ids:
-        raise app.UsageError("--prompt is empty: it needs at least one token")
-    for name, tokens in (("prefill_tokens", max(prefill)),
-                         ("prompt plus --decode_tokens", len(prompt_ids) + FLAGS.decode_tokens)):
-        if tokens + 1 > context:
-            raise app.UsageError(f"--{name}: {tokens:,} tokens (plus one generated) exceed this "
-                                 f"model's context of {context:,}")
-    return Workload(model=str(model_path), prompt_ids=tuple(prompt_ids), prefill_tokens=prefill,
-                    batch_sizes=batches, decode_tokens=FLAGS.decode_tokens,
-                    vocab_size=tokenizer.vocab_size, threads=threads, repeats=FLAGS.repeats)
-
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jaxinfer.bench import machine, report, worker
+    from jaxinfer.bench import machine, options, report, worker
     from jaxinfer.bench.workload import log
     from jaxinfer.checkpoints import sources
 
     cores = len(os.sched_getaffinity(0))
     threads = cores if FLAGS.threads is None else FLAGS.threads
-    if not 1 <= threads <= cores:
-        raise app.UsageError(f"--threads={threads}: this process may use 1 to {cores} cores")
-    engines = configs(FLAGS.quant, FLAGS.dtype)
     try:
-        model_path = sources.resolve(FLAGS.model)
-    except (ValueError, FileNotFoundError) as e:
-        raise app.UsageError(f"--model: {e}") from None
-    engines += peers(FLAGS.peers, model_path)
-    work = workload(model_path, threads)
+        if not 1 <= threads <= cores:
+            raise ValueError(f"--threads={threads}: this process may use 1 to {cores} cores")
+        engines = options.configs(FLAGS.quant, FLAGS.dtype)
+        try:
+            model_path = sources.resolve(FLAGS.model)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"--model: {e}") from None
+        engines += options.peers(FLAGS.peers, model_path)
+        work = options.workload(model_path, FLAGS.prompt, FLAGS.prefill_tokens,
+                                FLAGS.batch_sizes, FLAGS.decode_tokens, FLAGS.repeats, threads)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     machine.pin_threads(threads)  # the children inherit it
 
     load_before = os.getloadavg()[0]
