@@ -197,8 +197,12 @@ def launch(kind: str, args, port: int) -> tuple[subprocess.Popen, str]:
         name, health = args.model, "/v1/models"
     else:
         raise ValueError(f"--launch {kind!r}: allowed: jaxinfer, llama.cpp")
+    env = dict(os.environ)
+    if kind == "llama.cpp" and args.omp_wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()  # idle OpenMP threads: spin or sleep
     log(f"starting {kind}: {' '.join(command)}")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=env)
     wait_healthy(f"http://127.0.0.1:{port}", process, 600, health)
     return process, name
 
@@ -262,6 +266,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="llama.cpp's thread count.")
+    parser.add_argument("--omp_wait_policy", default="default",
+                        choices=["default", "passive", "active"],
+                        help="OMP_WAIT_POLICY for llama.cpp (passive: idle threads sleep).")
     parser.add_argument("--llama_python", default=sys.executable,
                         help="A Python with llama-cpp-python[server] installed.")
     parser.add_argument("--max_batch_size", type=int, default=32, help="jaxinfer's slots.")
