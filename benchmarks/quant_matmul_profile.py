@@ -3,9 +3,11 @@ it (`jaxinfer.quant.einsum`), the dequantization alone, and the float product al
 
     python benchmarks/quant_matmul_profile.py [--rows 1,32,512] [--out_dim 23040] [--repeats 5]
 
-The weight is [576, out_dim] (SmolLM2's embedding width; out_dim 23040 is 13M weights, 53 MB
-in fp32, past the caches), contracted as the MLP's up projection: "...d,df->...f". Rows are
-batch x tokens: 1 and 32 are decode steps, 512 a prefill. Best of --repeats, jitted.
+"dequantize alone" writes the fp32 weight in storage order: what a product that does not
+fuse the dequantization into its reads pays first. The weight is [576, out_dim] (SmolLM2's
+embedding width; out_dim 23040 is 13M weights, 53 MB in fp32, past the caches), contracted
+as the MLP's up projection: "...d,df->...f". Rows are batch x tokens: 1 and 32 are decode
+steps, 512 a prefill. Best of --repeats, jitted.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer import quant
+from jaxinfer.quant.qarray import _dequantize_stored
 
 
 def best_ms(fn, *args, repeats: int) -> float:
@@ -43,7 +46,8 @@ def main() -> None:
         "int4/32": quant.quantize(w, "int4", axis=-2, group=32),
     }
     product = jax.jit(lambda x, w: quant.einsum("...d,df->...f", x, w))
-    dequantize = jax.jit(lambda w: quant.dequantize(w, jnp.float32))
+    # In storage order ([out, in]): the float copy a dequantize-then-dot makes, no transpose.
+    dequantize = jax.jit(lambda w: _dequantize_stored(w, jnp.float32))
     print(f"weight [576, {args.out_dim}]; ms, best of {args.repeats} "
           f"(weight GB/s read by the product in brackets)")
     print("| rows | format | MiB | product ms | dequantize alone ms | fp32 product ms |")
