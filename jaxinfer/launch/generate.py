@@ -11,7 +11,7 @@ import time
 
 from absl import app, flags
 
-from jaxinfer.launch import distributed
+from jaxinfer.launch import distributed, presets
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "smollm2_135m", "Preset in configs/ (name or .toml path).")
@@ -39,15 +39,7 @@ SETTINGS = ("model", "prompt", "chat", "max_new_tokens", "temperature", "top_p",
 
 def settings() -> dict:
     """Preset values, overridden by every flag given on the command line."""
-    from jaxinfer.config import load_preset
-
-    preset = load_preset(FLAGS.preset)
-    values = {name: preset.get(name) for name in SETTINGS}
-    values.update({name: FLAGS[name].value for name in SETTINGS if FLAGS[name].value is not None})
-    missing = [name for name, value in values.items() if value is None]
-    if missing:
-        raise app.UsageError(f"no value for {', '.join(missing)}: set it in the preset or a flag")
-    return values
+    return presets.settings(SETTINGS)
 
 
 def preset_mesh() -> str | None:

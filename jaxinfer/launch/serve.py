@@ -20,7 +20,7 @@ import time
 
 from absl import app, flags
 
-from jaxinfer.launch import distributed  # --mesh and the multi-host flags
+from jaxinfer.launch import distributed, presets  # distributed: --mesh, multi-host flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "serve_smollm2_135m", "Preset in configs/ (name or .toml path).")
@@ -53,15 +53,7 @@ log = logging.getLogger("jaxinfer.serve")
 
 def settings() -> dict:
     """Preset values, overridden by every flag given on the command line."""
-    from jaxinfer.config import load_preset
-
-    preset = load_preset(FLAGS.preset)
-    values = {name: preset.get(name) for name in SETTINGS}
-    values.update({name: FLAGS[name].value for name in SETTINGS if FLAGS[name].value is not None})
-    missing = [name for name, value in values.items() if value is None]
-    if missing:
-        raise app.UsageError(f"no value for {', '.join(missing)}: set it in the preset or a flag")
-    return values
+    return presets.settings(SETTINGS)
 
 
 def engine_config(opts: dict):

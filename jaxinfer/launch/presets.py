@@ -1,0 +1,24 @@
+"""Launcher settings: a preset in configs/ (`--preset`) overridden by flags on the command line."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from absl import app, flags
+
+
+def settings(names: Sequence[str]) -> dict:
+    """The preset's value of each of `names`, replaced by every such flag that was given.
+
+    A name neither the preset nor a flag sets is a usage error naming it.
+    """
+    from jaxinfer.config import load_preset
+
+    values_of_flags = flags.FLAGS
+    preset = load_preset(values_of_flags.preset)
+    values = {name: preset.get(name) for name in names}
+    values.update({name: values_of_flags[name].value for name in names
+                   if values_of_flags[name].value is not None})
+    if missing := [name for name, value in values.items() if value is None]:
+        raise app.UsageError(f"no value for {', '.join(missing)}: set it in the preset or a flag")
+    return values
