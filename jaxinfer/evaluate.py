@@ -31,12 +31,7 @@ def forward_logits(params, tokens: Sequence[int], cfg: ModelConfig) -> jax.Array
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _nll(params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Summed negative log-likelihood of tokens[1:] given their prefixes; tokens: [1, seq]."""
-    seq = tokens.shape[1]
-    positions = jnp.arange(seq)[None]
-    logits, _ = family(cfg.architecture).forward(
-        params, tokens, positions, KVCache.init(cfg, 1, seq), cfg
-    )
-    logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(_forward(params, tokens, cfg)[:-1], axis=-1)
     return -jnp.sum(jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1))
 
 

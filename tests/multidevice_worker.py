@@ -53,14 +53,6 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss_bytes() -> int:
-    """This process's high-water RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that
-    across exec, so it would include the forking parent's (pytest's) resident memory."""
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024  # kB
-
-
 def shard_shapes(params) -> dict:
     import jax
 
@@ -78,6 +70,7 @@ def main(gguf_path: str, work_dir: str, prompts_json: str) -> None:
     from absl import flags
 
     import jaxinfer
+    from jaxinfer.bench.machine import peak_rss_bytes
     from jaxinfer.checkpoints import gguf
     from jaxinfer.launch import convert
     from jaxinfer.sharding import make_mesh
@@ -94,7 +87,7 @@ def main(gguf_path: str, work_dir: str, prompts_json: str) -> None:
     before = rss_bytes()
     cfg, params, _ = gguf.load_gguf(gguf_path, dtype="float32", progress=False)
     jax.block_until_ready(params)
-    peak = peak_rss_bytes()
+    peak = peak_rss_bytes()  # VmHWM: not the forking pytest process's peak
     facts["load_peak_rss_bytes"] = peak - before
     facts["param_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params))
     del params
