@@ -24,6 +24,7 @@ from jaxinfer.checkpoints import gguf_quant
 from jaxinfer.config import ModelConfig
 from jaxinfer.models import family
 from jaxinfer.quant import CONTRACTION_AXES, quantize
+from jaxinfer.quant.qarray import stored_shape
 from jaxinfer.sharding import param_shardings
 
 T = gguf.GGMLQuantizationType
@@ -343,7 +344,7 @@ def _quantized(reader, tensors, layer_shape, param: str, cfg: ModelConfig, quant
                stacked: bool):
     """One parameter as a QArray: its per-layer `tensors` stacked when `stacked`."""
     axis = CONTRACTION_AXES[param]
-    stored = np.moveaxis(np.empty(layer_shape, np.bool_), axis, -1).shape
+    stored = stored_shape(layer_shape, axis)
     D, H, K = cfg.embed_dim, cfg.n_heads, cfg.n_kv_heads
     rows_order = {
         "q": lambda x: unpermute_rotary(x, H),

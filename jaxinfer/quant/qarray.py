@@ -47,7 +47,8 @@ class QArray:
         """The float weight's shape."""
         stored = list(self.values.shape)
         stored[-1] *= 8 // self.bits
-        return tuple(np.moveaxis(np.empty(stored, np.bool_), -1, self.axis).shape)
+        stored.insert(self.axis % len(stored), stored.pop())  # the `in` axis back to `axis`
+        return tuple(stored)
 
     @property
     def ndim(self) -> int:
@@ -73,6 +74,12 @@ class QArray:
         return dataclasses.replace(
             self, values=self.values[index], scales=self.scales[index], zeros=zeros
         )
+
+
+def stored_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    """A float weight's shape with its contraction `axis` moved last (how QArray stores it)."""
+    dims = list(shape)
+    return (*dims[: axis % len(dims)], *dims[axis % len(dims) + 1 :], dims[axis])
 
 
 def check_quant(precision: str, group: int | None = None, dim: int | None = None) -> None:
