@@ -9,9 +9,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 
 from jaxinfer.pallas import IMPLEMENTATIONS as ATTENTION_IMPLS
 
+# The same dtypes for host (numpy) arrays, as loaders stage them.
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("sliding_attention", "full_attention")

@@ -172,8 +172,9 @@ def generate(
             f"got {len(sampling)} SamplingParams for {rows} prompts; pass one, or one per prompt"
         )
 
-    mesh = mesh or sharding_rules.mesh_of(params)
-    if mesh is not None and sharding_rules.mesh_of(params) != mesh:
+    placed_on = sharding_rules.mesh_of(params)
+    mesh = mesh or placed_on
+    if mesh is not None and placed_on != mesh:
         params = sharding_rules.shard_params(params, cfg, mesh)
     data = mesh.shape["data"] if mesh is not None else 1
     batch = -(-bucket(rows) // data) * data  # rows split evenly over the data axis

@@ -17,22 +17,21 @@ from typing import Any
 
 import gguf
 import jax
-import ml_dtypes
 import numpy as np
 
 from jaxinfer.checkpoints import gguf_quant
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import NP_DTYPES, ModelConfig
 from jaxinfer.models import family
 from jaxinfer.quant import CONTRACTION_AXES, quantize
 from jaxinfer.quant.qarray import stored_shape
 from jaxinfer.sharding import param_shardings
+from jaxinfer.sharding.rules import place, sharding_at
 
 T = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = (
     T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K
 )
 DEQUANTIZE_ROWS = 4096
-NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 # GGUF tensor name (per layer: "blk.{i}.") -> (our parameter, how to turn the GGUF array,
 # numpy order [out, in], into our layout). "q" and "k" also undo llama.cpp's rotary permutation.
@@ -276,17 +275,6 @@ def load_params(
         raise GGUFError(f"{filename}: missing tensors: {', '.join(missing[:8])}"
                         + (" ..." if len(missing) > 8 else ""))
 
-    def place(value: np.ndarray, sharding) -> jax.Array:
-        if sharding is None:
-            return jax.device_put(value)
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-    def sharding_of(*path: str):
-        node = shardings
-        for key in path:
-            node = None if node is None else node[key]
-        return node
-
     total, done, start = len(reader.tensors), 0, time.perf_counter()
 
     def tick() -> None:
@@ -311,7 +299,7 @@ def load_params(
         if value.shape != abstract[param].shape:
             raise GGUFError(f"{filename}: tensor {tensor.name!r} has shape {value.shape}; "
                             f"the config expects {abstract[param].shape}")
-        params[param] = place(value, sharding_of(param))
+        params[param] = place(value, sharding_at(shardings, param))
         _drop_file_pages(reader)
         tick()
     for param, by_layer in layer_tensors.items():
@@ -332,7 +320,7 @@ def load_params(
                                 f"after conversion; the config expects {stacked.shape[1:]}")
             stacked[index] = value
             tick()
-        params["layers"][param] = place(stacked, sharding_of("layers", param))
+        params["layers"][param] = place(stacked, sharding_at(shardings, "layers", param))
         del stacked  # the host copy goes before the next weight is read
         _drop_file_pages(reader)
     if progress:

@@ -20,15 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_dtypes
 import numpy as np
 
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import NP_DTYPES, ModelConfig
 from jaxinfer.models import family
+from jaxinfer.sharding.rules import place, sharding_at
 from jaxinfer.tokenizer import Tokenizer
 
-NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 FILE_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -323,12 +322,6 @@ def stored_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-def _place(value: np.ndarray, sharding: Any) -> jax.Array:
-    if sharding is None:
-        return jax.device_put(value)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-
 def load_params(
     directory: Path, cfg: ModelConfig, *, shardings: Any = None, progress: bool = True
 ) -> dict:
@@ -388,12 +381,6 @@ def load_params(
         raise CheckpointError(f"{directory}: missing tensors (jaxinfer's names): "
                               f"{', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
 
-    def sharding_of(*path: str) -> Any:
-        node = shardings
-        for key in path:
-            node = None if node is None else node[key]
-        return node
-
     total = len(single) + sum(map(len, stacked.values()))
     done, start = 0, time.perf_counter()
 
@@ -407,14 +394,14 @@ def load_params(
     params: dict[str, Any] = {"layers": {}}
     for param, (reader, stored_name, kind) in single.items():
         value = to_layout(reader.tensor(stored_name), kind, cfg).astype(np_dtype)
-        params[param] = _place(value, sharding_of(param))
+        params[param] = place(value, sharding_at(shardings, param))
         tick()
     for param, by_layer in stacked.items():
         host = np.empty(abstract["layers"][param].shape, np_dtype)
         for index, (reader, stored_name, kind) in by_layer.items():
             host[index] = to_layout(reader.tensor(stored_name), kind, cfg)
             tick()
-        params["layers"][param] = _place(host, sharding_of("layers", param))
+        params["layers"][param] = place(host, sharding_at(shardings, "layers", param))
         del host  # the host copy goes before the next weight is read
     if progress:
         print(file=sys.stderr)
@@ -422,10 +409,6 @@ def load_params(
 
 
 # -- the directory as a whole --------------------------------------------------------------------
-
-
-def is_model_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / "config.json").is_file()
 
 
 def download(repo_id: str) -> Path:

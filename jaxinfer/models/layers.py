@@ -42,13 +42,6 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, j
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def rope(
-    positions: jax.Array, head_dim: int, theta: float, freq_factors: tuple[float, ...] | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """cos, sin tables for `positions: [batch, seq]`, each [batch, seq, head_dim], in fp32."""
-    return rope_tables(positions, jnp.asarray(inv_frequencies(head_dim, theta, freq_factors)))
-
-
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotates `x: [batch, seq, heads, head_dim]` in the half-split (rotate_half) layout."""
     x32 = x.astype(jnp.float32)
@@ -71,11 +64,6 @@ def gated_mlp(
     gate = quant.einsum("...d,df->...f", x, w_gate)
     hidden = ACTIVATIONS[activation](gate) * quant.einsum("...d,df->...f", x, w_up)
     return quant.einsum("...f,fd->...d", hidden, w_down)
-
-
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """down(silu(x @ gate) * (x @ up)), weights stored [in, out]."""
-    return gated_mlp(x, w_gate, w_up, w_down, "silu")
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:

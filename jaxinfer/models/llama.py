@@ -32,10 +32,10 @@ from jaxinfer.models.layers import (
     rope_tables,
     softcap,
 )
+from jaxinfer.pallas.flash_attention import NO_WINDOW  # global layers' window
 from jaxinfer.sharding.rules import constrain
 
 Params = dict[str, Any]
-GLOBAL_WINDOW = 1 << 30  # the window of a global-attention layer when others slide
 
 
 def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init=None) -> nnx.Param:
@@ -118,7 +118,7 @@ def layer_data(cfg: ModelConfig) -> dict[str, np.ndarray]:
     )
     data = {"inv_freq": np.stack([global_rope if w is None else local_rope for w in windows])}
     if any(w is not None for w in windows):
-        data["window"] = np.array([GLOBAL_WINDOW if w is None else w for w in windows], np.int32)
+        data["window"] = np.array([NO_WINDOW if w is None else w for w in windows], np.int32)
     return data
 
 

@@ -218,10 +218,20 @@ def constrain(x: jax.Array, axes: Sequence[str | None] = ACTIVATION_AXES) -> jax
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*entries))
 
 
-def place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-    """A host array -> a (global) jax.Array with `sharding`; each process copies only the
-    slices its own devices hold, so nothing else is materialised."""
+def place(value: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """A host array -> a (global) jax.Array with `sharding` (None: the default device); each
+    process copies only the slices its own devices hold, so nothing else is materialised."""
+    if sharding is None:
+        return jax.device_put(value)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def sharding_at(shardings: Any, *path: str) -> jax.sharding.Sharding | None:
+    """The sharding at `path` of a params-shaped tree of shardings (None: no tree)."""
+    node = shardings
+    for key in path:
+        node = None if node is None else node[key]
+    return node
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
