@@ -222,8 +222,12 @@ def place(value: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Arra
     """A host array -> a (global) jax.Array with `sharding` (None: the default device); each
     process copies only the slices its own devices hold, so nothing else is materialised."""
     if sharding is None:
-        return jax.device_put(value)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+        array = jax.device_put(value)
+    else:
+        array = jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    # Wait for the copy: an asynchronous transfer keeps `value` alive, and under load the
+    # loader would stage the next weight while this one's host buffer still exists.
+    return array.block_until_ready()
 
 
 def sharding_at(shardings: Any, *path: str) -> jax.sharding.Sharding | None:
