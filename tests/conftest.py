@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-# Tests compare fp32 numerics; keep XLA from picking faster, less exact CPU paths.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+# Tests compare fp32 numerics; keep XLA from picking faster, less exact CPU paths. Appended,
+# so flags already set (make test's second pass: --xla_cpu_max_isa=AVX) stay in force.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_enable_fast_math=false"]).strip()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
