@@ -65,3 +65,15 @@ def assert_greedy_agrees_until_a_near_tie(got: list[int], want: list[int], want_
         f"{want[same:same + 1]}; lengths {len(got)}, {len(want)}) where the reference's top-2 "
         f"margin is {margin[min(same, len(margin) - 1)]:.3g} > 2 * {atol:.3g}: not a near-tie")
     return same
+
+
+def assert_no_near_ties(logits, atol: float) -> float:
+    """Every position of the reference `logits` ([..., vocab]) is decisive: its top-2 margin
+    exceeds 2 * atol, so any computation within atol of it picks the same greedy tokens.
+    Returns the smallest margin."""
+    margin = top2_margin(logits)
+    smallest = float(margin.min())
+    assert smallest > 2 * atol, (
+        f"near-tie at {np.unravel_index(margin.argmin(), margin.shape)}: top-2 margin "
+        f"{smallest:.3g} <= 2 * {atol:.3g}; pick prompts whose greedy path has none")
+    return smallest

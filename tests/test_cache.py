@@ -10,6 +10,7 @@ import pytest
 from jaxinfer.cache import KVCache, PagedKVCache
 from jaxinfer.models import family
 from jaxinfer.pallas import reference
+from tests.numerics import assert_top1_agrees_where_decisive
 
 # Both caches run the same fp32 math in a different order of gathers: equal up to rounding.
 ATOL = 1e-4
@@ -56,6 +57,7 @@ def run_both(cfg, params, prompts, decode_steps, rng, page_size=4, pages_per_seq
     return steps
 
 
+@pytest.mark.numerics
 def test_tiny_model_logits_match_dense_cache_through_prefill_and_decode(
     tiny_cfg, tiny_params, rng
 ):
@@ -65,13 +67,17 @@ def test_tiny_model_logits_match_dense_cache_through_prefill_and_decode(
         np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.numerics
 def test_real_model_logits_match_dense_cache_through_prefill_and_decode(smollm2, rng):
+    """Logits within ATOL of their range (measured MEASURED); the same top-1 wherever the
+    dense cache's is decisive (top-2 margin over twice that)."""
     cfg, params, tokenizer = smollm2
     prompts = [tokenizer.encode(t) for t in ("The capital of France is", "Once upon a")]
     for want, got, valid in run_both(cfg, params, prompts, 3, rng):
         want, got = np.asarray(want)[valid], np.asarray(got)[valid]
+        print(f"max |diff| / range {np.abs(got - want).max() / np.ptp(want):.1e}")
         np.testing.assert_allclose(got, want, atol=ATOL * np.ptp(want), rtol=0)
-        assert (got.argmax(-1) == want.argmax(-1)).all()
+        assert_top1_agrees_where_decisive(got, want, ATOL * np.ptp(want))
 
 
 def test_update_writes_each_token_into_its_page_and_offset(tiny_cfg):

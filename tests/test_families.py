@@ -15,6 +15,7 @@ import jaxinfer
 from jaxinfer.cache import KVCache
 from jaxinfer.checkpoints import safetensors as hf
 from jaxinfer.models import family
+from tests.numerics import assert_top1_agrees_where_decisive
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -97,6 +98,13 @@ def test_config_json_maps_to_the_family(checkpoint, loaded):
         assert cfg.sliding_window == WINDOW
 
 
+# fp32 on both sides: logits differ by rounding only, at most this fraction of their spread
+# (measured: at most 7e-7 over the five families, natively and under --xla_cpu_max_isa=AVX);
+# every greedy token measured has a top-2 margin above twice the tolerance.
+RELATIVE_TOLERANCE = 2e-5
+
+
+@pytest.mark.numerics
 def test_logits_match_transformers(checkpoint, loaded):
     _, _, model = checkpoint
     cfg, params = loaded
@@ -105,22 +113,27 @@ def test_logits_match_transformers(checkpoint, loaded):
         params, jnp.array([ids]), jnp.arange(len(ids))[None], KVCache.init(cfg, 1, len(ids)), cfg)
     with torch.no_grad():
         theirs = model(torch.tensor([ids])).logits.numpy()
-    # fp32 on both sides: differences are rounding, far below the logits' spread.
     spread = float(theirs.max() - theirs.min())
-    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0, atol=2e-5 * spread)
-    assert (np.asarray(ours).argmax(-1) == theirs.argmax(-1)).all()
+    print(f"max |diff| / spread {np.abs(np.asarray(ours) - theirs).max() / spread:.1e}")
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0, atol=RELATIVE_TOLERANCE * spread)
+    assert_top1_agrees_where_decisive(ours, theirs, RELATIVE_TOLERANCE * spread)
 
 
+@pytest.mark.numerics
 def test_greedy_tokens_match_transformers(checkpoint, loaded):
+    """Our 16 greedy tokens after each prompt, fed back to transformers in one forward: each is
+    its argmax after the same prefix wherever that argmax is decisive (top-2 margin over twice
+    the logit tolerance)."""
     _, _, model = checkpoint
     cfg, params = loaded
     prompts = _prompts(1)
     ours = jaxinfer.generate(params, prompts, cfg, max_new_tokens=16)
     for ids, tokens in zip(prompts, ours.tokens, strict=True):
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-        assert tokens == out[0, len(ids):].tolist()
+            theirs = model(torch.tensor([ids + tokens[:-1]])).logits.numpy()[0, len(ids) - 1:]
+        atol = RELATIVE_TOLERANCE * float(np.ptp(theirs))
+        checked = assert_top1_agrees_where_decisive(np.array(tokens), theirs, atol)
+        print(f"{checked:.0%} of 16 tokens decisive")
 
 
 # -- a directory with a tokenizer, through the public load_model --------------------------------

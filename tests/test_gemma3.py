@@ -17,6 +17,7 @@ from jaxinfer.cache import KVCache
 from jaxinfer.checkpoints import gguf as gguf_loader
 from jaxinfer.checkpoints import sources
 from jaxinfer.models import family
+from tests.numerics import assert_top1_agrees_where_decisive
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -123,6 +124,7 @@ def test_config_has_gemma3_quirks(gemma3, hf_gemma3):
     assert cfg.query_pre_attn_scalar == hf.query_pre_attn_scalar
 
 
+@pytest.mark.numerics
 def test_logits_match_transformers(gemma3, sequences, hf_logits):
     cfg, params, _ = gemma3
     tokens, lengths = sequences
@@ -138,15 +140,20 @@ def test_logits_match_transformers(gemma3, sequences, hf_logits):
         assert max_abs <= RELATIVE_TOLERANCE * spread
 
 
+@pytest.mark.numerics
 def test_greedy_continuations_of_64_tokens_match_transformers(continuations, hf_logits):
     """Our continuation is transformers' greedy one iff each of our tokens is transformers'
-    argmax after the prompt and our tokens before it (checked in one forward pass)."""
+    argmax after the prompt and our tokens before it (checked in one forward pass), wherever
+    that argmax is decisive: a top-2 margin over twice the logit tolerance (near-ties fall
+    either way, depending on the machine)."""
     prompts, result = continuations
     assert result.lengths == [NEW_TOKENS] * len(PROMPTS)
     for row, (prompt, tokens) in enumerate(zip(prompts, result.tokens, strict=True)):
         start = len(prompt) - 1  # the logits at position i predict token i + 1
-        theirs = hf_logits[row, start : start + NEW_TOKENS].argmax(-1).tolist()
-        assert tokens == theirs, f"prompt {row} {PROMPTS[row]!r}"
+        theirs = hf_logits[row, start : start + NEW_TOKENS]
+        atol = RELATIVE_TOLERANCE * float(np.ptp(hf_logits[row, : start + NEW_TOKENS]))
+        checked = assert_top1_agrees_where_decisive(np.array(tokens), theirs, atol)
+        print(f"prompt {row}: {checked:.0%} of the tokens decisive at tolerance {atol:.1e}")
 
 
 def test_tokenizer_matches_transformers(gemma3, hf_tokenizer):

@@ -8,7 +8,9 @@ single-device reference):
 - tests/multidevice_worker.py: 8 devices; meshes (1, 8), (2, 4), (8, 1); convert + restore.
 - tests/multihost_worker.py, twice: 4 devices each, one job over localhost (gloo).
 Logit tolerance: 1e-3 absolute in fp32 (sharded matmuls sum partial products in another
-order; measured differences are ~2e-4 on logits of magnitude ~20).
+order; measured differences are ~2e-4 on logits of magnitude ~20). Greedy tokens are equal up
+to a near-tie of the single-device run (top-2 margin <= 2e-3; measured: none, the smallest
+margin along the reference paths is MARGIN).
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ import pytest
 from multidevice_worker import logit_inputs, logits_of
 
 import jaxinfer
+from jaxinfer.cache import KVCache
+from jaxinfer.models import family
 from jaxinfer.tokenizer import Tokenizer
+from tests.numerics import assert_greedy_agrees_until_a_near_tie, top2_margin
 
 MESHES = ("data:1,model:8", "data:2,model:4", "data:8,model:1")
 MULTIHOST_MESH = "model:8"  # tensor parallel across the two processes: every layer talks
@@ -81,7 +86,7 @@ def runs(smollm2_path, tmp_path_factory, request):
     tokenizer = Tokenizer.from_gguf(smollm2_path)
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     work = tmp_path_factory.mktemp("multidevice")
-    env = {**os.environ, "XLA_FLAGS": ""}  # the workers set their own device counts
+    env = dict(os.environ)  # the workers add their device counts to XLA_FLAGS
     start = lambda *args: subprocess.Popen(  # noqa: E731
         [sys.executable, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env=env)
@@ -94,24 +99,44 @@ def runs(smollm2_path, tmp_path_factory, request):
         reference = jaxinfer.generate(smollm2.params, prompts, smollm2.config,
                                       max_new_tokens=MAX_NEW).tokens
         logits, _ = logits_of(smollm2.params, logit_inputs(prompts), smollm2.config)
+        chose = [teacher_forced_logits(smollm2, p, t) for p, t in zip(prompts, reference,
+                                                                        strict=True)]
         facts = report(procs[0], "FACTS")
         hosts = [report(p, "RESULT") for p in procs[1:]]
     finally:
         for p in procs:
             p.kill()
     return {"reference": reference, "logits": logits, "tokenizer": tokenizer,
-            "facts": facts, "hosts": hosts}
+            "facts": facts, "hosts": hosts, "chose": chose}
+
+
+def teacher_forced_logits(model, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """[len(tokens), vocab]: the single-device logits that chose each of `tokens`."""
+    sequence = prompt + tokens[:-1]
+    logits, _ = family(model.config.architecture).forward(
+        model.params, np.array([sequence]), np.arange(len(sequence))[None],
+        KVCache.init(model.config, 1, len(sequence)), model.config)
+    return np.asarray(logits[0, len(prompt) - 1:])
+
+
+def assert_same_greedy_tokens(runs, tokens: list[list[int]]) -> None:
+    smallest = min(float(top2_margin(logits).min()) for logits in runs["chose"])
+    print(f"smallest top-2 margin along the reference paths: {smallest:.3g}")
+    for got, want, logits in zip(tokens, runs["reference"], runs["chose"], strict=True):
+        assert_greedy_agrees_until_a_near_tie(got, want, logits, LOGIT_ATOL)
 
 
 def test_worker_sees_eight_devices(runs):
     assert runs["facts"]["devices"] == 8
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("mesh", MESHES)
 def test_greedy_tokens_identical_to_one_device(runs, mesh):
-    assert runs["facts"]["meshes"][mesh]["tokens"] == runs["reference"]
+    assert_same_greedy_tokens(runs, runs["facts"]["meshes"][mesh]["tokens"])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("mesh", MESHES)
 def test_logits_close_to_one_device(runs, mesh):
     logits = np.load(runs["facts"]["meshes"][mesh]["logits"])
@@ -134,6 +159,7 @@ def test_kv_cache_is_split_along_head_dim_and_batch(runs, mesh, shape):
     assert runs["facts"]["meshes"][mesh]["cache_shard_shape"] == shape
 
 
+@pytest.mark.numerics
 def test_orbax_checkpoint_restores_onto_another_mesh_with_the_same_logits(runs):
     orbax = runs["facts"]["orbax"]  # converted on one device, restored onto data:2,model:4
     assert orbax["shard_shapes"] == expected_shard_shapes(model=4)
@@ -161,6 +187,7 @@ def test_two_processes_of_four_devices_form_one_eight_device_job(runs):
             for h in runs["hosts"]] == [(0, 2, 4, 8), (1, 2, 4, 8)]
 
 
+@pytest.mark.numerics
 def test_every_process_gets_the_single_process_tokens(runs):
     for host in runs["hosts"]:
-        assert host["tokens"] == runs["reference"]
+        assert_same_greedy_tokens(runs, host["tokens"])

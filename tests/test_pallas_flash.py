@@ -13,6 +13,7 @@ import jaxinfer
 from jaxinfer import pallas
 from jaxinfer.pallas import reference
 from jaxinfer.pallas.flash_attention import flash_attention
+from tests.numerics import assert_greedy_agrees_until_a_near_tie, assert_top1_agrees_where_decisive
 
 # Max |kernel - reference| on unit-normal inputs. fp32: only summation order differs. bf16:
 # both round the softmax weights to bf16 before the PV product, at different scales (the
@@ -70,6 +71,7 @@ def make_inputs(case: Case, seed: int):
             jnp.asarray(kv_lengths, jnp.int32))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", CASES, ids=lambda c: (
     f"{c.platform}-{jnp.dtype(c.dtype).name}-seq{c.seq}-gqa{c.heads // c.kv_heads}"
     f"-d{c.head_dim}-w{c.window}"))
@@ -127,16 +129,17 @@ def test_config_rejects_an_unknown_attention(tiny_cfg):
         dataclasses.replace(tiny_cfg, attention="flash")
 
 
+@pytest.mark.numerics
 def test_smollm2_greedy_tokens_and_logits_match_xla(smollm2):
     """The acceptance check: the real model (head_dim 64, GQA 3) through the interpreted
-    kernels gives the XLA path's greedy tokens and logits."""
+    kernels gives the XLA path's logits within 1e-5 of their range (measured MEASURED), and its
+    greedy tokens up to a near-tie (top-2 margin under twice that; measured: none)."""
     cfg, params, tokenizer = smollm2
     ids = tokenizer.encode("The capital of France is")
     kernel_cfg = dataclasses.replace(cfg, attention="pallas")
     want = jaxinfer.generate(params, [ids], dataclasses.replace(cfg, attention="xla"),
                              max_new_tokens=4)
     got = jaxinfer.generate(params, [ids], kernel_cfg, max_new_tokens=4)
-    assert got.tokens == want.tokens
 
     from jaxinfer.cache import KVCache
     from jaxinfer.models import family
@@ -151,6 +154,9 @@ def test_smollm2_greedy_tokens_and_logits_match_xla(smollm2):
     max_diff = float(jnp.abs(logits_pallas - logits_xla).max())
     print(f"max |logits diff| {max_diff:.2e} over a range of {scale:.1f}")
     assert max_diff <= 1e-5 * scale
+    assert_top1_agrees_where_decisive(logits_pallas, logits_xla, 1e-5 * scale)
+    assert_greedy_agrees_until_a_near_tie(got.tokens[0], want.tokens[0],
+                                          logits_xla[0, len(ids) - 1:], 1e-5 * scale)
 
 
 def lower_for(platform: str, fn, *args) -> str:
@@ -176,6 +182,7 @@ def test_kernel_lowers_for_the_device(platform):
     assert ("xla.gpu.triton" if platform == "gpu" else "tpu_custom_call") in module
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
 def test_random_offsets_lengths_and_windows(platform):
     """One compiled shape, many draws of what varies at run time: each row's chunk offset and
@@ -201,6 +208,7 @@ def test_random_offsets_lengths_and_windows(platform):
                                    rtol=0, err_msg=f"starts {starts}, lengths {kv_lengths}")
 
 
+@pytest.mark.numerics
 def test_long_prefill_on_the_xla_path_runs_in_query_chunks_with_identical_results():
     """Queries past XLA_QUERY_CHUNK go a chunk at a time: bit-identical to one pass."""
     rng = np.random.default_rng(7)

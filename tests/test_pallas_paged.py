@@ -13,6 +13,7 @@ from jaxinfer.cache import KVCache, PagedKVCache
 from jaxinfer.models import family
 from jaxinfer.pallas import reference
 from jaxinfer.pallas.paged_attention import paged_attention
+from tests.numerics import assert_top1_agrees_where_decisive
 
 # Max |kernel - reference| on unit-normal inputs; why bf16 differs: see test_pallas_flash.
 ATOL = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2}
@@ -76,6 +77,7 @@ def make_inputs(case: Case, seed: int, n_layers: int = 2):
             jnp.asarray(positions, jnp.int32))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", CASES, ids=lambda c: (
     f"{c.platform}-{jnp.dtype(c.dtype).name}-seq{c.seq}-gqa{c.heads // c.kv_heads}"
     f"-page{c.page_size}-block{c.block_kv}-w{c.window}"))
@@ -128,9 +130,12 @@ def test_pallas_on_an_unsupported_model_fails_at_trace_time(tiny_cfg, tiny_param
                                          KVCache.init(cfg, 1, 8), cfg)
 
 
+@pytest.mark.numerics
 def test_smollm2_decodes_through_the_paged_kernel_like_the_dense_xla_path(smollm2):
     """Real model, paged cache, attention=pallas (prefill: gathered pages through the flash
-    kernel; decode: the paged kernel) against the dense cache with attention=xla."""
+    kernel; decode: the paged kernel) against the dense cache with attention=xla: logits
+    within 1e-5 of their range (measured MEASURED), the same greedy tokens wherever the XLA
+    path's are decisive (top-2 margin over twice that)."""
     cfg, params, tokenizer = smollm2
     forward = jax.jit(family(cfg.architecture).forward, static_argnames="cfg")
     kernel_cfg = dataclasses.replace(cfg, attention="pallas")
@@ -159,7 +164,7 @@ def test_smollm2_decodes_through_the_paged_kernel_like_the_dense_xla_path(smollm
         want, dense = forward(params, next_tokens[:, None], positions, dense, xla_cfg)
         got, paged = forward(params, next_tokens[:, None], positions, paged, kernel_cfg)
         diffs.append(float(np.abs(np.asarray(got - want)).max() / np.ptp(np.asarray(want))))
-        assert (np.asarray(got).argmax(-1) == np.asarray(want).argmax(-1)).all()
+        assert_top1_agrees_where_decisive(got, want, 1e-5 * float(np.ptp(np.asarray(want))))
         next_tokens = np.asarray(want)[:, 0].argmax(-1)
     print(f"max |logits diff| / range per step: {', '.join(f'{d:.1e}' for d in diffs)}")
     assert max(diffs) <= 1e-5
@@ -180,6 +185,7 @@ def test_kernel_lowers_for_the_device(platform):
     assert ("xla.gpu.triton" if platform == "gpu" else "tpu_custom_call") in module
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
 def test_random_lengths_windows_and_page_tables(platform):
     """One compiled shape, many draws of what varies at run time: each row's length (1 up to

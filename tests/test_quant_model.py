@@ -19,6 +19,7 @@ from jaxinfer.checkpoints.gguf import load_gguf
 from jaxinfer.evaluate import perplexity
 from jaxinfer.models import family
 from tests.gguf_files import tiny_hf_llama, write_llama_gguf
+from tests.numerics import assert_logits_close, assert_top1_agrees_where_decisive
 
 T = gguf.GGMLQuantizationType
 PROMPT = "The capital of France is Paris, and the capital of Germany is"
@@ -37,6 +38,7 @@ def smollm2_gguf_native(smollm2_path):
     return jaxinfer.load_model(str(smollm2_path), dtype="float32", quant="gguf", progress=False)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("tensor_type", [T.Q8_0, T.Q4_0, T.Q4_1])
 def test_native_gguf_blocks_give_the_dequantized_models_logits(tmp_path, tensor_type):
     path = tmp_path / "tiny.gguf"
@@ -55,18 +57,24 @@ def test_native_gguf_blocks_give_the_dequantized_models_logits(tmp_path, tensor_
                                atol=1e-4)
 
 
+@pytest.mark.numerics
 def test_smollm2_kept_in_its_gguf_blocks_matches_the_dequantized_model(smollm2,
                                                                        smollm2_gguf_native):
     """Q4_1 matrices and the Q8_0 embedding stay quantized: ~5x fewer parameter bytes, and
-    logits within 1e-4 of the range of the fp32 model (float summation order differs)."""
-    tokens = smollm2.tokenizer.encode(PROMPT)
+    logits within 1e-4 of the range of the fp32 model (float summation order differs; measured
+    MEASURED) along the prompt and the fp32 model's 16 greedy tokens, whose top-1 the GGUF model
+    keeps wherever it is decisive (top-2 margin over twice that)."""
+    prompt = smollm2.tokenizer.encode(PROMPT)
+    greedy = jaxinfer.generate(smollm2.params, [prompt], smollm2.config,
+                               max_new_tokens=16).tokens[0]
+    tokens = prompt + greedy[:-1]
     want = _logits(smollm2.params, smollm2.config, tokens)
     got = _logits(smollm2_gguf_native.params, smollm2_gguf_native.config, tokens)
-    assert np.max(np.abs(got - want)) <= 1e-4 * np.ptp(want)
+    atol = 1e-4 * float(np.ptp(want))
+    worst = assert_logits_close(got, want, atol)
+    checked = assert_top1_agrees_where_decisive(got, want, atol)
+    print(f"GGUF blocks: max |diff| {worst:.1e} (tolerance {atol:.1e}); {checked:.0%} decisive")
     assert quant.param_bytes(smollm2_gguf_native.params) * 4 < quant.param_bytes(smollm2.params)
-    greedy = [jaxinfer.generate(m.params, [tokens], m.config, max_new_tokens=16).tokens[0]
-              for m in (smollm2, smollm2_gguf_native)]
-    assert greedy[0] == greedy[1]
 
 
 def test_int8_at_load_quantizes_matrices_and_keeps_vectors_float(smollm2_path):
