@@ -69,7 +69,7 @@ def test_tiny_model_logits_match_dense_cache_through_prefill_and_decode(
 
 @pytest.mark.numerics
 def test_real_model_logits_match_dense_cache_through_prefill_and_decode(smollm2, rng):
-    """Logits within ATOL of their range (measured MEASURED); the same top-1 wherever the
+    """Logits within ATOL of their range (measured: bit-identical here); the same top-1 wherever the
     dense cache's is decisive (top-2 margin over twice that)."""
     cfg, params, tokenizer = smollm2
     prompts = [tokenizer.encode(t) for t in ("The capital of France is", "Once upon a")]

@@ -10,7 +10,7 @@ single-device reference):
 Logit tolerance: 1e-3 absolute in fp32 (sharded matmuls sum partial products in another
 order; measured differences are ~2e-4 on logits of magnitude ~20). Greedy tokens are equal up
 to a near-tie of the single-device run (top-2 margin <= 2e-3; measured: none, the smallest
-margin along the reference paths is MARGIN).
+margin along the reference paths is 0.22).
 """
 
 from __future__ import annotations
@@ -175,6 +175,8 @@ def test_orbax_checkpoint_keeps_the_tokenizer(runs):
 
 
 def test_gguf_loading_peak_memory_under_one_and_a_half_times_the_params(runs):
+    # Measured 1.40-1.42x, also with another process busy on the second core (load average
+    # 14): 6% under the limit. The workers here run side by side, so this is that case.
     facts = runs["facts"]
     ratio = facts["load_peak_rss_bytes"] / facts["param_bytes"]
     print(f"peak RSS while loading: {facts['load_peak_rss_bytes'] / 2**20:.0f} MiB for "
