@@ -27,6 +27,7 @@ def jax_logits(cfg, params, ids: np.ndarray) -> np.ndarray:
     return np.asarray(logits)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("tensor_type", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0,
                                          Q.Q5_1],
@@ -44,6 +45,7 @@ def test_tiny_gguf_matches_transformers_on_the_same_file(tmp_path, tie, tensor_t
     assert cfg.tie_embeddings == tie and cfg.n_kv_heads == 2
 
 
+@pytest.mark.numerics
 def test_f32_gguf_reproduces_the_original_model_exactly(tmp_path):
     """Writing applies llama.cpp's Q/K permutation; loading must undo it."""
     original = tiny_hf_llama()
@@ -55,6 +57,7 @@ def test_f32_gguf_reproduces_the_original_model_exactly(tmp_path):
     np.testing.assert_allclose(jax_logits(cfg, params, ids), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.numerics
 def test_llama3_rope_scaling_from_rope_freqs_matches_the_original_model(tmp_path):
     """Llama 3.1+ GGUFs carry rope scaling as a rope_freqs tensor of per-frequency divisors."""
     scaling = {"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0,

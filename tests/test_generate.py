@@ -164,6 +164,7 @@ def test_real_model_greedy_output_is_the_same_alone_and_in_a_batch_of_4(smollm2)
                                           1e-5 * float(np.ptp(logits)))
 
 
+@pytest.mark.numerics
 def test_bfloat16_policy_stays_close_to_float32(tiny_cfg, tiny_params):
     bf16 = tiny_cfg.with_dtype("bfloat16")
     params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), tiny_params)

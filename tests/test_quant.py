@@ -48,6 +48,7 @@ def test_contraction_axis_is_stored_last():
     np.testing.assert_allclose(quant.dequantize(q), w, atol=float(np.max(q.scales)))
 
 
+@pytest.mark.numerics
 def test_numpy_and_jax_quantize_agree():
     w = _weights((32, 64))
     for precision in ("int8", "int4"):
@@ -56,6 +57,7 @@ def test_numpy_and_jax_quantize_agree():
         np.testing.assert_allclose(np.asarray(a.scales), np.asarray(b.scales), rtol=1e-6)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("spec,x_shape,w_shape,axis", PRODUCTS)
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_product_equals_dequantize_then_multiply(spec, x_shape, w_shape, axis,

@@ -53,6 +53,7 @@ def test_calibration_records_each_matrixs_input_moments(tiny_cfg, tiny_params, c
     assert all(np.all(m >= 0) for m in moments.values())
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_static_calibration_never_increases_the_weighted_error(cfg32, params32, calibration,
                                                                precision):
