@@ -30,9 +30,10 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(PY) -m jaxinfer.launch.generate $(ARGS)
 
-# Then the tests that compare two numerically different computations again, with XLA:CPU held
-# to an older instruction set (other kernels, other rounding): what passes on one CPU
-# generation only fails here. AVX, not AVX2: on AVX-512 machines AVX2 gave identical bits.
+# The whole suite, then the tests marked numerics (two numerically different computations
+# compared) again with XLA:CPU held to an older instruction set, whose kernels round
+# differently: a test that passes on one CPU generation only fails here. AVX, not AVX2: on an
+# AVX-512 machine AVX2 gave bit-identical SmolLM2 logits, AVX did not.
 OLDER_ISA ?= AVX
 test: install-test
 	$(PY) -m pytest -q tests $(ARGS)
