@@ -27,6 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from jaxinfer.checkpoints.model import CheckpointError, Model
 from jaxinfer.config import ModelConfig
 from jaxinfer.models import family
 from jaxinfer.quant import QArray, is_quantized
@@ -40,10 +41,6 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 QUANT_FILE = "quant.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be restored; the message names it and the problem."""
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -120,15 +117,16 @@ def load(
     mesh: Mesh | None = None,
     dtype: str | None = None,
     architecture: str | None = None,
-) -> tuple[ModelConfig, Any, Tokenizer | None]:
-    """(config, params, tokenizer or None) from a checkpoint, each parameter read straight
-    into its sharding on `mesh` (None: the default device), cast to `dtype` if given."""
+) -> Model:
+    """A `Model` from a checkpoint (its tokenizer None if none was saved), each parameter
+    read straight into its sharding on `mesh` (None: the default device), cast to `dtype`
+    if given."""
     path = Path(path).expanduser().absolute()
     cfg = read_config(path, architecture)
     if dtype is not None:
         cfg = cfg.with_dtype(dtype)
     if cfg.quant is not None:
-        return cfg, _load_quantized(path, mesh), _load_tokenizer(path)
+        return Model(cfg, _load_quantized(path, mesh), _load_tokenizer(path))
     abstract = family(cfg.architecture).abstract_params(cfg)
     if mesh is None:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
@@ -143,7 +141,7 @@ def load(
         _check_tree(path, saved, abstract)
         params = checkpointer.restore(path / PARAMS_DIR, target)
     print(f"restored {path.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    return cfg, params, _load_tokenizer(path)
+    return Model(cfg, params, _load_tokenizer(path))
 
 
 def _split_quantized(params: Any) -> tuple[Any, dict[str, dict]]:
