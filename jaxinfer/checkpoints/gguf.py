@@ -27,6 +27,7 @@ SUPPORTED_TYPES = (
     T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K
 )
 DEQUANTIZE_ROWS = 4096
+FAST_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1)  # dequantized here (`_dequantize_groups`)
 GGUFError = CheckpointError  # the name older callers catch
 
 # general.architecture values this loader reads; their tensors are named as below.
@@ -153,6 +154,8 @@ def dequantize(reader: GGUFFile, tensor: GGUFTensor) -> np.ndarray:
     data, kind = tensor.data, tensor.tensor_type
     if kind == T.F32:
         return data
+    if kind in FAST_TYPES and data.ndim == 2:
+        return _dequantize_groups(tensor)
     if data.ndim != 2 or data.shape[0] <= DEQUANTIZE_ROWS:
         return gguf.quants.dequantize(data, kind).astype(np.float32, copy=False)
     first = gguf.quants.dequantize(data[:DEQUANTIZE_ROWS], kind)
@@ -162,6 +165,25 @@ def dequantize(reader: GGUFFile, tensor: GGUFTensor) -> np.ndarray:
         out[row : row + DEQUANTIZE_ROWS] = gguf.quants.dequantize(
             data[row : row + DEQUANTIZE_ROWS], kind)
     return out
+
+
+def _dequantize_groups(tensor: GGUFTensor) -> np.ndarray:
+    """Q8_0 / Q4_0 / Q4_1 as q * scale (+ zero) per group of 32, from `gguf_quant.blocks`: the
+    gguf package's numbers (same float operations) without its per-row-group Python loop,
+    about twice as fast."""
+    values, scales, zeros, bits = gguf_quant.blocks(tensor)
+    rows = values.shape[0]
+    if bits == 8:
+        out = values.reshape(rows, -1, 32).astype(np.float32)
+    else:  # byte i of a group: element i in the low nibble, element i + 16 in the high one
+        packed = values.reshape(rows, -1, 16)
+        out = np.empty((rows, packed.shape[1], 32), np.float32)
+        np.bitwise_and(packed, 15, out=out[..., :16], casting="unsafe")
+        np.right_shift(packed, 4, out=out[..., 16:], casting="unsafe")
+    out *= scales[..., None]
+    if zeros is not None:
+        out += zeros[..., None]
+    return out.reshape(rows, -1)
 
 
 @dataclasses.dataclass
