@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from jaxinfer.checkpoints.model import CheckpointError, Model
@@ -41,6 +40,14 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 QUANT_FILE = "quant.json"
+
+
+def _checkpointer():
+    """Orbax's checkpointer; imported on first use, so loading other formats skips its
+    import (a tenth of `import jaxinfer`)."""
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -67,7 +74,7 @@ def save(
         multihost_utils.sync_global_devices("jaxinfer.orbax.save")
     start = time.perf_counter()
     params, layout = _split_quantized(params)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _checkpointer() as checkpointer:
         checkpointer.save(path / PARAMS_DIR, params, force=overwrite)
         checkpointer.wait_until_finished()
     if jax.process_index() == 0:  # small files: one writer
@@ -136,7 +143,7 @@ def load(
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     start = time.perf_counter()
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _checkpointer() as checkpointer:
         saved = checkpointer.metadata(path / PARAMS_DIR).item_metadata
         _check_tree(path, saved, abstract)
         params = checkpointer.restore(path / PARAMS_DIR, target)
@@ -171,7 +178,7 @@ def _load_quantized(path: Path, mesh: Mesh | None) -> Any:
     layout = json.loads((path / QUANT_FILE).read_text())
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     start = time.perf_counter()
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _checkpointer() as checkpointer:
         saved = checkpointer.metadata(path / PARAMS_DIR).item_metadata
         target = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), saved)
