@@ -115,8 +115,9 @@ def assemble(source: TensorSource, cfg: ModelConfig, *, mesh: Any = None,
                          "device (mesh=None) or without quant")
     abstract = family(cfg.architecture).abstract_params(cfg)
     shardings = None if mesh is None else param_shardings(cfg, mesh)
-    plan = _plan(source, cfg, abstract)
-    total, done, start = len(source.tensors), 0, time.perf_counter()
+    stored = list(source.tensors)
+    plan = _plan(source, stored, cfg, abstract)
+    total, done, start = len(stored), 0, time.perf_counter()
 
     def tick(count: int = 1) -> None:
         nonlocal done
@@ -181,13 +182,13 @@ def _convert(tensor: StoredTensor, layer_shape: tuple[int, ...], cfg: ModelConfi
     return value.astype(dtype or NP_DTYPES[cfg.param_dtype], copy=False)
 
 
-def _plan(source: TensorSource, cfg: ModelConfig, abstract: dict
+def _plan(source: TensorSource, stored: list[StoredTensor], cfg: ModelConfig, abstract: dict
           ) -> dict[tuple[str, ...], list[StoredTensor]]:
     """Parameter path -> its tensors (one per layer for stacked ones), every name and shape
     checked against the config before any data is read."""
     layer_params = abstract["layers"]
     found: dict[tuple[str, ...], dict[int, StoredTensor]] = {}
-    for tensor in source.tensors:
+    for tensor in stored:
         where = tensor.origin or source.name
         stacked = tensor.layer is not None
         known = layer_params if stacked else {k: v for k, v in abstract.items() if k != "layers"}
