@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -278,7 +277,6 @@ def build(path_or_reader: Any) -> Tokenizer:
     )
 
 
-
 def tokenizer(reader: Any, cache: Path | None = CACHE) -> Tokenizer:
     """`build(reader)` for a `gguf_file.GGUFFile`, read back from `cache` when it was built
     before from the same metadata (None: no cache). Cache writes are atomic (a temporary file
@@ -297,12 +295,11 @@ def tokenizer(reader: Any, cache: Path | None = CACHE) -> Tokenizer:
     saved = {"backend": built._backend.to_str(), "bos_id": built.bos_id,
              "eos_id": built.eos_id, "pad_id": built.pad_id, "add_bos": built.add_bos,
              "chat_template": built.chat_template, "extra_stop_ids": list(built.stop_ids)}
+    temporary = cache / f"{entry.name}.{os.getpid()}.tmp"  # renamed into place when whole
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=cache, suffix=".tmp",
-                                         delete=False) as f:
-            json.dump(saved, f)
-        os.replace(f.name, entry)
-    except OSError:
-        pass  # a read-only cache costs a rebuild next time, nothing else
+        temporary.write_text(json.dumps(saved), encoding="utf-8")
+        temporary.replace(entry)
+    except OSError:  # a read-only or full cache costs a rebuild next time, nothing else
+        temporary.unlink(missing_ok=True)
     return built
