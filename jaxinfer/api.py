@@ -5,25 +5,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
 
 from jax.sharding import Mesh
 
-from jaxinfer.checkpoints import gguf, orbax, safetensors, sources
+from jaxinfer.checkpoints import Model, gguf, orbax, safetensors, sources
 from jaxinfer.config import QUANT_MODES, ModelConfig
 from jaxinfer.generate import GenerateResult, generate
 from jaxinfer.quant import quantize_params
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.sharding import make_mesh
-from jaxinfer.tokenizer import Tokenizer
 
-
-class Model(NamedTuple):
-    """What `load_model` returns; unpacks as `config, params, tokenizer = load_model(...)`."""
-
-    config: ModelConfig
-    params: Any
-    tokenizer: Tokenizer
+__all__ = ["Model", "chat", "load_model"]  # Model lives with the loaders; re-exported here
 
 
 def load_model(
@@ -55,46 +47,34 @@ def load_model(
     if isinstance(mesh, str):
         mesh = make_mesh(None if mesh == "auto" else mesh)
     if orbax.is_checkpoint(name_or_path):
-        model = _load_orbax(Path(name_or_path), dtype, attention, mesh, start, progress)
-        cfg, params = _quantize(model.config, model.params, quant, Path(name_or_path))
-        return model._replace(config=dataclasses.replace(cfg, kv_quant=kv_quant), params=params)
-    path = sources.resolve(name_or_path)
-    if path.is_dir():
-        cfg, params, tokenizer = safetensors.load_hf(path, dtype=dtype, mesh=mesh,
-                                                     progress=progress)
-        if tokenizer is None:
-            raise ValueError(f"{path}: no tokenizer.json; load the weights alone with "
-                             "jaxinfer.checkpoints.safetensors.load_hf")
-        cfg, params = _quantize(cfg, params, quant, path)
+        path = Path(name_or_path)
+        model = orbax.load(path, mesh=mesh, dtype=dtype)
+        cfg, params = _quantize(model.config, model.params, quant, path)
+        model = Model(cfg, params, model.tokenizer)
+        fix = "convert it again with python -m jaxinfer.launch.convert"
     else:
-        cfg, params, reader = gguf.load_gguf(path, dtype=dtype, mesh=mesh, quant=quant,
-                                             progress=progress)
-        tokenizer = Tokenizer.from_gguf(reader)
-    cfg = dataclasses.replace(cfg, attention=attention, kv_quant=kv_quant)
-    if tokenizer.chat_template is None:  # a preset may know the template its file lacks
-        tokenizer.chat_template = sources.chat_template(name_or_path)
+        path = sources.resolve(name_or_path)
+        loader = safetensors.load_hf if path.is_dir() else gguf.load_gguf
+        model = loader(path, dtype=dtype, mesh=mesh, quant=quant, progress=progress)
+        fix = "load the weights alone with jaxinfer.checkpoints.safetensors.load_hf"
+    if model.tokenizer is None:
+        raise ValueError(f"{path}: no tokenizer files (tokenizer.json); {fix}")
+    if model.tokenizer.chat_template is None:  # a preset may know the template its file lacks
+        model.tokenizer.chat_template = sources.chat_template(name_or_path)
+    config = dataclasses.replace(model.config, attention=attention, kv_quant=kv_quant)
     if progress:
         print(f"loaded {path.name} in {time.perf_counter() - start:.1f}s")
-    return Model(cfg, params, tokenizer)
+    return model._replace(config=config)
 
 
 def _quantize(cfg: ModelConfig, params, quant: str | None, path: Path):
+    """Quantizes restored float params (an Orbax checkpoint's) after the fact."""
     if quant is None:
         return cfg, params
     if quant == "gguf":
         raise ValueError(f"quant='gguf' keeps a GGUF file's own blocks; {path} is not a GGUF "
                          "file: use int8 or int4")
     return dataclasses.replace(cfg, quant=quant), quantize_params(params, quant)
-
-
-def _load_orbax(path: Path, dtype, attention, mesh, start, progress) -> Model:
-    cfg, params, tokenizer = orbax.load(path, mesh=mesh, dtype=dtype)
-    if tokenizer is None:
-        raise ValueError(f"{path} holds no tokenizer files; convert it again with "
-                         "python -m jaxinfer.launch.convert")
-    if progress:
-        print(f"loaded {path.name} in {time.perf_counter() - start:.1f}s")
-    return Model(dataclasses.replace(cfg, attention=attention), params, tokenizer)
 
 
 def chat(

@@ -10,8 +10,8 @@ from gguf_files import tiny_hf_llama, write_llama_gguf
 
 import jaxinfer
 from jaxinfer.cache import KVCache
-from jaxinfer.checkpoints import sources
-from jaxinfer.checkpoints.gguf import GGUFError, load_gguf
+from jaxinfer.checkpoints import CheckpointError, sources
+from jaxinfer.checkpoints.gguf import load_gguf
 from jaxinfer.models import llama
 
 torch = pytest.importorskip("torch")
@@ -94,7 +94,7 @@ def test_truncated_gguf_says_where_data_ends(tmp_path):
     path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_hf_llama())
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(GGUFError, match=r"tiny.gguf: .*truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=r"tiny.gguf: .*truncated or corrupt"):
         load_gguf(path, progress=False)
 
 
@@ -102,20 +102,20 @@ def test_truncated_gguf_says_where_data_ends(tmp_path):
 def test_gguf_cut_inside_the_header_is_a_clear_error(tmp_path, cut):
     path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_hf_llama())
     path.write_bytes(path.read_bytes()[:cut])
-    with pytest.raises(GGUFError, match="tiny.gguf: .*truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="tiny.gguf: .*truncated or corrupt"):
         load_gguf(path, progress=False)
 
 
 def test_file_that_is_not_gguf_is_a_clear_error(tmp_path):
     path = tmp_path / "random.gguf"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(GGUFError, match="random.gguf: not a readable GGUF file"):
+    with pytest.raises(CheckpointError, match="random.gguf: not a readable GGUF file"):
         load_gguf(path, progress=False)
 
 
 def test_unsupported_architecture_is_named(tmp_path):
     path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_hf_llama(), architecture="mamba")
-    with pytest.raises(GGUFError, match="unsupported architecture 'mamba'; supported: llama"):
+    with pytest.raises(CheckpointError, match="unsupported architecture 'mamba'; supported: llama"):
         load_gguf(path, progress=False)
 
 
@@ -123,7 +123,7 @@ def test_unsupported_tensor_type_is_named(tmp_path):
     # TQ1_0 packs 256 weights a block: every matrix needs rows of 256.
     model = tiny_hf_llama(hidden_size=256, intermediate_size=256)
     path = write_llama_gguf(tmp_path / "tiny.gguf", model, Q.TQ1_0)
-    with pytest.raises(GGUFError, match="has type TQ1_0; supported: F32, F16, BF16, Q8_0"):
+    with pytest.raises(CheckpointError, match="has type TQ1_0; supported: F32, F16, BF16, Q8_0"):
         load_gguf(path, progress=False)
 
 

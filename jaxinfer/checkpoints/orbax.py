@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from jaxinfer.checkpoints.model import CheckpointError, Model
 from jaxinfer.config import ModelConfig
 from jaxinfer.models import family
 from jaxinfer.quant import QArray, is_quantized
@@ -42,8 +42,12 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 QUANT_FILE = "quant.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be restored; the message names it and the problem."""
+def _checkpointer():
+    """Orbax's checkpointer; imported on first use, so loading other formats skips its
+    import (a tenth of `import jaxinfer`)."""
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -70,7 +74,7 @@ def save(
         multihost_utils.sync_global_devices("jaxinfer.orbax.save")
     start = time.perf_counter()
     params, layout = _split_quantized(params)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _checkpointer() as checkpointer:
         checkpointer.save(path / PARAMS_DIR, params, force=overwrite)
         checkpointer.wait_until_finished()
     if jax.process_index() == 0:  # small files: one writer
@@ -120,15 +124,16 @@ def load(
     mesh: Mesh | None = None,
     dtype: str | None = None,
     architecture: str | None = None,
-) -> tuple[ModelConfig, Any, Tokenizer | None]:
-    """(config, params, tokenizer or None) from a checkpoint, each parameter read straight
-    into its sharding on `mesh` (None: the default device), cast to `dtype` if given."""
+) -> Model:
+    """A `Model` from a checkpoint (its tokenizer None if none was saved), each parameter
+    read straight into its sharding on `mesh` (None: the default device), cast to `dtype`
+    if given."""
     path = Path(path).expanduser().absolute()
     cfg = read_config(path, architecture)
     if dtype is not None:
         cfg = cfg.with_dtype(dtype)
     if cfg.quant is not None:
-        return cfg, _load_quantized(path, mesh), _load_tokenizer(path)
+        return Model(cfg, _load_quantized(path, mesh), _load_tokenizer(path))
     abstract = family(cfg.architecture).abstract_params(cfg)
     if mesh is None:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
@@ -138,12 +143,12 @@ def load(
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     start = time.perf_counter()
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _checkpointer() as checkpointer:
         saved = checkpointer.metadata(path / PARAMS_DIR).item_metadata
         _check_tree(path, saved, abstract)
         params = checkpointer.restore(path / PARAMS_DIR, target)
     print(f"restored {path.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    return cfg, params, _load_tokenizer(path)
+    return Model(cfg, params, _load_tokenizer(path))
 
 
 def _split_quantized(params: Any) -> tuple[Any, dict[str, dict]]:
@@ -173,7 +178,7 @@ def _load_quantized(path: Path, mesh: Mesh | None) -> Any:
     layout = json.loads((path / QUANT_FILE).read_text())
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     start = time.perf_counter()
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _checkpointer() as checkpointer:
         saved = checkpointer.metadata(path / PARAMS_DIR).item_metadata
         target = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), saved)

@@ -1,31 +1,31 @@
-"""Hugging Face model directories (config.json + safetensors) -> ModelConfig and a params pytree.
+"""Hugging Face model directories (config.json + safetensors) -> a `Model`.
 
     cfg, params, tokenizer = load_hf("path/to/Qwen3-0.6B")  # or a hub id, when online
 
-`config.json` maps to a ModelConfig (each family's quirks become its fields); weights come from
-`model.safetensors` or the shards a `model.safetensors.index.json` names. Files are memory-mapped
-and read one tensor at a time into the stacked layout of `jaxinfer.models`. (The `safetensors`
-package's numpy reader has no bfloat16, so the format -- an 8-byte header length, a JSON header,
-raw little-endian data -- is read here directly.)
+`config.json` maps to a ModelConfig over the shared family table; weights come from
+`model.safetensors` or the shards a `model.safetensors.index.json` names, memory-mapped and
+described as a tensor source for `pipeline.assemble`. (The `safetensors` package's numpy
+reader has no bfloat16, so the format -- an 8-byte header length, a JSON header, raw
+little-endian data -- is read here directly.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import mmap
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from jaxinfer.config import NP_DTYPES, ModelConfig
-from jaxinfer.models import family
-from jaxinfer.sharding.rules import place, sharding_at
+from jaxinfer.checkpoints import pipeline
+from jaxinfer.checkpoints.families import quirks
+from jaxinfer.checkpoints.model import CheckpointError, Model
+from jaxinfer.config import ModelConfig
 from jaxinfer.tokenizer import Tokenizer
 
 FILE_DTYPES = {
@@ -47,27 +47,25 @@ MODEL_TYPES = {
 }
 
 # transformers' defaults for keys a config.json may leave out (multimodal Gemma 3 configs list
-# only non-default text_config fields).
+# only non-default text_config fields); the family table supplies the rest.
 CONFIG_DEFAULTS = {
     "gemma3_text": {
-        "vocab_size": 262_208, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
-        "rms_norm_eps": 1e-6, "max_position_embeddings": 131_072, "sliding_window": 4096,
-        "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "head_dim": 256,
-        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
-        "num_key_value_heads": 4,
+        "vocab_size": 262_208, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 131_072, "sliding_window": 4096,
+        "query_pre_attn_scalar": 256, "head_dim": 256, "num_key_value_heads": 4,
     },
 }
 
-# Hugging Face tensor name (per layer, after "model.layers.{i}.") -> (our parameter, how to turn
-# the stored array, torch order [out, in], into our layout; see `to_layout`).
+# Hugging Face tensor name (per layer, after "model.layers.{i}.") -> (our parameter, layout in
+# `pipeline.LAYOUTS` of the stored array, torch order [out, in]).
 LAYER_TENSORS = {
     "input_layernorm.weight": ("attn_norm", "vector"),
-    "self_attn.q_proj.weight": ("wq", "q"),
-    "self_attn.k_proj.weight": ("wk", "kv"),
-    "self_attn.v_proj.weight": ("wv", "kv"),
-    "self_attn.q_proj.bias": ("bq", "q_bias"),
-    "self_attn.k_proj.bias": ("bk", "kv_bias"),
-    "self_attn.v_proj.bias": ("bv", "kv_bias"),
+    "self_attn.q_proj.weight": ("wq", "qkv"),
+    "self_attn.k_proj.weight": ("wk", "qkv"),
+    "self_attn.v_proj.weight": ("wv", "qkv"),
+    "self_attn.q_proj.bias": ("bq", "bias"),
+    "self_attn.k_proj.bias": ("bk", "bias"),
+    "self_attn.v_proj.bias": ("bv", "bias"),
     "self_attn.q_norm.weight": ("q_norm", "vector"),
     "self_attn.k_norm.weight": ("k_norm", "vector"),
     "self_attn.o_proj.weight": ("wo", "o"),
@@ -98,14 +96,10 @@ NON_TEXT_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projec
                      "model.multi_modal_projector.")
 
 
-class CheckpointError(ValueError):
-    """A model directory that cannot be loaded; the message names the file and the problem."""
-
-
 # -- config.json -> ModelConfig ------------------------------------------------------------------
 
 
-def _rope(config: dict, layer_type: str) -> dict:
+def _rope(config: dict, layer_type: str, local_theta: float | None) -> dict:
     """The rope parameters of one layer type, from either config.json spelling: transformers 5's
     `rope_parameters` (per layer type for Gemma 3) or the older `rope_theta` + `rope_scaling`
     (+ Gemma 3's `rope_local_base_freq` for its sliding layers)."""
@@ -113,7 +107,8 @@ def _rope(config: dict, layer_type: str) -> dict:
         params = config["rope_parameters"]
         return dict(params[layer_type]) if layer_type in params else dict(params)
     if layer_type == "sliding_attention":
-        return {"rope_type": "default", "rope_theta": config.get("rope_local_base_freq", 1e4)}
+        return {"rope_type": "default",
+                "rope_theta": config.get("rope_local_base_freq", local_theta)}
     params = dict(config.get("rope_scaling") or {})
     params.setdefault("rope_theta", config.get("rope_theta", 10_000.0))
     return params
@@ -153,13 +148,13 @@ def model_config(config: dict, source: str | os.PathLike = "config.json") -> Mod
         config = {**config["text_config"], "model_type": "gemma3_text"}
     config = {**CONFIG_DEFAULTS.get(config["model_type"], {}), **config}
     arch = MODEL_TYPES[model_type]
-    gemma = arch == "gemma3"
+    fam = quirks(arch, source)
     for flag in ("attention_bias", "mlp_bias", "use_bidirectional_attention"):
-        if config.get(flag) and not (flag == "attention_bias" and arch == "qwen2"):
+        if config.get(flag) and not (flag == "attention_bias" and fam.qkv_bias):
             raise CheckpointError(f"{source}: {flag}=true is not supported for {model_type}")
-    activation = config.get("hidden_activation" if gemma else "hidden_act", "silu")
     activations = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
-    if activation not in activations:
+    activation = config.get("hidden_activation") or config.get("hidden_act")
+    if activation is not None and activation not in activations:
         raise CheckpointError(f"{source}: activation {activation!r} is not supported; "
                               f"supported: {', '.join(activations)}")
 
@@ -170,16 +165,17 @@ def model_config(config: dict, source: str | os.PathLike = "config.json") -> Mod
     if arch in ("qwen2", "qwen3") and not config.get("use_sliding_window", False):
         window = None
     layer_types = config.get("layer_types")
-    if layer_types is None and gemma:  # older configs: every pattern-th layer is global
-        pattern = int(config["sliding_window_pattern"])
-        layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-                       for i in range(n_layers)]
+    if layer_types is None and fam.sliding_pattern:  # older configs: a pattern of global layers
+        pattern = config.get("sliding_window_pattern", fam.sliding_pattern)
+        layer_types = dataclasses.replace(fam, sliding_pattern=int(pattern)).layer_types(n_layers)
     if layer_types is not None and window is None:
         layer_types = None  # without a window every layer attends globally anyway
-    global_rope = _rope(config, "full_attention")
-    local_rope = _rope(config, "sliding_attention") if gemma else None
+    global_rope = _rope(config, "full_attention", fam.local_rope_theta)
+    local_rope = (None if fam.local_rope_theta is None
+                  else _rope(config, "sliding_attention", fam.local_rope_theta))
     if local_rope is not None and _freq_factors(local_rope, head_dim, source) is not None:
         raise CheckpointError(f"{source}: rope scaling on sliding layers is not supported")
+    scalar = config.get("query_pre_attn_scalar")
     return ModelConfig(
         architecture=arch,
         vocab_size=int(config["vocab_size"]),
@@ -193,21 +189,16 @@ def model_config(config: dict, source: str | os.PathLike = "config.json") -> Mod
         rope_theta=float(global_rope["rope_theta"]),
         rope_freq_factors=_freq_factors(global_rope, head_dim, source),
         rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(config.get("tie_word_embeddings", gemma)),
-        qkv_bias=arch == "qwen2",
-        qk_norm=arch in ("qwen3", "gemma3"),
-        norm_offset=1.0 if gemma else 0.0,
-        embed_scale=embed_dim**0.5 if gemma else 1.0,
-        mlp_activation=activations[activation],
-        post_norms=gemma,
+        tie_embeddings=bool(config.get("tie_word_embeddings", fam.tied_by_default)),
+        mlp_activation=fam.mlp_activation if activation is None else activations[activation],
         sliding_window=None if window is None else int(window),
         layer_types=None if layer_types is None else tuple(layer_types),
         rope_local_theta=None if local_rope is None else float(local_rope["rope_theta"]),
-        query_pre_attn_scalar=(float(config["query_pre_attn_scalar"])
-                               if gemma and config.get("query_pre_attn_scalar") else None),
+        query_pre_attn_scalar=None if scalar is None else float(scalar),
         # No attn_softcap: transformers' Gemma 3 ignores attn_logit_softcapping (released
         # configs set it null); Gemma 3 caps only the final logits, if at all.
         final_softcap=config.get("final_logit_softcapping"),
+        **fam.fields(embed_dim),
     )
 
 
@@ -253,6 +244,11 @@ class SafetensorsFile:
         array = np.frombuffer(self._map, dtype, count, self._data_start + start)
         return array.reshape(entry["shape"])
 
+    def release(self) -> None:
+        """Returns the file pages read so far to the OS page cache (see GGUFFile.release)."""
+        if isinstance(self._map, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
 
 def weight_files(directory: Path) -> dict[str, list[str]]:
     """File name -> the tensor names it holds, from the shard index or the single file.
@@ -289,123 +285,48 @@ def _text_name(name: str) -> str | None:
     return name
 
 
-def to_layout(w: np.ndarray, kind: str, cfg: ModelConfig) -> np.ndarray:
-    """A stored array (torch order: [out, in] for matrices) -> our parameter layout."""
-    D, H, K, Dh = cfg.embed_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    if kind == "vector":
-        return w
-    if kind == "q":
-        return w.T.reshape(D, H, Dh)
-    if kind == "kv":
-        return w.T.reshape(D, K, Dh)
-    if kind == "q_bias":
-        return w.reshape(H, Dh)
-    if kind == "kv_bias":
-        return w.reshape(K, Dh)
-    if kind == "o":
-        return w.T.reshape(H, Dh, D)
-    if kind == "in_out":
-        return w.T
-    raise AssertionError(kind)
+@dataclasses.dataclass
+class SafetensorsSource:
+    """A model directory's safetensors files as a tensor source for `pipeline.assemble`."""
 
+    directory: Path
+    cfg: ModelConfig
+    config_name = "config.json"
 
-def stored_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape a tensor has in the file, given our parameter's (per-layer) shape."""
-    if kind in ("q", "kv"):
-        return (shape[1] * shape[2], shape[0])
-    if kind in ("q_bias", "kv_bias"):
-        return (shape[0] * shape[1],)
-    if kind == "o":
-        return (shape[2], shape[0] * shape[1])
-    if kind == "in_out":
-        return shape[::-1]
-    return shape
+    def __post_init__(self):
+        self.files = {file: (SafetensorsFile(self.directory / file), names)
+                      for file, names in sorted(weight_files(self.directory).items())}
 
+    @property
+    def name(self) -> str:
+        return self.directory.name
 
-def load_params(
-    directory: Path, cfg: ModelConfig, *, shardings: Any = None, progress: bool = True
-) -> dict:
-    """Reads and converts the tensors one parameter at a time, placing each on its target
-    before reading the next.
+    @property
+    def tensors(self) -> list[pipeline.StoredTensor]:
+        layer_tensors = GEMMA_LAYER_TENSORS if self.cfg.post_norms else LAYER_TENSORS
+        out = []
+        for reader, names in self.files.values():
+            for stored_name in names:
+                if stored_name not in reader.entries:
+                    raise CheckpointError(f"{reader.path}: tensor {stored_name!r} is missing "
+                                          f"(the index places it in this file)")
+                name = _text_name(stored_name)
+                if name is None or (name == "lm_head.weight" and self.cfg.tie_embeddings):
+                    continue  # a vision tower's weights, or a copy of the tied embedding
+                parts = name.split(".", 3)
+                if name.startswith("model.layers.") and parts[2].isdigit():
+                    (param, layout), layer = layer_tensors.get(parts[3], (None, "vector")), int(
+                        parts[2])
+                else:
+                    param, layout, layer = GLOBAL_TENSORS.get(name), "vector", None
+                out.append(pipeline.StoredTensor(
+                    stored_name, param, layer, layout, reader.shape(stored_name),
+                    read=lambda r=reader, n=stored_name: r.tensor(n), origin=str(reader.path)))
+        return out
 
-    Names and shapes are checked against the config from the file headers before any data is
-    read. `shardings`: a params-shaped pytree of Shardings (`jaxinfer.sharding.param_shardings`)
-    or None for the default device. A stacked per-layer weight is filled on the host layer by
-    layer, placed, and freed.
-    """
-    np_dtype = NP_DTYPES[cfg.param_dtype]
-    abstract = family(cfg.architecture).abstract_params(cfg)
-    layer_tensors = GEMMA_LAYER_TENSORS if cfg.post_norms else LAYER_TENSORS
-    # Where each parameter comes from: (file, stored name, layout kind), per layer if stacked.
-    stacked: dict[str, dict[int, tuple[SafetensorsFile, str, str]]] = {
-        param: {} for param in abstract["layers"]}
-    single: dict[str, tuple[SafetensorsFile, str, str]] = {}
-    for file, names in sorted(weight_files(directory).items()):
-        reader = SafetensorsFile(directory / file)
-        for stored_name in names:
-            if stored_name not in reader.entries:
-                raise CheckpointError(f"{reader.path}: tensor {stored_name!r} is missing "
-                                      f"(the index places it in this file)")
-            name = _text_name(stored_name)
-            if name is None or (name == "lm_head.weight" and cfg.tie_embeddings):
-                continue  # a vision tower's weights, or a copy of the tied embedding
-            parts = name.split(".", 3)
-            if name.startswith("model.layers.") and parts[2].isdigit():
-                index = int(parts[2])
-                param, kind = layer_tensors.get(parts[3], (None, None))
-                ok = param in abstract["layers"] and index < cfg.n_layers
-                expected = stored_shape(kind, abstract["layers"][param].shape[1:]) if ok else None
-            else:
-                param, kind = GLOBAL_TENSORS.get(name), "vector"
-                ok = param in abstract
-                expected = abstract[param].shape if ok else None
-            if not ok:
-                raise CheckpointError(
-                    f"{reader.path}: unexpected tensor {stored_name!r} for this "
-                    f"{cfg.architecture} config ({cfg.n_layers} layers)")
-            if reader.shape(stored_name) != expected:
-                raise CheckpointError(
-                    f"{reader.path}: tensor {stored_name!r} has shape "
-                    f"{reader.shape(stored_name)}; config.json implies {expected} "
-                    f"(embed_dim={cfg.embed_dim}, heads={cfg.n_heads}, "
-                    f"kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}, "
-                    f"mlp_dim={cfg.mlp_dim}, vocab={cfg.vocab_size})")
-            if name.startswith("model.layers."):
-                stacked[param][index] = (reader, stored_name, kind)
-            else:
-                single[param] = (reader, stored_name, kind)
-    missing = [k for k in abstract if k != "layers" and k not in single] + [
-        f"layers.{p}.{i}" for p in abstract["layers"] for i in range(cfg.n_layers)
-        if i not in stacked[p]]
-    if missing:
-        raise CheckpointError(f"{directory}: missing tensors (jaxinfer's names): "
-                              f"{', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
-
-    total = len(single) + sum(map(len, stacked.values()))
-    done, start = 0, time.perf_counter()
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress and (done % 16 == 0 or done == total):
-            print(f"\rloading {directory.name}: {done}/{total} tensors "
-                  f"({time.perf_counter() - start:.1f}s)", end="", file=sys.stderr, flush=True)
-
-    params: dict[str, Any] = {"layers": {}}
-    for param, (reader, stored_name, kind) in single.items():
-        value = to_layout(reader.tensor(stored_name), kind, cfg).astype(np_dtype)
-        params[param] = place(value, sharding_at(shardings, param))
-        tick()
-    for param, by_layer in stacked.items():
-        host = np.empty(abstract["layers"][param].shape, np_dtype)
-        for index, (reader, stored_name, kind) in by_layer.items():
-            host[index] = to_layout(reader.tensor(stored_name), kind, cfg)
-            tick()
-        params["layers"][param] = place(host, sharding_at(shardings, "layers", param))
-        del host  # the host copy goes before the next weight is read
-    if progress:
-        print(file=sys.stderr)
-    return params
+    def release(self) -> None:
+        for reader, _ in self.files.values():
+            reader.release()
 
 
 # -- the directory as a whole --------------------------------------------------------------------
@@ -445,20 +366,21 @@ def load_tokenizer(directory: Path, config: dict | None = None) -> Tokenizer | N
 
 
 def load_hf(
-    path: str | os.PathLike, *, dtype: str = "float32", mesh: Any = None, progress: bool = True
-) -> tuple[ModelConfig, dict, Tokenizer | None]:
-    """(ModelConfig, params, tokenizer or None) from a model directory; weights cast to `dtype`
-    and, given a `jax.sharding.Mesh`, placed on their shardings over it as they are read."""
+    path: str | os.PathLike, *, dtype: str = "float32", mesh: Any = None,
+    quant: str | None = None, progress: bool = True
+) -> Model:
+    """A `Model` from a model directory (its tokenizer None without tokenizer.json); weights
+    cast to `dtype` or quantized ("int8" / "int4") as they are read and, given a
+    `jax.sharding.Mesh`, placed on their shardings over it."""
     directory = Path(path)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.json; not a Hugging Face model directory")
+    if quant == "gguf":
+        raise CheckpointError(f"quant='gguf' keeps a GGUF file's own blocks; {directory} is not "
+                              "a GGUF file: use int8 or int4")
     config = json.loads(config_path.read_text())
-    cfg = model_config(config, config_path).with_dtype(dtype)
-    shardings = None
-    if mesh is not None:
-        from jaxinfer.sharding import param_shardings
-
-        shardings = param_shardings(cfg, mesh)
-    params = load_params(directory, cfg, shardings=shardings, progress=progress)
-    return cfg, params, load_tokenizer(directory, config)
+    cfg = dataclasses.replace(model_config(config, config_path).with_dtype(dtype), quant=quant)
+    params = pipeline.assemble(SafetensorsSource(directory, cfg), cfg, mesh=mesh,
+                               progress=progress)
+    return Model(cfg, params, load_tokenizer(directory, config))

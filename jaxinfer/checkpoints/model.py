@@ -1,0 +1,25 @@
+"""What every checkpoint loader returns, and the one error it raises."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.tokenizer import Tokenizer
+
+
+class Model(NamedTuple):
+    """A loaded model; unpacks as `config, params, tokenizer = load_model(...)`.
+
+    `tokenizer` is None only from a loader of weights alone (a model directory without
+    tokenizer.json, an Orbax checkpoint saved without one).
+    """
+
+    config: ModelConfig
+    params: Any
+    tokenizer: Tokenizer | None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file, the tensor and the
+    problem."""
