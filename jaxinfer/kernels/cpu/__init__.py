@@ -25,22 +25,29 @@ ACTIVATIONS = ("int8", "f32")
 MAX_ROWS = 64  # beyond this many rows (prefill), XLA's dense products are faster
 
 __all__ = ["ACTIVATIONS", "ISAS", "MAX_ROWS", "available", "available_isas", "qmatmul",
-           "supports"]
+           "set_enabled", "supports"]
+
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Process-wide switch (tests' `--cpu-kernels=off`, CI's fallback run): when off, every
+    model uses XLA's products whatever its config says. Set it before the first compile;
+    programs compiled earlier keep what they were traced with."""
+    global _enabled
+    _enabled = bool(enabled)
 
 
 def available() -> bool:
-    """True when the kernels are built and registered (always False off CPU)."""
-    return jax.default_backend() == "cpu" and load() is not None
+    """True when the kernels are switched on, built and registered (always False off CPU)."""
+    return _enabled and jax.default_backend() == "cpu" and load() is not None
 
 
 def supports(bits: int, group: int, in_dim: int) -> bool:
     """Whether a weight with this format and contraction length has a kernel: `in` a multiple
-    of 32, and groups that tile the kernel's 64-byte steps (or one group per row)."""
-    group_bytes = group if bits == 8 else group // 2
-    return (
-        bits in (4, 8) and in_dim % 32 == 0 and group % 32 == 0
-        and (group_bytes in (16, 32) or group_bytes % 64 == 0 or group == in_dim)
-    )
+    of 32, and groups of a power of two from 32 up (or one group per row)."""
+    power_of_two = group >= 32 and group & (group - 1) == 0
+    return bits in (4, 8) and in_dim % 32 == 0 and (power_of_two or group == in_dim)
 
 
 def qmatmul(

@@ -24,11 +24,17 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// log2(bytes per weight group), or -1 for one group per row.
+inline int group_shift(const Problem& p) {
+  if (ngroups(p) == 1) return -1;
+  const int64_t bpg = p.bits == 8 ? p.group : p.group / 2;
+  return __builtin_ctzll(bpg);  // groups are powers of two
+}
+
 template <int R>
-void block(const Problem& p, int64_t o, int64_t r0) {
+void block(const Problem& p, int shift, int64_t o, int64_t r0) {
   const int64_t g_count = ngroups(p);
   const int64_t row_bytes = p.bits == 8 ? p.in : p.in / 2;
-  const int64_t bpg = p.bits == 8 ? p.group : p.group / 2;
   const __m256i nibble = _mm256_set1_epi8(15);
   const __m256i tail = _mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0);  // a 16-byte tail (int4)
   __m256 acc[R];
@@ -48,7 +54,7 @@ void block(const Problem& p, int64_t o, int64_t r0) {
       const __m256i v = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + at))
                              : _mm256_maskload_epi32(reinterpret_cast<const int*>(w + at), tail);
       // Each 16-byte half lies in one group.
-      int64_t g_lo = at / bpg, g_hi = (at + 16) / bpg;
+      int64_t g_lo = shift < 0 ? 0 : at >> shift, g_hi = shift < 0 ? 0 : (at + 16) >> shift;
       if (g_hi >= g_count) g_hi = g_count - 1;
       const __m256 swl = _mm256_set_m128(_mm_set1_ps(sc[g_hi]), _mm_set1_ps(sc[g_lo]));
       if (p.bits == 8) {
@@ -90,13 +96,14 @@ void block(const Problem& p, int64_t o, int64_t r0) {
 #endif
 
 void ENTRY(int8_rows)(const Problem& p, int64_t o_begin, int64_t o_end) {
+  const int shift = group_shift(p);
   for (int64_t o = o_begin; o < o_end; ++o) {
     int64_t r = 0;
-    for (; r + kMaxRows <= p.rows; r += kMaxRows) block<kMaxRows>(p, o, r);
+    for (; r + kMaxRows <= p.rows; r += kMaxRows) block<kMaxRows>(p, shift, o, r);
     switch (p.rows - r) {
-      case 3: block<3>(p, o, r); break;
-      case 2: block<2>(p, o, r); break;
-      case 1: block<1>(p, o, r); break;
+      case 3: block<3>(p, shift, o, r); break;
+      case 2: block<2>(p, shift, o, r); break;
+      case 1: block<1>(p, shift, o, r); break;
     }
   }
 }

@@ -8,25 +8,74 @@ namespace {
 
 constexpr int kMaxRows = 4;  // activation rows sharing each loaded weight chunk
 
-// Per-lane weight scales: lane l of a 64-byte chunk starting at byte `at` lies in group
-// (at + 4 l) / bytes_per_group; a chunk spans at most 4 groups.
-inline __m512 lane_scales(const float* sc, int64_t at, int64_t bytes_per_group, int64_t g_count,
-                          __m512i idx_pattern) {
-  int64_t first = at / bytes_per_group;
-  int64_t count = g_count - first < 4 ? g_count - first : 4;
-  __m512 s = _mm512_maskz_loadu_ps(__mmask16((1u << count) - 1), sc + first);
-  return _mm512_permutexvar_ps(idx_pattern, s);
+// How the weight scales of a 64-byte chunk map onto its 16 lanes: lane l of the chunk at
+// byte `at` lies in group (at + 4 l) / bytes_per_group (a chunk spans at most 4 groups).
+struct Lanes {
+  __m512i pattern;  // lane -> group offset within the chunk
+  int shift;        // log2(bytes per group); -1: one group per row
+  explicit Lanes(const Problem& p) {
+    const int64_t bpg = p.bits == 8 ? p.group : p.group / 2;
+    alignas(64) int32_t idx[16];
+    for (int l = 0; l < 16; ++l) idx[l] = bpg < 64 ? (4 * l) / int(bpg) : 0;
+    pattern = _mm512_load_si512(idx);
+    shift = ngroups(p) > 1 ? __builtin_ctzll(bpg) : -1;  // groups are powers of two
+  }
+  __m512 scales(const float* sc, int64_t at, int64_t g_count) const {
+    if (shift < 0) return _mm512_set1_ps(sc[0]);
+    const int64_t first = at >> shift;
+    const int64_t count = g_count - first < 4 ? g_count - first : 4;
+    __m128 s;
+    if (count == 4) {
+      s = _mm_loadu_ps(sc + first);
+    } else {  // the row's last groups: no read past them
+      alignas(16) float part[4] = {0, 0, 0, 0};
+      for (int64_t i = 0; i < count; ++i) part[i] = sc[first + i];
+      s = _mm_load_ps(part);
+    }
+    return _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(s));
+  }
+};
+
+// The last 16, 32 or 48 bytes of a weight row, zero-extended (masked byte loads are slow on
+// some CPUs, Zen 4 among them).
+inline __m512i load_tail(const uint8_t* w, int64_t left) {
+  const __m128i zero = _mm_setzero_si128();
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m128i b = left > 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)) : zero;
+  const __m128i c = left > 32 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32)) : zero;
+  __m512i v = _mm512_castsi128_si512(a);
+  v = _mm512_inserti32x4(v, b, 1);
+  v = _mm512_inserti32x4(v, c, 2);
+  return _mm512_inserti32x4(v, zero, 3);
+}
+
+// zero_term with 16 groups per step (the activation sums are padded, the zeros are not).
+inline float zero_term16(const Problem& p, int64_t r, int64_t o) {
+  if (!p.zeros) return 0.0f;
+  const int64_t g = ngroups(p);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t part = 0; part < p.parts; ++part) {
+    const float* z = p.zeros + (part * p.out + o) * g;
+    const float* s = p.xsum + (r * p.parts + part) * g;
+    for (int64_t i = 0; i < g; i += 16) {
+      __m512 zv;
+      if (g - i >= 16) {
+        zv = _mm512_loadu_ps(z + i);
+      } else {
+        alignas(64) float tail[16] = {};
+        for (int64_t t = 0; t < g - i; ++t) tail[t] = z[i + t];
+        zv = _mm512_load_ps(tail);
+      }
+      acc = _mm512_fmadd_ps(zv, _mm512_loadu_ps(s + i), acc);
+    }
+  }
+  return _mm512_reduce_add_ps(acc);
 }
 
 template <int R>
-void block(const Problem& p, int64_t o, int64_t r0) {
-  const int64_t g_count = ngroups(p), K = p.parts * p.in;
+void block(const Problem& p, const Lanes& lanes, int64_t o, int64_t r0) {
+  const int64_t g_count = ngroups(p);
   const int64_t row_bytes = p.bits == 8 ? p.in : p.in / 2;
-  const int64_t bpg = p.bits == 8 ? p.group : p.group / 2;  // bytes per group
-  // Lane -> group offset within a chunk (chunks start at multiples of 64 bytes).
-  alignas(64) int32_t idx[16];
-  for (int l = 0; l < 16; ++l) idx[l] = bpg < 64 ? (4 * l) / int(bpg) : 0;
-  const __m512i idx_pattern = _mm512_load_si512(idx);
   const __m512i nibble = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -42,14 +91,14 @@ void block(const Problem& p, int64_t o, int64_t r0) {
     }
     for (int64_t at = 0; at < row_bytes; at += 64) {
       const int64_t left = row_bytes - at;
-      const __mmask64 m = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
-      const __m512i v = _mm512_maskz_loadu_epi8(m, w + at);
-      const __m512 swl = lane_scales(sc, at, bpg, g_count, idx_pattern);
+      // Activation loads read the prepared (padded) buffer whole, against zero weight bytes.
+      const __m512i v = left >= 64 ? _mm512_loadu_si512(w + at) : load_tail(w + at, left);
+      const __m512 swl = lanes.scales(sc, at, g_count);
       if (p.bits == 8) {
         const __mmask64 negative = _mm512_movepi8_mask(v);
         const __m512i magnitude = _mm512_abs_epi8(v);
         for (int r = 0; r < R; ++r) {
-          __m512i xq = _mm512_maskz_loadu_epi8(m, q[r] + at);
+          __m512i xq = _mm512_loadu_si512(q[r] + at);
           xq = _mm512_mask_sub_epi8(xq, negative, zero, xq);
           __m512i s = _mm512_dpbusd_epi32(zero, magnitude, xq);
           __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(dx[r] + at / 4));
@@ -60,8 +109,8 @@ void block(const Problem& p, int64_t o, int64_t r0) {
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
         const int64_t n = p.in / 2;
         for (int r = 0; r < R; ++r) {
-          __m512i s_lo = _mm512_dpbusd_epi32(zero, lo, _mm512_maskz_loadu_epi8(m, q[r] + at));
-          __m512i s_hi = _mm512_dpbusd_epi32(zero, hi, _mm512_maskz_loadu_epi8(m, q[r] + n + at));
+          __m512i s_lo = _mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(q[r] + at));
+          __m512i s_hi = _mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(q[r] + n + at));
           __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s_lo), _mm512_loadu_ps(dx[r] + at / 4));
           t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s_hi), _mm512_loadu_ps(dx[r] + n / 4 + at / 4), t);
           acc[r] = _mm512_fmadd_ps(t, swl, acc[r]);
@@ -70,20 +119,20 @@ void block(const Problem& p, int64_t o, int64_t r0) {
     }
   }
   for (int r = 0; r < R; ++r)
-    p.y[(r0 + r) * p.out + o] = _mm512_reduce_add_ps(acc[r]) + zero_term(p, r0 + r, o);
-  (void)K;
+    p.y[(r0 + r) * p.out + o] = _mm512_reduce_add_ps(acc[r]) + zero_term16(p, r0 + r, o);
 }
 
 }  // namespace
 
 void jaxinfer_int8_rows_avx512(const Problem& p, int64_t o_begin, int64_t o_end) {
+  const Lanes lanes(p);
   for (int64_t o = o_begin; o < o_end; ++o) {
     int64_t r = 0;
-    for (; r + kMaxRows <= p.rows; r += kMaxRows) block<kMaxRows>(p, o, r);
+    for (; r + kMaxRows <= p.rows; r += kMaxRows) block<kMaxRows>(p, lanes, o, r);
     switch (p.rows - r) {
-      case 3: block<3>(p, o, r); break;
-      case 2: block<2>(p, o, r); break;
-      case 1: block<1>(p, o, r); break;
+      case 3: block<3>(p, lanes, o, r); break;
+      case 2: block<2>(p, lanes, o, r); break;
+      case 1: block<1>(p, lanes, o, r); break;
     }
   }
 }
