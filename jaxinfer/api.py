@@ -34,6 +34,7 @@ def load_model(
     mesh: Mesh | str | None = None,
     quant: str | None = None,
     kv_quant: str | None = None,
+    cpu_kernels: str = "int8",
     progress: bool = True,
 ) -> Model:
     """Loads a known model (see `sources.KNOWN_MODELS`), a local .gguf file, a Hugging Face
@@ -47,6 +48,9 @@ def load_model(
     quant: None (float weights), "int8" (per output channel), "int4" (groups of 32), or
     "gguf" (a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K blocks kept as they are).
     kv_quant: None (KV cache in the compute dtype) or "int8" (per-token, per-head scales).
+    cpu_kernels: quantized products on CPU through jaxinfer.kernels.cpu with activations
+    quantized to int8 per block of 32 ("int8", as llama.cpp), in fp32 ("f32"), or XLA's own
+    products ("off"); see ModelConfig.cpu_kernels.
     An Orbax checkpoint directory (`python -m jaxinfer.launch.convert`) loads too.
     """
     start = time.perf_counter()
@@ -57,7 +61,8 @@ def load_model(
     if orbax.is_checkpoint(name_or_path):
         model = _load_orbax(Path(name_or_path), dtype, attention, mesh, start, progress)
         cfg, params = _quantize(model.config, model.params, quant, Path(name_or_path))
-        return model._replace(config=dataclasses.replace(cfg, kv_quant=kv_quant), params=params)
+        cfg = dataclasses.replace(cfg, kv_quant=kv_quant, cpu_kernels=cpu_kernels)
+        return model._replace(config=cfg, params=params)
     path = sources.resolve(name_or_path)
     if path.is_dir():
         cfg, params, tokenizer = safetensors.load_hf(path, dtype=dtype, mesh=mesh,
@@ -70,7 +75,7 @@ def load_model(
         cfg, params, reader = gguf.load_gguf(path, dtype=dtype, mesh=mesh, quant=quant,
                                              progress=progress)
         tokenizer = Tokenizer.from_gguf(reader)
-    cfg = dataclasses.replace(cfg, attention=attention, kv_quant=kv_quant)
+    cfg = dataclasses.replace(cfg, attention=attention, kv_quant=kv_quant, cpu_kernels=cpu_kernels)
     if tokenizer.chat_template is None:  # a preset may know the template its file lacks
         tokenizer.chat_template = sources.chat_template(name_or_path)
     if progress:

@@ -81,7 +81,8 @@ def build(cxx: str, out: Path) -> None:
         procs = []
         for name, source, flags in UNITS:
             obj = Path(tmp) / f"{name}.o"
-            cmd = [cxx, *COMMON_FLAGS, *flags, f"-I{include}", "-c", str(SRC / source), "-o", str(obj)]
+            cmd = [cxx, *COMMON_FLAGS, *flags, f"-I{include}", "-c", str(SRC / source),
+                   "-o", str(obj)]
             procs.append((cmd, subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)))
         for cmd, proc in procs:
             _, err = proc.communicate()
@@ -89,7 +90,8 @@ def build(cxx: str, out: Path) -> None:
                 raise RuntimeError(f"{' '.join(cmd[-3:])} failed: {err.strip()[-2000:]}")
         lib = Path(tmp) / "lib.so"
         objs = [str(Path(tmp) / f"{name}.o") for name, _, _ in UNITS]
-        link = subprocess.run([cxx, "-shared", "-o", str(lib), *objs], capture_output=True, text=True)
+        link = subprocess.run([cxx, "-shared", "-o", str(lib), *objs], capture_output=True,
+                              text=True)
         if link.returncode:
             raise RuntimeError(f"linking failed: {link.stderr.strip()[-2000:]}")
         os.replace(lib, out)
