@@ -49,11 +49,11 @@ inline __m512i load_tail(const uint8_t* w, int64_t left) {
   return _mm512_inserti32x4(v, zero, 3);
 }
 
-// zero_term with 16 groups per step (the activation sums are padded, the zeros are not).
-inline float zero_term16(const Problem& p, int64_t r, int64_t o) {
-  if (!p.zeros) return 0.0f;
+// acc plus the zero-point terms of output o for row r, 16 groups per step (the activation
+// sums are padded, the zeros are not).
+inline __m512 add_zero_terms(const Problem& p, int64_t r, int64_t o, __m512 acc) {
+  if (!p.zeros) return acc;
   const int64_t g = ngroups(p);
-  __m512 acc = _mm512_setzero_ps();
   for (int64_t part = 0; part < p.parts; ++part) {
     const float* z = p.zeros + (part * p.out + o) * g;
     const float* s = p.xsum + (r * p.parts + part) * g;
@@ -69,7 +69,7 @@ inline float zero_term16(const Problem& p, int64_t r, int64_t o) {
       acc = _mm512_fmadd_ps(zv, _mm512_loadu_ps(s + i), acc);
     }
   }
-  return _mm512_reduce_add_ps(acc);
+  return acc;
 }
 
 template <int R>
@@ -77,6 +77,7 @@ void block(const Problem& p, const Lanes& lanes, int64_t o, int64_t r0) {
   const int64_t g_count = ngroups(p);
   const int64_t row_bytes = p.bits == 8 ? p.in : p.in / 2;
   const __m512i nibble = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+  const bool same_block = p.group == 32;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t part = 0; part < p.parts; ++part) {
@@ -110,16 +111,24 @@ void block(const Problem& p, const Lanes& lanes, int64_t o, int64_t r0) {
         const int64_t n = p.in / 2;
         for (int r = 0; r < R; ++r) {
           __m512i s_lo = _mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(q[r] + at));
-          __m512i s_hi = _mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(q[r] + n + at));
-          __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s_lo), _mm512_loadu_ps(dx[r] + at / 4));
-          t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s_hi), _mm512_loadu_ps(dx[r] + n / 4 + at / 4), t);
+          const __m512i x_hi = _mm512_loadu_si512(q[r] + n + at);
+          __m512 t;
+          if (same_block) {  // groups of 32: a byte's two nibbles meet one activation block
+            t = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(s_lo, hi, x_hi));
+            t = _mm512_mul_ps(t, _mm512_loadu_ps(dx[r] + at / 4));
+          } else {
+            __m512i s_hi = _mm512_dpbusd_epi32(zero, hi, x_hi);
+            t = _mm512_mul_ps(_mm512_cvtepi32_ps(s_lo), _mm512_loadu_ps(dx[r] + at / 4));
+            t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s_hi),
+                                _mm512_loadu_ps(dx[r] + n / 4 + at / 4), t);
+          }
           acc[r] = _mm512_fmadd_ps(t, swl, acc[r]);
         }
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    p.y[(r0 + r) * p.out + o] = _mm512_reduce_add_ps(acc[r]) + zero_term16(p, r0 + r, o);
+    p.y[(r0 + r) * p.out + o] = _mm512_reduce_add_ps(add_zero_terms(p, r0 + r, o, acc[r]));
 }
 
 }  // namespace
