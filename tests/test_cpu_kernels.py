@@ -281,3 +281,27 @@ def test_smollm2_gguf_logits_match_llama_cpp_on_the_same_file(smollm2_q, smollm2
         top2 = np.sort(want, axis=-1)[:, -2:]
         clear = top2[:, 1] - top2[:, 0] > MARGIN["int8"]
         np.testing.assert_array_equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+def test_without_a_compiler_one_warning_and_the_xla_path(monkeypatch, caplog):
+    from jaxinfer.kernels.cpu import build
+
+    monkeypatch.setattr(build, "_state", {})
+    monkeypatch.setattr(build, "compiler", lambda: None)
+    with caplog.at_level("WARNING", logger=build.__name__):
+        assert build.load() is None and build.load() is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "CPU kernels unavailable, using the XLA path: no C++ compiler (g++) found"]
+    assert not cpu.available()
+    w = quant.quantize(np.ones((32, 64), np.float32), "int8")
+    assert quant.in_place(w, "int8") is w  # models then read plain QArrays through XLA
+
+
+def test_a_build_writes_the_library_whole_under_its_key(tmp_path):
+    """A fresh build into an empty cache directory (as a second machine would) leaves only the
+    finished library: objects and the temporary link output are removed."""
+    from jaxinfer.kernels.cpu import build
+
+    out = tmp_path / "lib.so"
+    build.build(build.compiler(), out)
+    assert [p.name for p in tmp_path.iterdir()] == ["lib.so"] and out.stat().st_size > 10_000
