@@ -8,6 +8,52 @@ namespace {
 
 constexpr int kMaxRows = 4;  // activation rows sharing each loaded weight chunk
 
+
+// The last 16, 32 or 48 bytes of a weight row, zero-extended (masked byte loads are slow on
+// some CPUs, Zen 4 among them).
+inline __m512i load_tail(const uint8_t* w, int64_t left) {
+  const __m256i a = left >= 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))
+                               : _mm256_zextsi128_si256(
+                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  __m512i v = _mm512_zextsi256_si512(a);
+  if (left == 48)
+    v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32)), 2);
+  return v;
+}
+
+// n < 4 floats into the low lanes (no read past them).
+inline __m128 load_few(const float* f, int64_t n) {
+  if (n >= 4) return _mm_loadu_ps(f);
+  if (n == 1) return _mm_load_ss(f);
+  const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(f)));
+  return n == 2 ? two : _mm_insert_ps(two, _mm_load_ss(f + 2), 0x20);
+}
+
+// Up to 16 floats (no read past n).
+inline __m512 load_upto16(const float* f, int64_t n) {
+  if (n >= 16) return _mm512_loadu_ps(f);
+  __m512 v = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m128 q = _mm_loadu_ps(f + i);
+    switch (i / 4) {
+      case 0: v = _mm512_insertf32x4(v, q, 0); break;
+      case 1: v = _mm512_insertf32x4(v, q, 1); break;
+      default: v = _mm512_insertf32x4(v, q, 2); break;
+    }
+  }
+  if (i < n) {
+    const __m128 q = load_few(f + i, n - i);
+    switch (i / 4) {
+      case 0: v = _mm512_insertf32x4(v, q, 0); break;
+      case 1: v = _mm512_insertf32x4(v, q, 1); break;
+      case 2: v = _mm512_insertf32x4(v, q, 2); break;
+      default: v = _mm512_insertf32x4(v, q, 3); break;
+    }
+  }
+  return v;
+}
+
 // How the weight scales of a 64-byte chunk map onto its 16 lanes: lane l of the chunk at
 // byte `at` lies in group (at + 4 l) / bytes_per_group (a chunk spans at most 4 groups).
 struct Lanes {
@@ -24,30 +70,10 @@ struct Lanes {
     if (shift < 0) return _mm512_set1_ps(sc[0]);
     const int64_t first = at >> shift;
     const int64_t count = g_count - first < 4 ? g_count - first : 4;
-    __m128 s;
-    if (count == 4) {
-      s = _mm_loadu_ps(sc + first);
-    } else {  // the row's last groups: no read past them
-      alignas(16) float part[4] = {0, 0, 0, 0};
-      for (int64_t i = 0; i < count; ++i) part[i] = sc[first + i];
-      s = _mm_load_ps(part);
-    }
+    const __m128 s = load_few(sc + first, count);  // the row's last groups: no read past them
     return _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(s));
   }
 };
-
-// The last 16, 32 or 48 bytes of a weight row, zero-extended (masked byte loads are slow on
-// some CPUs, Zen 4 among them).
-inline __m512i load_tail(const uint8_t* w, int64_t left) {
-  const __m128i zero = _mm_setzero_si128();
-  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-  const __m128i b = left > 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)) : zero;
-  const __m128i c = left > 32 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32)) : zero;
-  __m512i v = _mm512_castsi128_si512(a);
-  v = _mm512_inserti32x4(v, b, 1);
-  v = _mm512_inserti32x4(v, c, 2);
-  return _mm512_inserti32x4(v, zero, 3);
-}
 
 // acc plus the zero-point terms of output o for row r, 16 groups per step (the activation
 // sums are padded, the zeros are not).
@@ -58,15 +84,7 @@ inline __m512 add_zero_terms(const Problem& p, int64_t r, int64_t o, __m512 acc)
     const float* z = p.zeros + (part * p.out + o) * g;
     const float* s = p.xsum + (r * p.parts + part) * g;
     for (int64_t i = 0; i < g; i += 16) {
-      __m512 zv;
-      if (g - i >= 16) {
-        zv = _mm512_loadu_ps(z + i);
-      } else {
-        alignas(64) float tail[16] = {};
-        for (int64_t t = 0; t < g - i; ++t) tail[t] = z[i + t];
-        zv = _mm512_load_ps(tail);
-      }
-      acc = _mm512_fmadd_ps(zv, _mm512_loadu_ps(s + i), acc);
+      acc = _mm512_fmadd_ps(load_upto16(z + i, g - i), _mm512_loadu_ps(s + i), acc);
     }
   }
   return acc;
