@@ -61,11 +61,11 @@ def products(out: int, in_dim: int) -> None:
     print(f"fp32 x @ W at 1 row: {t * 1e3:.2f} ms ({w.nbytes / t / 1e9:.1f} GB/s)")
 
 
-def decode(decode_tokens: int) -> None:
+def decode(decode_tokens: int, formats: list[str]) -> None:
     print(f"\nSmolLM2-135M decode tok/s ({decode_tokens} new tokens per row, greedy)")
     print("| weights | cpu_kernels | batch 1 | batch 8 | batch 32 | load |")
     print("|---|---|---|---|---|---|")
-    for fmt in (None, "int8", "gguf"):
+    for fmt in (None if f == "none" else f for f in formats):
         model = jaxinfer.load_model(dtype="float32", quant=fmt, progress=False)
         prompt = model.tokenizer.encode("Write a short story about a lighthouse keeper.")
         for mode in ("int8", "off") if fmt else ("off",):
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--decode_tokens", type=int, default=32)
     parser.add_argument("--skip_decode", action="store_true")
     parser.add_argument("--skip_products", action="store_true")
+    parser.add_argument("--formats", default="none,int8,gguf", help="decode weight formats")
     args = parser.parse_args()
     print(f"kernels: {cpu.available()}, instruction sets {cpu.available_isas()}, "
           f"jax {jax.__version__}")
@@ -92,7 +93,7 @@ def main() -> None:
         if not args.skip_products:
             products(out, in_dim)
     if not args.skip_decode:
-        decode(args.decode_tokens)
+        decode(args.decode_tokens, args.formats.split(","))
 
 
 if __name__ == "__main__":
