@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def load_model(
     mesh: Mesh | str | None = None,
     quant: str | None = None,
     kv_quant: str | None = None,
+    cpu_kernels: str = "int8",
     progress: bool = True,
 ) -> Model:
     """Loads a known model (see `sources.KNOWN_MODELS`), a local .gguf file, a Hugging Face
@@ -39,6 +41,9 @@ def load_model(
     quant: None (float weights), "int8" (per output channel), "int4" (groups of 32), or
     "gguf" (a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K blocks kept as they are).
     kv_quant: None (KV cache in the compute dtype) or "int8" (per-token, per-head scales).
+    cpu_kernels: quantized products on CPU through jaxinfer.kernels.cpu with activations
+    quantized to int8 per block of 32 ("int8", as llama.cpp), in fp32 ("f32"), or XLA's own
+    products ("off"); see ModelConfig.cpu_kernels.
     An Orbax checkpoint directory (`python -m jaxinfer.launch.convert`) loads too.
     """
     start = time.perf_counter()
@@ -61,9 +66,10 @@ def load_model(
         raise ValueError(f"{path}: no tokenizer files (tokenizer.json); {fix}")
     if model.tokenizer.chat_template is None:  # a preset may know the template its file lacks
         model.tokenizer.chat_template = sources.chat_template(name_or_path)
-    config = dataclasses.replace(model.config, attention=attention, kv_quant=kv_quant)
+    config = dataclasses.replace(model.config, attention=attention, kv_quant=kv_quant,
+                                 cpu_kernels=cpu_kernels)
     if progress:
-        print(f"loaded {path.name} in {time.perf_counter() - start:.1f}s")
+        print(f"loaded {path.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return model._replace(config=config)
 
 

@@ -20,6 +20,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("sliding_attention", "full_attention")
 QUANT_MODES = (None, "int8", "int4", "gguf")
+CPU_KERNELS = ("int8", "f32", "off")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -64,6 +65,10 @@ class ModelConfig:
     # (the file's own Q8_0 / Q4_0 / Q4_1 / Q4_K blocks kept as they are); see jaxinfer.quant.
     quant: str | None = None
     kv_quant: str | None = None  # "int8": KV cache in int8 with per-token, per-head scales
+    # Quantized products on CPU through jaxinfer.kernels.cpu: "int8" (activations quantized
+    # per block of 32 inside the kernel, as llama.cpp does), "f32" (fp32 activations) or
+    # "off" (XLA's own products). Ignored on GPU/TPU and under a multi-device mesh.
+    cpu_kernels: str = "int8"
 
     def __post_init__(self):
         for name in ("param_dtype", "compute_dtype"):
@@ -76,6 +81,8 @@ class ModelConfig:
         if self.quant not in QUANT_MODES:
             allowed = ", ".join(str(m) for m in QUANT_MODES)
             raise ValueError(f"quant={self.quant!r}; allowed: {allowed}")
+        if self.cpu_kernels not in CPU_KERNELS:
+            raise ValueError(f"cpu_kernels={self.cpu_kernels!r}; allowed: {', '.join(CPU_KERNELS)}")
         if self.kv_quant not in (None, "int8"):
             raise ValueError(f"kv_quant={self.kv_quant!r}; allowed: None, int8")
         if self.n_heads % self.n_kv_heads:

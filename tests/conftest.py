@@ -74,3 +74,17 @@ def hf_smollm2(smollm2_path):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# --- CPU kernels (issue 11): `pytest --cpu-kernels=off` runs the suite on XLA's own products
+# (the fallback CI keeps correct); it switches jaxinfer.kernels.cpu off for this process.
+def pytest_addoption(parser):
+    parser.addoption("--cpu-kernels", choices=("on", "off"), default="on",
+                     help="off: every model uses XLA's products instead of jaxinfer's CPU kernels")
+
+
+def pytest_configure(config):
+    if config.getoption("--cpu-kernels") == "off":
+        from jaxinfer.kernels import cpu
+
+        cpu.set_enabled(False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pydoc_data.topics
 from types import SimpleNamespace
 
@@ -35,7 +36,10 @@ def _logits(params, cfg, tokens):
 
 @pytest.fixture(scope="module")
 def smollm2_gguf_native(smollm2_path):
-    return jaxinfer.load_model(str(smollm2_path), dtype="float32", quant="gguf", progress=False)
+    """The GGUF's own blocks; CPU kernels with fp32 activations (exact up to summation order;
+    their int8 activations are tested in test_cpu_kernels.py)."""
+    model = jaxinfer.load_model(str(smollm2_path), dtype="float32", quant="gguf", progress=False)
+    return model._replace(config=dataclasses.replace(model.config, cpu_kernels="f32"))
 
 
 @pytest.mark.numerics
@@ -47,6 +51,7 @@ def test_native_gguf_blocks_give_the_dequantized_models_logits(tmp_path, tensor_
     write_llama_gguf(path, model, tensor_type)
     cfg, dense, _ = load_gguf(path, progress=False)
     qcfg, native, _ = load_gguf(path, quant="gguf", progress=False)
+    qcfg = dataclasses.replace(qcfg, cpu_kernels="f32")  # exact activations
     assert qcfg.quant == "gguf" and quant.is_quantized(native["layers"]["wq"])
     assert native["layers"]["wq"].bits == (8 if tensor_type == T.Q8_0 else 4)
     for name in ("wq", "wk", "wo", "w_down"):  # the same weights, exactly representable

@@ -32,6 +32,9 @@ flags.DEFINE_enum("quant", None, ["int8", "int4", "gguf"],
                   "Quantize the weights at load (int8 per channel, int4 in groups of 32), or keep "
                   "a GGUF file's own Q8_0/Q4_0/Q4_1/Q4_K blocks (gguf). Unset: float weights.")
 flags.DEFINE_enum("kv_quant", None, ["int8"], "KV cache in int8 (per-token, per-head scales).")
+flags.DEFINE_enum("cpu_kernels", "int8", ["int8", "f32", "off"],
+                  "Quantized products on CPU: jaxinfer's kernels with activations quantized "
+                  "per block of 32 (int8, as llama.cpp) or in fp32 (f32), or XLA's own (off).")
 
 SETTINGS = ("model", "prompt", "chat", "max_new_tokens", "temperature", "top_p", "top_k",
             "seed", "dtype")
@@ -70,7 +73,8 @@ def main(argv: list[str]) -> None:
         start = time.perf_counter()
         model = jaxinfer.load_model(
             opts["model"], dtype=opts["dtype"], attention=FLAGS.attention, mesh=mesh,
-            quant=FLAGS.quant, kv_quant=FLAGS.kv_quant, progress=True,
+            quant=FLAGS.quant, kv_quant=FLAGS.kv_quant, cpu_kernels=FLAGS.cpu_kernels,
+            progress=True,
         )
         load_s = time.perf_counter() - start
         if opts["chat"]:

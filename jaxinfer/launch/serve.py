@@ -30,6 +30,9 @@ flags.DEFINE_string("host", None, "Address to listen on.")
 flags.DEFINE_integer("port", None, "Port to listen on.")
 flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16"], "Weight and activation dtype.")
 flags.DEFINE_enum("attention", None, ["auto", "xla", "pallas"], "Attention implementation.")
+flags.DEFINE_enum("cpu_kernels", "int8", ["int8", "f32", "off"],
+                  "Quantized products on CPU: jaxinfer's kernels with activations quantized "
+                  "per block of 32 (int8, as llama.cpp) or in fp32 (f32), or XLA's own (off).")
 flags.DEFINE_integer("max_batch_size", None, "Decode slots: requests generating at once.")
 flags.DEFINE_integer("max_seq_len", None, "Most tokens per request, prompt + generated.")
 flags.DEFINE_integer("page_size", None, "Tokens per KV-cache page.")
@@ -84,7 +87,7 @@ def load_and_attach(opts: dict, config, state) -> None:
 
         print(f"mesh: {describe(mesh)}", flush=True)
     model = jaxinfer.load_model(opts["model"], dtype=opts["dtype"], attention=opts["attention"],
-                                mesh=mesh, progress=True)
+                                mesh=mesh, cpu_kernels=FLAGS.cpu_kernels, progress=True)
     cfg = model.config
     engine = Engine(model, config, mesh=mesh)
     print(f"KV cache: {engine.num_pages - 1} pages of {engine.page_size} tokens "

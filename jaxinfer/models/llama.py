@@ -180,14 +180,17 @@ def transformer(
     # No-op when dtypes match; quantized weights keep their integer values.
     params = jax.tree.map(lambda p: p.astype(cfg.dtype), params, is_leaf=quant.keeps_structure)
     x = embed(params, tokens, cfg)
+    # Weights the CPU kernels read in place stay whole (a scanned slice would be copied).
+    whole, sliced = quant.split_stacked(params["layers"], cfg.cpu_kernels)
 
     def step(carry, layer_and_index):
         x, cache = carry
         layer, data, index = layer_and_index
+        layer = {**layer, **quant.layer_views(whole, index, cfg.cpu_kernels)}
         x = constrain(x)  # under a mesh: the residual stream is [batch -> data] between layers
         return decoder_layer(x, layer, index, cache, positions, data, cfg), None
 
-    xs = (params["layers"], layer_data(cfg), jnp.arange(cfg.n_layers))
+    xs = (sliced, layer_data(cfg), jnp.arange(cfg.n_layers))
     (x, cache), _ = jax.lax.scan(step, (x, cache), xs)
     return rms_norm(x, params["final_norm"], cfg.rms_eps, cfg.norm_offset), cache
 
@@ -195,7 +198,8 @@ def transformer(
 def unembed(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """hidden [..., embed] -> fp32 logits [..., vocab] (soft-capped when the config says so)."""
     head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-    logits = quant.einsum("...d,vd->...v", hidden, head, jnp.float32)
+    logits = quant.einsum("...d,vd->...v", hidden, quant.in_place(head, cfg.cpu_kernels),
+                          jnp.float32)
     return softcap(logits, cfg.final_softcap)
 
 

@@ -1,6 +1,7 @@
 """Quantized weights (int8 / int4 + scales), the contractions that use them, quantizers."""
 
 from jaxinfer.quant.calibrate import Quantizer
+from jaxinfer.quant.cpu_kernels import InPlace, in_place, layer_views, split_stacked
 from jaxinfer.quant.model import CONTRACTION_AXES, param_bytes, quantize_params
 from jaxinfer.quant.qarray import (
     PRECISIONS,
@@ -16,7 +17,7 @@ from jaxinfer.quant.qarray import (
 )
 
 __all__ = [
-    "CONTRACTION_AXES", "PRECISIONS", "Probe", "QArray", "Quantizer", "check_quant",
-    "dequantize", "einsum", "is_quantized", "keeps_structure", "param_bytes", "quantize",
-    "quantize_params", "take",
+    "CONTRACTION_AXES", "PRECISIONS", "InPlace", "Probe", "QArray", "Quantizer", "check_quant",
+    "dequantize", "einsum", "in_place", "is_quantized", "keeps_structure", "layer_views",
+    "param_bytes", "quantize", "quantize_params", "split_stacked", "take",
 ]

@@ -162,6 +162,8 @@ def take(w: jax.Array | QArray, indices: jax.Array, dtype) -> jax.Array:
     """Rows `w[indices]` (an embedding lookup) in `dtype`; only those rows are dequantized."""
     if isinstance(w, Probe):
         w = w.weight
+    if hasattr(w, "materialize"):  # a cpu_kernels.InPlace view: a gather reads it in place too
+        w = w.materialize()
     if not isinstance(w, QArray):
         return w[indices].astype(dtype)
     if w.axis != -1 or w.ndim != 2:
@@ -231,12 +233,20 @@ def einsum(spec: str, x: jax.Array, w: jax.Array | QArray, out_dtype=None) -> ja
     fp32); the result in `out_dtype` (default: x's dtype).
 
     On accelerators the dequantization is an elementwise producer that XLA fuses into the
-    dot. On CPU, few-row products with per-channel int8 (decoding) use fused row reductions.
+    dot. On CPU, a `cpu_kernels.InPlace` view runs on the CPU kernels where they apply;
+    otherwise few-row products with per-channel int8 (decoding) use fused row reductions.
     """
     if isinstance(w, Probe):
         if recorder is not None:
             _record(spec, x, w)
         w = w.weight
+    if hasattr(w, "materialize"):  # a cpu_kernels.InPlace view (imported here: it imports us)
+        from jaxinfer.quant import cpu_kernels
+
+        y = cpu_kernels.product(spec, x, w)
+        if y is not None:
+            return y.astype(out_dtype or x.dtype)
+        w = w.materialize()
     if not isinstance(w, QArray):
         return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=out_dtype)
     out_dtype = out_dtype or x.dtype

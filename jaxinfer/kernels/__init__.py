@@ -1,0 +1,1 @@
+"""Native kernels below the model: `cpu` holds XLA FFI custom calls for CPU."""

@@ -1,0 +1,206 @@
+// The XLA FFI handler: prepares the activations once per call, then splits the outputs over
+// XLA's intra-op thread pool. Every output is computed by the same code whatever the number
+// of rows or threads, so a row's result does not depend on the batch it came in.
+#include <cpuid.h>
+
+#include <atomic>
+#include <cmath>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "qmatmul.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+void jaxinfer_int8_rows_scalar(const Problem&, int64_t, int64_t);
+void jaxinfer_f32_rows_scalar(const Problem&, int64_t, int64_t);
+void jaxinfer_int8_rows_avx2(const Problem&, int64_t, int64_t);
+void jaxinfer_f32_rows_avx2(const Problem&, int64_t, int64_t);
+void jaxinfer_int8_rows_avx2vnni(const Problem&, int64_t, int64_t);
+void jaxinfer_f32_rows_avx2vnni(const Problem&, int64_t, int64_t);
+void jaxinfer_int8_rows_avx512(const Problem&, int64_t, int64_t);
+void jaxinfer_f32_rows_avx512(const Problem&, int64_t, int64_t);
+
+namespace {
+
+// Instruction sets, as the `isa` attribute names them (0: the best this CPU and OS allow).
+enum Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx2Vnni = 3, kAvx512Vnni = 4 };
+
+const RowsFn kInt8Rows[] = {nullptr, jaxinfer_int8_rows_scalar, jaxinfer_int8_rows_avx2,
+                            jaxinfer_int8_rows_avx2vnni, jaxinfer_int8_rows_avx512};
+const RowsFn kF32Rows[] = {nullptr, jaxinfer_f32_rows_scalar, jaxinfer_f32_rows_avx2,
+                           jaxinfer_f32_rows_avx2vnni, jaxinfer_f32_rows_avx512};
+
+// Bit i set: Isa i runs here. Checks both CPUID and that the OS saves the vector state
+// (XGETBV), so an instruction set the kernel has not enabled is never used.
+int DetectIsas() {
+  int isas = 1 << kScalar;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return isas;
+  const bool osxsave = c & (1u << 27), fma = c & (1u << 12);
+  if (!osxsave) return isas;
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  const bool os_avx = (xcr0_lo & 0x6) == 0x6, os_avx512 = (xcr0_lo & 0xe6) == 0xe6;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return isas;
+  const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512bw = b & (1u << 30),
+             avx512vl = b & (1u << 31), avx512vnni = c & (1u << 11);
+  __get_cpuid_count(7, 1, &a, &b, &c, &d);
+  const bool avxvnni = a & (1u << 4);
+  if (os_avx && avx2 && fma) isas |= 1 << kAvx2;
+  if (os_avx && avx2 && fma && avxvnni) isas |= 1 << kAvx2Vnni;
+  if (os_avx512 && avx512f && avx512bw && avx512vl && avx512vnni && fma) isas |= 1 << kAvx512Vnni;
+  return isas;
+}
+
+const int kIsas = DetectIsas();
+
+int BestIsa() {
+  for (int isa = kAvx512Vnni; isa > kScalar; --isa)
+    if (kIsas & (1 << isa)) return isa;
+  return kScalar;
+}
+
+// Activations quantized per block of 32 values (llama.cpp's Q8_0 rounding: d = amax / 127,
+// q = round-half-even(x / d)), laid out as Problem describes for the weight's bit width.
+struct Prepared {
+  std::vector<int8_t> qx;
+  std::vector<float> dx, xsum;
+};
+
+void Prepare(const Problem& p, bool quantize, Prepared& out) {
+  const int64_t K = p.parts * p.in, g_count = ngroups(p), pad = 64;
+  if (quantize) {
+    out.qx.assign(p.rows * K + pad, 0);
+    out.dx.assign(p.rows * K / 4 + pad, 0.0f);
+  }
+  out.xsum.assign(p.rows * p.parts * g_count + pad, 0.0f);
+  std::vector<int8_t> q(p.in);
+  std::vector<float> d(p.in / 32);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    for (int64_t part = 0; part < p.parts; ++part) {
+      const int64_t at = (r * p.parts + part) * p.in;
+      const float* x = p.x + r * K + part * p.in;
+      float* xsum = out.xsum.data() + (r * p.parts + part) * g_count;
+      if (!quantize) {
+        for (int64_t e = 0; e < p.in; ++e) xsum[e / p.group] += x[e];
+        continue;
+      }
+      for (int64_t b = 0; b < p.in / 32; ++b) {
+        float amax = 0.0f;
+        for (int t = 0; t < 32; ++t) amax = std::fmax(amax, std::fabs(x[32 * b + t]));
+        const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+        int32_t sum = 0;
+        for (int t = 0; t < 32; ++t) {
+          q[32 * b + t] = int8_t(std::nearbyint(x[32 * b + t] * inv));
+          sum += q[32 * b + t];
+        }
+        d[b] = scale;
+        xsum[32 * b / p.group] += scale * float(sum);
+      }
+      int8_t* qx = out.qx.data() + at;
+      float* dx = out.dx.data() + at / 4;
+      if (p.bits == 8) {
+        for (int64_t e = 0; e < p.in; ++e) qx[e] = q[e];
+        for (int64_t l = 0; l < p.in / 4; ++l) dx[l] = d[4 * l / 32];
+      } else {  // byte j of group g: element g*G + j%(G/2) (low nibble) and + G/2 (high)
+        const int64_t half = p.group / 2, n = p.in / 2;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t lo = (j / half) * p.group + j % half, hi = lo + half;
+          qx[j] = q[lo];
+          qx[n + j] = q[hi];
+          if (j % 4 == 0) {
+            dx[j / 4] = d[lo / 32];
+            dx[n / 4 + j / 4] = d[hi / 32];
+          }
+        }
+      }
+    }
+  }
+}
+
+struct Work {
+  Problem problem;
+  RowsFn rows_fn;
+  int64_t chunk, n_chunks;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void Run() {
+    for (int64_t c; (c = next.fetch_add(1)) < n_chunks;) {
+      int64_t begin = c * chunk, end = std::min(begin + chunk, problem.out);
+      rows_fn(problem, begin, end);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
+                   ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> zeros,
+                   ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t bits,
+                   int64_t group, int64_t isa, int64_t act_int8) {
+  // values [layers, parts, out, in_stored]; x [rows, parts * in]; y [rows, out].
+  auto vd = values.dimensions();
+  if (vd.size() != 4 || x.dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("qmatmul: values must be 4-d and x 2-d");
+  Problem p{};
+  const int64_t layers = vd[0];
+  p.parts = vd[1];
+  p.out = vd[2];
+  p.in = bits == 8 ? vd[3] : vd[3] * 2;
+  p.rows = x.dimensions()[0];
+  p.group = group;
+  p.bits = bits;
+  if (x.dimensions()[1] != p.parts * p.in || p.in % 32 || group % 32)
+    return ffi::Error::InvalidArgument("qmatmul: shapes do not match");
+  if (isa == kAuto) isa = BestIsa();
+  if (isa < kScalar || isa > kAvx512Vnni || !(kIsas & (1 << isa)))
+    return ffi::Error::InvalidArgument("qmatmul: instruction set not available on this CPU");
+  int64_t index = *layer.typed_data();
+  index = index < 0 ? 0 : (index >= layers ? layers - 1 : index);
+  const int64_t layer_elems = p.parts * p.out * vd[3], layer_groups = p.parts * p.out * (p.in / group);
+  p.values = static_cast<const uint8_t*>(values.untyped_data()) + index * layer_elems;
+  p.scales = scales.typed_data() + index * layer_groups;
+  p.zeros = bits == 4 ? zeros.typed_data() + index * layer_groups : nullptr;
+  p.x = x.typed_data();
+  p.y = y->typed_data();
+  Prepared prepared;
+  Prepare(p, act_int8 != 0, prepared);
+  p.qx = prepared.qx.data();
+  p.dx = prepared.dx.data();
+  p.xsum = prepared.xsum.data();
+
+  auto work = std::make_shared<Work>();
+  work->problem = p;
+  work->rows_fn = act_int8 ? kInt8Rows[isa] : kF32Rows[isa];
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  work->chunk = std::max<int64_t>(8, p.out / (8 * threads));
+  work->n_chunks = (p.out + work->chunk - 1) / work->chunk;
+  const int64_t helpers = std::min<int64_t>(threads, work->n_chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  // Only chunks another thread has claimed (and is running) remain: wait for them.
+  while (work->done.load(std::memory_order_acquire) < work->n_chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#pragma GCC visibility push(default)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferQMatmul, QMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("act_int8"));
+
+extern "C" int jaxinfer_cpu_isas() { return kIsas; }
+#pragma GCC visibility pop
