@@ -80,11 +80,12 @@ class KVCache:
     def attend(self, layer: jax.Array, q: jax.Array, positions: jax.Array, **options) -> jax.Array:
         """Attention of `q: [batch, seq, heads, head_dim]` at `positions` over this layer's
         cache; `options` (window, softcap, scale, impl) go to `jaxinfer.pallas.attention`.
-        An int8 cache is dequantized (this layer only) on the way in."""
-        scales = (None, None) if self.k_scale is None else (self.k_scale[layer],
-                                                            self.v_scale[layer])
-        k = dequantize_kv(self.k[layer], scales[0], q.dtype)
-        v = dequantize_kv(self.v[layer], scales[1], q.dtype)
+        A float cache is read in place (on CPU only its visible blocks); an int8 cache is
+        dequantized (this layer, its whole length) on the way in."""
+        if self.k_scale is None:
+            return pallas.attention(q, self.k, self.v, positions, layer=layer, **options)
+        k = dequantize_kv(self.k[layer], self.k_scale[layer], q.dtype)
+        v = dequantize_kv(self.v[layer], self.v_scale[layer], q.dtype)
         return pallas.attention(q, k, v, positions, **options)
 
 
@@ -111,8 +112,9 @@ class PagedKVCache:
     k_scales: jax.Array | None = None
     v_scales: jax.Array | None = None
 
-    # Calls with at most this many query tokens per row use the paged decode kernel; longer
-    # ones (prefill chunks) gather the row's pages into a dense view for the prefill kernel.
+    # With Pallas, calls with at most this many query tokens per row use the paged decode
+    # kernel; longer ones (prefill chunks) gather the row's pages into a dense view for the
+    # prefill kernel. The XLA path reads the pages in place for any number.
     DECODE_MAX_TOKENS = 8
 
     @classmethod
@@ -184,15 +186,17 @@ class PagedKVCache:
         """Attention of `q: [batch, seq, heads, head_dim]` at `positions` over this layer's
         pages; `options` (window, softcap, scale, impl) go to `jaxinfer.pallas`.
 
-        Up to DECODE_MAX_TOKENS tokens per row: `pallas.paged_attention` reads the pages in
-        place. More (prefill): the row's pages are gathered into a dense
-        [batch, kv_heads, max_len, head_dim] view first, then `pallas.attention` runs on it.
+        Up to DECODE_MAX_TOKENS tokens per row, or any number on the XLA path:
+        `pallas.paged_attention` reads the pages in place. More with Pallas (prefill): the
+        row's pages are gathered into a dense [batch, kv_heads, max_len, head_dim] view first,
+        then `pallas.attention` runs on it.
         """
         if self.k_scales is not None:
             k = self._gather_dequantized(self.k_pages[layer], self.k_scales[layer], q.dtype)
             v = self._gather_dequantized(self.v_pages[layer], self.v_scales[layer], q.dtype)
             return pallas.attention(q, k, v, positions, **options)
-        if q.shape[1] <= self.DECODE_MAX_TOKENS:
+        xla = pallas.resolve(options.get("impl", "xla"), q.shape[-1]) == "xla"
+        if q.shape[1] <= self.DECODE_MAX_TOKENS or xla:
             return pallas.paged_attention(
                 q, self.k_pages, self.v_pages, self.page_table, positions, layer=layer, **options
             )
