@@ -38,7 +38,8 @@ def seconds(fn, repeats: int) -> float:
     return min(times)
 
 
-def full_cache_reference(q, k, v, q_positions, *, layer=None, **options):
+def full_cache_reference(q, k, v, q_positions, *, layer=None, scales=None, **options):
+    assert scales is None, "the comparison runs a float cache"
     if layer is not None:
         k, v = k[layer], v[layer]
     return reference.attention(q, k, v, q_positions, **options)
@@ -72,7 +73,7 @@ def decode_rows(model, args) -> list[str]:
                     p, t, pos, c, cfg)), donate_argnums=3)
                 state = {"cache": KVCache.init(cfg, batch, cache_len)}
 
-                def call(step=step, state=state):
+                def call(step=step, state=state, tokens=tokens, positions=positions):
                     logits, state["cache"] = step(params, tokens, positions, state["cache"])
                     return logits
 
@@ -98,12 +99,12 @@ def prefill_rows(model, args) -> list[str]:
         times = {}
         for impl in IMPLS:
             attend = jax.jit(IMPLS[impl])
-            times[impl] = cfg.n_layers * seconds(lambda a=attend: a(q, k, v, positions),
-                                                 args.repeats)
+            inputs = (q, k, v, positions)
+            times[impl] = cfg.n_layers * seconds(lambda a=attend, x=inputs: a(*x), args.repeats)
         tokens = jnp.asarray(rng.integers(100, cfg.vocab_size, (1, n)), jnp.int32)
-        whole = jax.jit(lambda p, t, pos: llama.transformer(
-            p, t, pos, KVCache.init(cfg, 1, cache_len), cfg)[0])
-        model_s = seconds(lambda w=whole: w(params, tokens, positions), args.repeats)
+        whole = jax.jit(lambda p, t, pos, c: llama.transformer(p, t, pos, c, cfg)[0])
+        inputs = (params, tokens, positions, KVCache.init(cfg, 1, cache_len))
+        model_s = seconds(lambda w=whole, x=inputs: w(*x), args.repeats)
         rows.append(f"| prefill attention, {n} tokens, {cfg.n_layers} layers | "
                     f"{times['blocked'] * 1e3:.1f} ms | {times['reference'] * 1e3:.1f} ms | "
                     f"{times['reference'] / times['blocked']:.2f}x | whole prefill (blocked) "

@@ -80,13 +80,11 @@ class KVCache:
     def attend(self, layer: jax.Array, q: jax.Array, positions: jax.Array, **options) -> jax.Array:
         """Attention of `q: [batch, seq, heads, head_dim]` at `positions` over this layer's
         cache; `options` (window, softcap, scale, impl) go to `jaxinfer.pallas.attention`.
-        A float cache is read in place (on CPU only its visible blocks); an int8 cache is
-        dequantized (this layer, its whole length) on the way in."""
-        if self.k_scale is None:
-            return pallas.attention(q, self.k, self.v, positions, layer=layer, **options)
-        k = dequantize_kv(self.k[layer], self.k_scale[layer], q.dtype)
-        v = dequantize_kv(self.v[layer], self.v_scale[layer], q.dtype)
-        return pallas.attention(q, k, v, positions, **options)
+        The cache is read in place (on CPU only its visible blocks, an int8 cache dequantized
+        block by block)."""
+        scales = None if self.k_scale is None else (self.k_scale, self.v_scale)
+        return pallas.attention(q, self.k, self.v, positions, layer=layer, scales=scales,
+                                **options)
 
 
 @jax.tree_util.register_dataclass
@@ -102,8 +100,7 @@ class PagedKVCache:
     attention masks by position (key j is visible to a query at p iff j <= p, and within the
     window), so a row's length is implied by its query positions and needs no field here.
     With `cfg.kv_quant="int8"` the pages hold int8 and k_scales, v_scales [layers, kv_heads,
-    num_pages, page_size] one fp32 scale per token and head; attention then reads through
-    the gathered (dense) path, dequantizing one layer at a time.
+    num_pages, page_size] one fp32 scale per token and head.
     """
 
     k_pages: jax.Array
@@ -186,17 +183,22 @@ class PagedKVCache:
         """Attention of `q: [batch, seq, heads, head_dim]` at `positions` over this layer's
         pages; `options` (window, softcap, scale, impl) go to `jaxinfer.pallas`.
 
-        Up to DECODE_MAX_TOKENS tokens per row, or any number on the XLA path:
-        `pallas.paged_attention` reads the pages in place. More with Pallas (prefill): the
-        row's pages are gathered into a dense [batch, kv_heads, max_len, head_dim] view first,
-        then `pallas.attention` runs on it.
+        On the XLA path `pallas.paged_attention` reads the pages in place (int8 ones
+        dequantized block by block) for any number of tokens. With Pallas, up to
+        DECODE_MAX_TOKENS tokens per row go to the paged kernel; more (prefill), or int8
+        pages, are gathered into a dense [batch, kv_heads, max_len, head_dim] view first, then
+        `pallas.attention` runs on it.
         """
+        xla = pallas.resolve(options.get("impl", "xla"), q.shape[-1]) == "xla"
+        if xla:
+            scales = None if self.k_scales is None else (self.k_scales, self.v_scales)
+            return pallas.paged_attention(q, self.k_pages, self.v_pages, self.page_table,
+                                          positions, layer=layer, scales=scales, **options)
         if self.k_scales is not None:
             k = self._gather_dequantized(self.k_pages[layer], self.k_scales[layer], q.dtype)
             v = self._gather_dequantized(self.v_pages[layer], self.v_scales[layer], q.dtype)
             return pallas.attention(q, k, v, positions, **options)
-        xla = pallas.resolve(options.get("impl", "xla"), q.shape[-1]) == "xla"
-        if q.shape[1] <= self.DECODE_MAX_TOKENS or xla:
+        if q.shape[1] <= self.DECODE_MAX_TOKENS:
             return pallas.paged_attention(
                 q, self.k_pages, self.v_pages, self.page_table, positions, layer=layer, **options
             )

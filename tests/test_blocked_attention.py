@@ -116,3 +116,29 @@ def test_decode_attention_touches_only_blocks_not_the_allocated_cache():
     assert _full_length_ops(ours, max_len) == []
     full = hlo(lambda q, k, v, p, i: reference.attention(q, k[i], v[i], p))
     assert _full_length_ops(full, max_len)  # the check sees what it is meant to catch
+
+
+def test_an_int8_cache_is_dequantized_block_by_block_like_the_whole_layer():
+    from jaxinfer.cache import dequantize_kv, quantize_kv
+
+    rng = np.random.default_rng(5)
+    k, v = dense_cache(rng, 2, 600, jnp.float32)
+    (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+    positions = jnp.asarray([[599], [270]], jnp.int32)
+    q = queries(rng, 2, 1, jnp.float32)
+    got = pallas.attention(q, kq, vq, positions, layer=2, scales=(ks, vs), impl="xla")
+    want = reference.attention(q, dequantize_kv(kq[2], ks[2], jnp.float32),
+                               dequantize_kv(vq[2], vs[2], jnp.float32), positions)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL[jnp.float32], rtol=0)
+
+    def pages(x):  # layer 2 as 8 pages of 150 positions: row b's page i is page 4 * b + i
+        x = x[2].reshape(2, KV_HEADS, 4, 150, *x.shape[4:])
+        return jnp.moveaxis(x, 1, 0).reshape(KV_HEADS, 8, 150, *x.shape[4:])
+
+    table = jnp.asarray([[0, 1, 2, 3], [4, 5, 6, 7]], jnp.int32)
+    got = pallas.paged_attention(q, pages(kq), pages(vq), table, positions,
+                                 scales=(pages(ks), pages(vs)), impl="xla")
+    want = reference.paged_attention(q, dequantize_kv(pages(kq), pages(ks), jnp.float32),
+                                     dequantize_kv(pages(vq), pages(vs), jnp.float32), table,
+                                     positions)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL[jnp.float32], rtol=0)

@@ -43,6 +43,7 @@ def attention(
     q_positions: jax.Array,
     *,
     layer: int | jax.Array | None = None,
+    scales: tuple[jax.Array, jax.Array] | None = None,
     window: int | jax.Array | None = None,
     softcap: float | None = None,
     scale: float | None = None,
@@ -50,14 +51,18 @@ def attention(
     impl: str = "xla",
 ) -> jax.Array:
     """Causal GQA attention against a dense cache k, v [batch, kv_heads, max_len, head_dim],
-    or [layers, ...] with `layer` (may be traced) picking one; shapes and masking as in
+    or [layers, ...] with `layer` (may be traced) picking one; an int8 cache comes with
+    `scales` (k's and v's, shaped as k without head_dim). Shapes and masking as in
     `reference.attention`. window may be a traced int32 scalar."""
     options = dict(window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths)
     if resolve(impl, q.shape[-1]) == "pallas":
         if layer is not None:
             k, v = k[layer], v[layer]
+            scales = None if scales is None else (scales[0][layer], scales[1][layer])
+        if scales is not None:
+            k, v = (blocked.dequantize(x, s, q.dtype) for x, s in zip((k, v), scales, strict=True))
         return flash_attention(q, k, v, q_positions, interpret=_interpret(), **options)
-    return blocked.attention(q, k, v, q_positions, layer=layer, **options)
+    return blocked.attention(q, k, v, q_positions, layer=layer, scales=scales, **options)
 
 
 def paged_attention(
@@ -68,6 +73,7 @@ def paged_attention(
     q_positions: jax.Array,
     *,
     layer: int | jax.Array | None = None,
+    scales: tuple[jax.Array, jax.Array] | None = None,
     window: int | jax.Array | None = None,
     softcap: float | None = None,
     scale: float | None = None,
@@ -79,11 +85,16 @@ def paged_attention(
 
     q: [batch, seq, heads, head_dim]; k_pages, v_pages: [kv_heads, num_pages, page_size,
     head_dim], or [layers, ...] with `layer` (may be traced) picking one; page_table:
-    [batch, pages_per_seq]. Masking and output as in `reference.paged_attention`.
+    [batch, pages_per_seq]. int8 pages come with `scales` (k's, v's: the pages' shape without
+    head_dim; XLA path only). Masking and output as in `reference.paged_attention`.
     """
     options = dict(window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths)
     if resolve(impl, q.shape[-1]) == "pallas":
+        if scales is not None:
+            raise ValueError("the paged Pallas kernel reads float pages; dequantize int8 "
+                             "pages into a dense view and call attention()")
         return paged_kernel(q, k_pages, v_pages, page_table, q_positions, layer=layer,
                             interpret=_interpret(), **options)
     return blocked.paged_attention(q, k_pages, v_pages, page_table, q_positions,
-                                   layer=layer if k_pages.ndim == 5 else None, **options)
+                                   layer=layer if k_pages.ndim == 5 else None, scales=scales,
+                                   **options)

@@ -32,17 +32,24 @@ def attention(
     q_positions: jax.Array,
     *,
     layer: int | jax.Array | None = None,
+    scales: tuple[jax.Array, jax.Array] | None = None,
     **options,
 ) -> jax.Array:
     """`reference.attention` against a dense cache k, v [batch, kv_heads, max_len, head_dim],
-    or [layers, ...] with `layer` (may be traced) picking one; the layer is read in place."""
+    or [layers, ...] with `layer` (may be traced) picking one; the layer is read in place.
+    An int8 cache comes with `scales` (k's, v's: k's shape without head_dim), and each block
+    is dequantized as it is read."""
+    k_scale, v_scale = (None, None) if scales is None else scales
     if layer is None:
         k, v, layer = k[None], v[None], 0
+        k_scale, v_scale = (None, None) if scales is None else (k_scale[None], v_scale[None])
 
     def read(index: jax.Array) -> tuple[jax.Array, jax.Array]:
-        # One gather from the stacked cache: [KV_BLOCK, batch, kv_heads, d] -> [b, kv, block, d]
-        return (k[layer, :, :, index].transpose(1, 2, 0, 3),
-                v[layer, :, :, index].transpose(1, 2, 0, 3))
+        def block(values, scale):  # one gather from the stacked cache: [n, b, kv, d]
+            out = values[layer, :, :, index]
+            out = out if scale is None else dequantize(out, scale[layer, :, :, index], q.dtype)
+            return out.transpose(1, 2, 0, 3)  # [b, kv, n, d]
+        return block(k, k_scale), block(v, v_scale)
 
     return _chunked_queries(q, read, k.shape[2], k.shape[3], q_positions, **options)
 
@@ -55,12 +62,16 @@ def paged_attention(
     q_positions: jax.Array,
     *,
     layer: int | jax.Array | None = None,
+    scales: tuple[jax.Array, jax.Array] | None = None,
     **options,
 ) -> jax.Array:
     """`reference.paged_attention`; k_pages, v_pages: [kv_heads, num_pages, page_size, d], or
-    [layers, ...] with `layer` picking one. Reads only the pages of the visible blocks."""
+    [layers, ...] with `layer` picking one. Reads only the pages of the visible blocks; int8
+    pages come with `scales` as in `attention`."""
+    k_scale, v_scale = (None, None) if scales is None else scales
     if layer is None:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+        k_scale, v_scale = (None, None) if scales is None else (k_scale[None], v_scale[None])
     page_size = k_pages.shape[3]
     batch, pages_per_seq = page_table.shape
 
@@ -68,12 +79,21 @@ def paged_attention(
         # The pages holding these positions, [batch, n]; KV_BLOCK need not be a page multiple.
         pages = page_table[:, jnp.minimum(index // page_size, pages_per_seq - 1)]
         offsets = index % page_size
-        # [batch, n, kv_heads, d] -> [batch, kv_heads, n, d]
-        return (k_pages[layer, :, pages, offsets].transpose(0, 2, 1, 3),
-                v_pages[layer, :, pages, offsets].transpose(0, 2, 1, 3))
+
+        def block(values, scale):  # [b, n, kv, d]
+            out = values[layer, :, pages, offsets]
+            out = out if scale is None else dequantize(out, scale[layer, :, pages, offsets],
+                                                       q.dtype)
+            return out.transpose(0, 2, 1, 3)  # [b, kv, n, d]
+        return block(k_pages, k_scale), block(v_pages, v_scale)
 
     return _chunked_queries(q, read, k_pages.shape[1], pages_per_seq * page_size, q_positions,
                             **options)
+
+
+def dequantize(values: jax.Array, scales: jax.Array, dtype) -> jax.Array:
+    """int8 cache values [..., head_dim] times their per-token scales [...], in `dtype`."""
+    return (values.astype(jnp.float32) * scales[..., None]).astype(dtype)
 
 
 def _chunked_queries(q, read: BlockReader, kv_heads: int, kv_len: int, q_positions,
