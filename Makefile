@@ -39,9 +39,15 @@ test: install-test
 	$(PY) -m pytest -q tests $(ARGS)
 	XLA_FLAGS=--xla_cpu_max_isa=$(OLDER_ISA) $(PY) -m pytest -q -m numerics tests
 
+# llama.cpp (the bench's CPU peer) builds from source for the instruction sets this machine's
+# OS enables, never AMX (jaxinfer/bench/llama_cpp_build.py); --no-cache-dir so a wheel built
+# for another CPU is never reused.
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	CMAKE_ARGS="$$($(PY) -m jaxinfer.bench.llama_cpp_build)" $(PIP) --no-cache-dir -e ".[bench]"
+	touch $@
+
 # jaxinfer beside llama.cpp and transformers on the same GGUF; ARGS adds flags (see benchmarks/).
-bench: install-test
-	$(PIP) -e ".[bench]"
+bench: $(VENV)/.installed-bench
 	$(PY) -m jaxinfer.launch.bench --quant=none,none:bfloat16,int8,gguf \
 		--peers=llama_cpp,transformers --png_out=benchmarks/results/bench.png $(ARGS)
 

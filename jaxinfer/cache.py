@@ -80,12 +80,11 @@ class KVCache:
     def attend(self, layer: jax.Array, q: jax.Array, positions: jax.Array, **options) -> jax.Array:
         """Attention of `q: [batch, seq, heads, head_dim]` at `positions` over this layer's
         cache; `options` (window, softcap, scale, impl) go to `jaxinfer.pallas.attention`.
-        An int8 cache is dequantized (this layer only) on the way in."""
-        scales = (None, None) if self.k_scale is None else (self.k_scale[layer],
-                                                            self.v_scale[layer])
-        k = dequantize_kv(self.k[layer], scales[0], q.dtype)
-        v = dequantize_kv(self.v[layer], scales[1], q.dtype)
-        return pallas.attention(q, k, v, positions, **options)
+        The cache is read in place (on CPU only its visible blocks, an int8 cache dequantized
+        block by block)."""
+        scales = None if self.k_scale is None else (self.k_scale, self.v_scale)
+        return pallas.attention(q, self.k, self.v, positions, layer=layer, scales=scales,
+                                **options)
 
 
 @jax.tree_util.register_dataclass
@@ -101,8 +100,7 @@ class PagedKVCache:
     attention masks by position (key j is visible to a query at p iff j <= p, and within the
     window), so a row's length is implied by its query positions and needs no field here.
     With `cfg.kv_quant="int8"` the pages hold int8 and k_scales, v_scales [layers, kv_heads,
-    num_pages, page_size] one fp32 scale per token and head; attention then reads through
-    the gathered (dense) path, dequantizing one layer at a time.
+    num_pages, page_size] one fp32 scale per token and head.
     """
 
     k_pages: jax.Array
@@ -111,8 +109,9 @@ class PagedKVCache:
     k_scales: jax.Array | None = None
     v_scales: jax.Array | None = None
 
-    # Calls with at most this many query tokens per row use the paged decode kernel; longer
-    # ones (prefill chunks) gather the row's pages into a dense view for the prefill kernel.
+    # With Pallas, calls with at most this many query tokens per row use the paged decode
+    # kernel; longer ones (prefill chunks) gather the row's pages into a dense view for the
+    # prefill kernel. The XLA path reads the pages in place for any number.
     DECODE_MAX_TOKENS = 8
 
     @classmethod
@@ -184,10 +183,17 @@ class PagedKVCache:
         """Attention of `q: [batch, seq, heads, head_dim]` at `positions` over this layer's
         pages; `options` (window, softcap, scale, impl) go to `jaxinfer.pallas`.
 
-        Up to DECODE_MAX_TOKENS tokens per row: `pallas.paged_attention` reads the pages in
-        place. More (prefill): the row's pages are gathered into a dense
-        [batch, kv_heads, max_len, head_dim] view first, then `pallas.attention` runs on it.
+        On the XLA path `pallas.paged_attention` reads the pages in place (int8 ones
+        dequantized block by block) for any number of tokens. With Pallas, up to
+        DECODE_MAX_TOKENS tokens per row go to the paged kernel; more (prefill), or int8
+        pages, are gathered into a dense [batch, kv_heads, max_len, head_dim] view first, then
+        `pallas.attention` runs on it.
         """
+        xla = pallas.resolve(options.get("impl", "xla"), q.shape[-1]) == "xla"
+        if xla:
+            scales = None if self.k_scales is None else (self.k_scales, self.v_scales)
+            return pallas.paged_attention(q, self.k_pages, self.v_pages, self.page_table,
+                                          positions, layer=layer, scales=scales, **options)
         if self.k_scales is not None:
             k = self._gather_dequantized(self.k_pages[layer], self.k_scales[layer], q.dtype)
             v = self._gather_dequantized(self.v_pages[layer], self.v_scales[layer], q.dtype)

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from jaxinfer.bench.workload import Workload
+
 BENCH = [sys.executable, "-m", "jaxinfer.launch.bench"]
 
 
@@ -85,3 +87,58 @@ def test_prefill_longer_than_the_context_is_an_error(smollm2_path):
 
     with pytest.raises(ValueError, match="--prefill_tokens: 9,000 tokens .* context of 8,192"):
         options.workload(smollm2_path, "Hello", ["9000"], ["1"], 4, 1, 1)
+
+
+def tiny_workload() -> Workload:
+    return Workload(model="none.gguf", prompt_ids=(1,), prefill_tokens=(4,), batch_sizes=(1,),
+                    decode_tokens=2, vocab_size=10, threads=1, repeats=1)
+
+
+def test_a_peer_killed_by_a_signal_is_reported_with_signal_step_and_last_stderr_lines(
+        tmp_path, monkeypatch):
+    from jaxinfer.bench import report, worker
+
+    fake_python = tmp_path / "python"  # stands in for the worker: logs a step, then SIGILL
+    fake_python.write_text("#!/bin/sh\n"
+                           "echo '[12:00:00] llama.cpp: decode batch 8' >&2\n"
+                           "echo 'ggml_vec_dot_q4_1_q8_1: using AMX tiles' >&2\n"
+                           "kill -ILL $$\n")
+    fake_python.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake_python))
+    result = worker.run({"engine": "llama_cpp"}, tiny_workload())
+    assert result["error"] == ("killed by SIGILL (signal 4) at [12:00:00] llama.cpp: decode "
+                               "batch 8; last stderr line: ggml_vec_dot_q4_1_q8_1: using AMX "
+                               "tiles")
+    assert result["stderr_tail"] == ["[12:00:00] llama.cpp: decode batch 8",
+                                     "ggml_vec_dot_q4_1_q8_1: using AMX tiles"]
+    text = report.table({
+        "results": [result], "ratios": {},
+        "settings": {"prefill_tokens": [4], "batch_sizes": [1], "prompt_tokens": 1,
+                     "threads": 1, "peer_omp_wait_policy": "passive", "repeats": 1,
+                     "decode_tokens": 2},
+        "machine": {"bandwidth": {"gbps": 1.0, "method": "jax sum", "all_gbps": {}},
+                    "cpus": 2, "load_avg_before": 0.0, "load_avg_after": 0.0}})
+    assert "llama.cpp failed: killed by SIGILL (signal 4)" in text
+    assert "    ggml_vec_dot_q4_1_q8_1: using AMX tiles" in text
+
+
+def test_a_worker_that_exits_with_an_error_is_reported_with_its_exit_status_and_exception():
+    from jaxinfer.bench import worker
+
+    result = worker.run({"engine": "vllm"}, tiny_workload())
+    assert result["error"].startswith("exit status 1; last stderr line: ValueError: unknown "
+                                      "engine 'vllm'"), result["error"]
+
+
+def test_llama_cpp_build_enables_exactly_the_listed_isas_and_never_amx():
+    from jaxinfer.bench import llama_cpp_build
+
+    flags = llama_cpp_build.cpu_flags(
+        "processor\t: 0\nflags\t\t: sse4_2 avx avx2 fma f16c bmi2 avx512f avx512cd avx512vl "
+        "avx512dq avx512_vnni amx_tile amx_int8\n")
+    args = llama_cpp_build.cmake_args(flags).split()
+    assert "-DGGML_NATIVE=OFF" in args and "-DGGML_AVX2=ON" in args
+    assert "-DGGML_AVX512=OFF" in args  # avx512bw is missing, and GGML_AVX512 compiles for it
+    assert "-DGGML_AVX512_VNNI=ON" in args and "-DGGML_AVX_VNNI=OFF" in args
+    assert {"-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"} <= set(args)
+    assert not any(a.startswith("-DGGML_AMX") and a.endswith("=ON") for a in args)

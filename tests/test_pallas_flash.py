@@ -206,18 +206,3 @@ def test_random_offsets_lengths_and_windows(platform):
                                    kv_lengths=jnp.asarray(kv_lengths))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL[jnp.float32],
                                    rtol=0, err_msg=f"starts {starts}, lengths {kv_lengths}")
-
-
-@pytest.mark.numerics
-def test_long_prefill_on_the_xla_path_runs_in_query_chunks_with_identical_results():
-    """Queries past XLA_QUERY_CHUNK go a chunk at a time: bit-identical to one pass."""
-    rng = np.random.default_rng(7)
-    seq = 2 * pallas.XLA_QUERY_CHUNK
-    q = jnp.asarray(rng.standard_normal((2, seq, 6, 64)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((2, 2, seq + 16, 64)), jnp.float32)
-            for _ in range(2))
-    positions = jnp.broadcast_to(jnp.arange(seq), (2, seq))
-    options = dict(window=jnp.int32(100), softcap=30.0, kv_lengths=jnp.asarray([seq, 200]))
-    got = pallas.attention(q, k, v, positions, impl="xla", **options)
-    want = reference.attention(q, k, v, positions, **options)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -107,6 +107,7 @@ def table(report: dict) -> str:
     for r in results:
         if "error" in r:
             parts.append(f"\n{column_name(r)} failed: {r['error']}")
+            parts += [f"    {line}" for line in r.get("stderr_tail", [])]
     m = report["machine"]
     bw = m["bandwidth"]
     parts.append(

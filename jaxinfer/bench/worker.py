@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -15,12 +16,14 @@ import time
 from jaxinfer.bench.machine import peak_rss_bytes, pin_threads
 from jaxinfer.bench.workload import Workload
 
+STDERR_TAIL_LINES = 8  # of a failed child's stderr, kept in the report
+
 
 def run(engine: dict, workload: Workload, env: dict[str, str] | None = None) -> dict:
     """Runs `engine` ({"engine": name, "quant": ..., "dtype": ...}) in a child process (with
-    `env` added to its environment) and returns its result, or {"error": why} if the child
-    failed. Its progress lines pass through to stderr as they come; the libraries' chatter
-    shows only on failure."""
+    `env` added to its environment) and returns its result, or, if the child failed,
+    {"error": how it died, "stderr_tail": its last stderr lines}. Its progress lines pass
+    through to stderr as they come; the libraries' chatter shows only on failure."""
     spec = json.dumps({**engine, "workload": workload.to_json()})
     start = time.perf_counter()
     tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -28,17 +31,39 @@ def run(engine: dict, workload: Workload, env: dict[str, str] | None = None) -> 
         with subprocess.Popen([sys.executable, "-m", "jaxinfer.bench.worker", spec],
                               stdout=stdout, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, **(env or {})}) as child:
+            step = ""
             for line in child.stderr:
                 tail.append(line)
-                if line.startswith("["):
+                if line.startswith("["):  # a progress line (workload.log)
                     sys.stderr.write(line)
+                    step = line.strip()
         stdout.seek(0)
         lines = stdout.read().strip().splitlines()
     if child.returncode != 0 or not lines:
         sys.stderr.write("".join(tail))
-        why = tail[-1].strip() if tail else f"exit status {child.returncode}"
-        return {**engine, "error": why, "wall_s": time.perf_counter() - start}
+        return {**engine, "error": how_it_died(child.returncode, step, list(tail)),
+                "stderr_tail": [line.rstrip() for line in tail][-STDERR_TAIL_LINES:],
+                "wall_s": time.perf_counter() - start}
     return {**engine, **json.loads(lines[-1]), "wall_s": time.perf_counter() - start}
+
+
+def how_it_died(returncode: int, step: str, stderr_lines: list[str]) -> str:
+    """"killed by SIGILL (signal 4) at [12:00:00] llama.cpp: loading; last stderr line: ...";
+    a negative returncode is the signal that ended the child (Popen's convention)."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "an unknown signal"
+        how = f"killed by {name} (signal {-returncode})"
+    elif returncode > 0:
+        how = f"exit status {returncode}"
+    else:
+        how = "exit status 0 without printing a result"
+    if step:
+        how += f" at {step}"
+    last = [line.strip() for line in stderr_lines if line.strip() and not line.startswith("[")]
+    return how + (f"; last stderr line: {last[-1]}" if last else "")
 
 
 def main(spec: str) -> None:

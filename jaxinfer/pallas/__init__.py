@@ -1,6 +1,8 @@
 """The one attention entry point models call; it picks an implementation per backend.
 
-impl="xla": the plain-jnp references (reference.py), the CPU path. impl="pallas": the Pallas
+impl="xla": blocked attention in plain XLA (blocked.py), the CPU path: it reads only the cache
+blocks some query can see, and is tested against the plain-jnp references (reference.py).
+impl="pallas": the Pallas
 kernels (flash_attention.py for prefill, paged_attention.py for decode against a paged
 cache), compiled for the GPU (Triton) or TPU (Mosaic), and run with `interpret=True` on any
 other backend (how CI checks them on CPU). impl="auto": Pallas on GPU and TPU when the
@@ -11,12 +13,11 @@ from __future__ import annotations
 
 import jax
 
-from jaxinfer.pallas import reference
+from jaxinfer.pallas import blocked, reference  # noqa: F401  (callers use pallas.reference)
 from jaxinfer.pallas.flash_attention import SUPPORTED_HEAD_DIMS, flash_attention
 from jaxinfer.pallas.paged_attention import paged_attention as paged_kernel
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
-XLA_QUERY_CHUNK = 128  # queries per step of a long prefill on the XLA path
 KERNEL_BACKENDS = ("gpu", "tpu")  # where the kernels compile; elsewhere they are interpreted
 
 
@@ -41,28 +42,27 @@ def attention(
     v: jax.Array,
     q_positions: jax.Array,
     *,
+    layer: int | jax.Array | None = None,
+    scales: tuple[jax.Array, jax.Array] | None = None,
     window: int | jax.Array | None = None,
     softcap: float | None = None,
     scale: float | None = None,
     kv_lengths: jax.Array | None = None,
     impl: str = "xla",
 ) -> jax.Array:
-    """Causal GQA attention against a dense cache; shapes and masking as in
+    """Causal GQA attention against a dense cache k, v [batch, kv_heads, max_len, head_dim],
+    or [layers, ...] with `layer` (may be traced) picking one; an int8 cache comes with
+    `scales` (k's and v's, shaped as k without head_dim). Shapes and masking as in
     `reference.attention`. window may be a traced int32 scalar."""
     options = dict(window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths)
     if resolve(impl, q.shape[-1]) == "pallas":
+        if layer is not None:
+            k, v = k[layer], v[layer]
+            scales = None if scales is None else (scales[0][layer], scales[1][layer])
+        if scales is not None:
+            k, v = (blocked.dequantize(x, s, q.dtype) for x, s in zip((k, v), scales, strict=True))
         return flash_attention(q, k, v, q_positions, interpret=_interpret(), **options)
-    batch, seq, heads, head_dim = q.shape
-    if seq <= XLA_QUERY_CHUNK or seq % XLA_QUERY_CHUNK:
-        return reference.attention(q, k, v, q_positions, **options)
-    # A long prefill on the XLA path goes a chunk of queries at a time: the same math for
-    # every row, but one chunk's fp32 scores stay in cache (2.7x faster at 2,048 on CPU).
-    chunks = seq // XLA_QUERY_CHUNK
-    q = q.reshape(batch, chunks, XLA_QUERY_CHUNK, heads, head_dim).swapaxes(0, 1)
-    q_positions = q_positions.reshape(batch, chunks, XLA_QUERY_CHUNK).swapaxes(0, 1)
-    out = jax.lax.map(lambda c: reference.attention(c[0], k, v, c[1], **options),
-                      (q, q_positions))
-    return out.swapaxes(0, 1).reshape(batch, seq, heads, head_dim)
+    return blocked.attention(q, k, v, q_positions, layer=layer, scales=scales, **options)
 
 
 def paged_attention(
@@ -73,22 +73,28 @@ def paged_attention(
     q_positions: jax.Array,
     *,
     layer: int | jax.Array | None = None,
+    scales: tuple[jax.Array, jax.Array] | None = None,
     window: int | jax.Array | None = None,
     softcap: float | None = None,
     scale: float | None = None,
     kv_lengths: jax.Array | None = None,
     impl: str = "xla",
 ) -> jax.Array:
-    """Attention of a few new tokens per row against a paged cache (decode).
+    """Attention of new tokens against a paged cache (the Pallas kernel: a few per row, decode;
+    the XLA path: any number).
 
     q: [batch, seq, heads, head_dim]; k_pages, v_pages: [kv_heads, num_pages, page_size,
     head_dim], or [layers, ...] with `layer` (may be traced) picking one; page_table:
-    [batch, pages_per_seq]. Masking and output as in `reference.paged_attention`.
+    [batch, pages_per_seq]. int8 pages come with `scales` (k's, v's: the pages' shape without
+    head_dim; XLA path only). Masking and output as in `reference.paged_attention`.
     """
     options = dict(window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths)
     if resolve(impl, q.shape[-1]) == "pallas":
+        if scales is not None:
+            raise ValueError("the paged Pallas kernel reads float pages; dequantize int8 "
+                             "pages into a dense view and call attention()")
         return paged_kernel(q, k_pages, v_pages, page_table, q_positions, layer=layer,
                             interpret=_interpret(), **options)
-    if k_pages.ndim == 5:
-        k_pages, v_pages = k_pages[layer], v_pages[layer]
-    return reference.paged_attention(q, k_pages, v_pages, page_table, q_positions, **options)
+    return blocked.paged_attention(q, k_pages, v_pages, page_table, q_positions,
+                                   layer=layer if k_pages.ndim == 5 else None, scales=scales,
+                                   **options)
