@@ -14,9 +14,10 @@ from jaxinfer.config import ModelConfig
 class EngineConfig:
     """How the server batches: every field is fixed for the life of a server.
 
-    Decode always runs all `max_batch_size` slots for `decode_steps` steps per device call;
-    prefill runs `prefill_batch_size` prompts of one length bucket at a time. Those fixed
-    shapes make a request's greedy output independent of what else is being served.
+    Decode runs `decode_steps` steps per device call over the smallest power-of-two width of
+    slots that holds every running request (see serving.engine for why a request's logits do
+    not depend on that width); prefill runs `prefill_batch_size` prompts of one length bucket
+    at a time.
     """
 
     max_batch_size: int = 8  # decode slots: requests generating at once
@@ -30,10 +31,7 @@ class EngineConfig:
     max_queue_size: int = 256  # waiting requests; beyond it new ones get HTTP 429
     max_queue_delay_ms: float = 0.0  # how long to hold a partial prefill batch for more prompts
     max_stop_token_ids: int = 16  # per request, tokenizer stops included (a fixed-size array)
-    # Decode only the smallest power-of-two prefix of slots that holds every running request:
-    # much faster at low load, but then a request's numerics depend on how many others run,
-    # so greedy outputs are batch invariant only with this off (the default).
-    adaptive_decode: bool = False
+    eager: bool = False  # run the same code without jit (jax.disable_jit), for debugging
 
     def __post_init__(self):
         positive = ("max_batch_size", "max_seq_len", "page_size", "decode_steps",
