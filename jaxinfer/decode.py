@@ -54,7 +54,7 @@ class DecodeState:
     def empty(cls, rows: int, stops: int) -> DecodeState:
         """`rows` free rows (all done), with room for `stops` stop ids each."""
         zeros = lambda: jnp.zeros(rows, jnp.int32)  # noqa: E731 - distinct (donatable) buffers
-        sampling = SamplingArrays.stack([SamplingParams()] * rows)
+        sampling = jax.tree.map(jnp.asarray, SamplingArrays.stack([SamplingParams()] * rows))
         return cls(last=zeros(), position=zeros(), count=zeros(), max_tokens=zeros(),
                    done=jnp.ones(rows, bool), stopped=jnp.zeros(rows, bool),
                    stop_ids=jnp.full((rows, stops), NO_TOKEN, jnp.int32), sampling=sampling)

@@ -46,8 +46,7 @@ def run(jitted, args: tuple, static: dict, what: str, *, mesh=None, timings: dic
             with jax.disable_jit():
                 return jitted(*args, **static)
         leaves, treedef = jax.tree.flatten(args)
-        layout = tuple((np.shape(x), np.result_type(x).name, getattr(x, "sharding", None))
-                       for x in leaves)  # a program is compiled for its inputs' shardings too
+        layout = tuple((np.shape(x), np.result_type(x).name, _placement(x)) for x in leaves)
         key = (jitted, tuple(sorted(static.items())), treedef, layout, mesh)
         if key not in _executables:
             enable_compilation_cache()
@@ -59,6 +58,13 @@ def run(jitted, args: tuple, static: dict, what: str, *, mesh=None, timings: dic
             if timings is not None:
                 timings["compile"] = timings.get("compile", 0.0) + seconds
         return _executables[key](*args)
+
+
+def _placement(x) -> jax.sharding.Sharding | None:
+    """The sharding a program is compiled for: a mesh placement, else None (host arrays and
+    single-device arrays run on the same program)."""
+    sharding = getattr(x, "sharding", None)
+    return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:

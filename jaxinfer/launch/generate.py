@@ -32,6 +32,8 @@ flags.DEFINE_enum("quant", None, ["int8", "int4", "gguf"],
                   "Quantize the weights at load (int8 per channel, int4 in groups of 32), or keep "
                   "a GGUF file's own Q8_0/Q4_0/Q4_1/Q4_K blocks (gguf). Unset: float weights.")
 flags.DEFINE_enum("kv_quant", None, ["int8"], "KV cache in int8 (per-token, per-head scales).")
+flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): every operation "
+                     "one by one, for stepping through the model in a debugger. Slow.")
 
 SETTINGS = ("model", "prompt", "chat", "max_new_tokens", "temperature", "top_p", "top_k",
             "seed", "dtype")
@@ -75,13 +77,14 @@ def main(argv: list[str]) -> None:
         load_s = time.perf_counter() - start
         if opts["chat"]:
             text, result = jaxinfer.chat(
-                model, opts["prompt"], max_new_tokens=opts["max_new_tokens"], sampling=sampling
+                model, opts["prompt"], max_new_tokens=opts["max_new_tokens"], sampling=sampling,
+                eager=FLAGS.eager,
             )
         else:
             tokens = model.tokenizer.encode(opts["prompt"])
             result = jaxinfer.generate(
                 model.params, [tokens], model.config, max_new_tokens=opts["max_new_tokens"],
-                sampling=sampling, stop_token_ids=model.tokenizer.stop_ids,
+                sampling=sampling, stop_token_ids=model.tokenizer.stop_ids, eager=FLAGS.eager,
             )
             text = model.tokenizer.decode(result.tokens[0])
     except (ValueError, FileNotFoundError) as e:
