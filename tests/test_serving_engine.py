@@ -8,6 +8,7 @@ vocabulary), so detokenizing and stop ids run for real.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 
@@ -354,3 +355,90 @@ def test_scheduler_keeps_requests_packed_and_decodes_only_the_occupied_width(tin
             assert sink.tokens == reference(tiny_model, PROMPTS[i % 4], 4 + i)
     finally:
         scheduler.stop(10)
+
+
+# -- the same through the HTTP server, default engine flags -----------------------------------
+
+
+class RecordingEngine(Engine):
+    """An engine that keeps the logits of slot 0 at every decode call, and whose decode calls
+    wait while `hold` is clear. The first request a quiet server admits takes slot 0 and
+    keeps it while it runs (packing fills holes from the top), so those rows are that
+    request's logits, in order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slot0: list[np.ndarray] = []
+        self.widths: list[int] = []
+        self.hold = threading.Event()
+
+    def generate(self, state, page_table, width=None, *, logits=False):
+        self.hold.wait()
+        state, tokens, all_logits = super().generate(state, page_table, width, logits=True)
+        self.widths.append(width)
+        self.slot0.append(all_logits[0][tokens[0] != NO_TOKEN])
+        return state, tokens
+
+
+def test_through_the_server_logits_and_seeded_text_do_not_depend_on_what_runs_beside(
+        wide_model, rng):
+    import concurrent.futures
+
+    import httpx
+    import uvicorn
+
+    from jaxinfer.serving.server import ServerState, create_app
+
+    engine = RecordingEngine(wide_model, EngineConfig(max_batch_size=32, num_pages=600))
+    engine.hold.set()
+    state = ServerState("tiny")
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=0,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1/completions"
+    state.attach(engine)
+    target = {"model": "tiny", "prompt": TARGET, "max_tokens": 12, "temperature": 0.9,
+              "top_p": 0.95, "seed": 1234, "stream": True}
+
+    def other() -> None:
+        prompt = rng.integers(0, WIDE_CFG.vocab_size, int(rng.integers(1, 60))).tolist()
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 40,
+                "temperature": float(rng.choice([0.0, 1.0])), "seed": int(rng.integers(2**31))}
+        assert httpx.post(url, json=body, timeout=300).status_code == 200
+
+    def run(running: int) -> tuple[str, np.ndarray, int]:
+        """The target's text, its logits [11, vocab] and the widest decode of its life, with
+        running - 1 others admitted right after its first decode call."""
+        engine.slot0.clear(), engine.widths.clear(), engine.hold.clear()
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            with httpx.stream("POST", url, json=target, timeout=300) as response:
+                chunks = (line for line in response.iter_lines() if line.startswith("data: "))
+                events = [next(chunks)]  # admitted: in slot 0 from now on
+                others = [pool.submit(other) for _ in range(running - 1)]
+                deadline = time.monotonic() + 60
+                while state.scheduler.num_waiting < running - 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                engine.hold.set()
+                events += list(chunks)
+            for future in others:
+                future.result()
+        text = "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1])
+        return text, np.concatenate(engine.slot0)[:11], max(engine.widths[:3])
+
+    try:
+        want = wide_model.tokenizer.decode(reference(wide_model, TARGET, 12, TARGET_SAMPLING))
+        alone_text, alone_logits, _ = run(1)
+        assert alone_text == want  # the HTTP API and generate(): the same text for the seed
+        for running in (2, 8, 32):
+            text, logits, width = run(running)
+            assert text == want, running
+            np.testing.assert_array_equal(logits, alone_logits)
+            assert width == engine.decode_width(running)  # it did decode beside the others
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        state.scheduler.stop(timeout=30)
