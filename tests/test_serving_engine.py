@@ -168,6 +168,12 @@ def test_engine_config_rejects_bad_values(field, value):
         EngineConfig(**{field: value})
 
 
+def test_page_pool_from_a_memory_budget_holds_no_more_than_every_slot_can_use(tiny_cfg):
+    config = EngineConfig(max_batch_size=2, max_seq_len=64, page_size=8, kv_cache_gb=1.0)
+    assert config.pool_pages(tiny_cfg) == 2 * 8 + 1  # two full rows and the scratch page
+    assert EngineConfig(max_batch_size=2, num_pages=100).pool_pages(tiny_cfg) == 100
+
+
 def test_page_pool_smaller_than_one_request_is_refused(tiny_cfg):
     with pytest.raises(ValueError, match="needs 8"):
         EngineConfig(max_seq_len=64, page_size=8, num_pages=5).pool_pages(tiny_cfg)

@@ -61,11 +61,14 @@ class EngineConfig:
         return 2 * cfg.n_layers * cfg.n_kv_heads * self.page_size * cfg.head_dim * itemsize
 
     def pool_pages(self, cfg: ModelConfig) -> int:
-        """Pages in the pool, scratch page included: `num_pages`, or as many as fit the budget."""
+        """Pages in the pool, scratch page included: `num_pages`, or as many as fit the budget
+        but no more than every slot can hold at once (each decode step reads past the pages in
+        use, see benchmarks/README.md)."""
         if self.num_pages is not None:
             pages = self.num_pages
         else:
-            pages = int(self.kv_cache_gb * 2**30 // self.page_bytes(cfg))
+            pages = min(int(self.kv_cache_gb * 2**30 // self.page_bytes(cfg)),
+                        self.max_batch_size * self.pages_per_seq(cfg) + 1)
         # At least one full-length request must fit, or nothing could ever be served.
         needed = self.pages_per_seq(cfg) + 1
         if pages < needed:
