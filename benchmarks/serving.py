@@ -3,9 +3,9 @@
     # against a running server, at fixed concurrency and at a Poisson rate:
     python benchmarks/serving.py --base_url http://127.0.0.1:8000 --concurrency 1,8,32
     python benchmarks/serving.py --base_url http://127.0.0.1:8000 --request_rate 2.0
-    # start jaxinfer's server (twice: all slots, then --adaptive_decode) and llama.cpp's
-    # (llama-cpp-python[server]) on the same GGUF, one after the other, and compare them:
-    python benchmarks/serving.py --launch "jaxinfer,jaxinfer:--adaptive_decode,llama.cpp"
+    # start jaxinfer's server and llama.cpp's (llama-cpp-python[server]) on the same GGUF,
+    # one after the other, and time jaxinfer.generate() on the same prompt first:
+    python benchmarks/serving.py --launch "jaxinfer,llama.cpp" --generate_peer
 
 Prompts are random vocabulary words, --input_len tokens each (seeded: every server and
 every concurrency level gets the same prompts); each request asks for --output_len tokens
@@ -158,6 +158,21 @@ def summarize(results: list[Result], duration: float) -> dict:
     }
 
 
+def generate_tpot(model: str, prompt: str, output_len: int, repeats: int = 3) -> dict:
+    """jaxinfer.generate() on `prompt` (greedy, no early stop): its per-token decode time,
+    the best of `repeats` warm calls, to set beside the servers' TPOT at concurrency 1."""
+    import jaxinfer
+
+    loaded = jaxinfer.load_model(model, progress=False)
+    ids = loaded.tokenizer.encode(prompt)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call compiles
+        result = jaxinfer.generate(loaded.params, [ids], loaded.config,
+                                   max_new_tokens=output_len)
+        best = min(best, result.timings["decode"] / (result.lengths[0] - 1))
+    return {"server": "jaxinfer.generate()", "mode": "batch 1", "tpot_mean_ms": best * 1e3}
+
+
 # -- launching servers ------------------------------------------------------------------------
 
 
@@ -240,7 +255,8 @@ def table(rows: list[dict]) -> str:
                "itl_mean_ms", "itl_p50_ms", "itl_p99_ms"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        cells = [f"{row[c]:.1f}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
+                 for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -274,11 +290,18 @@ def main() -> None:
     parser.add_argument("--max_batch_size", type=int, default=32, help="jaxinfer's slots.")
     parser.add_argument("--max_seq_len", type=int, default=512)
     parser.add_argument("--jaxinfer_flags", default="", help="More flags for jaxinfer's server.")
+    parser.add_argument("--generate_peer", action="store_true",
+                        help="Also time jaxinfer.generate() per token on the first prompt, "
+                        "before and after the servers.")
     parser.add_argument("--json_out", default=None)
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     prompts = random_prompts(16, args.input_len, args.seed, args.model)
     rows: list[dict] = []
+    if args.generate_peer:
+        rows.append(generate_tpot(args.model, prompts[0], args.output_len))
+        log(json.dumps(rows[-1]))
     if args.base_url:
         rows += [{"server": args.base_url, **r}
                  for r in bench_server(args.base_url.rstrip("/"), args.model, prompts, args)]
@@ -289,9 +312,12 @@ def main() -> None:
                      for r in bench_server(f"http://127.0.0.1:{args.port}", name, prompts, args)]
         finally:
             stop(process)
+    if args.generate_peer:  # again: the load on a shared machine moves during a run
+        rows.append(generate_tpot(args.model, prompts[0], args.output_len))
+        rows[-1]["mode"] = "batch 1, after the servers"
     print(table(rows))
     print(f"\ninput {args.input_len} tokens, output up to {args.output_len}, greedy; "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=2)

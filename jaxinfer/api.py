@@ -89,8 +89,10 @@ def chat(
     *,
     max_new_tokens: int = 256,
     sampling: SamplingParams | None = None,
+    eager: bool = False,
 ) -> tuple[str, GenerateResult]:
-    """Answers a user message (or a list of chat messages) with the model's chat template."""
+    """Answers a user message (or a list of chat messages) with the model's chat template.
+    `eager`: run without compiling (see `generate`)."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -102,5 +104,6 @@ def chat(
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         stop_token_ids=model.tokenizer.stop_ids,
+        eager=eager,
     )
     return model.tokenizer.decode(result.tokens[0]), result

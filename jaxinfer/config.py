@@ -12,8 +12,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxinfer.pallas import IMPLEMENTATIONS as ATTENTION_IMPLS
-
 # The same dtypes for host (numpy) arrays, as loaders stage them.
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -22,6 +20,9 @@ LAYER_TYPES = ("sliding_attention", "full_attention")
 QUANT_MODES = (None, "int8", "int4", "gguf")
 CPU_KERNELS = ("int8", "f32", "off")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# jaxinfer.pallas.IMPLEMENTATIONS, named here so that configuration imports no kernels
+# (tests/test_layering.py keeps the two equal).
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,8 +55,10 @@ class SamplingArrays:
         )
 
 
-def sample(logits: jax.Array, params: SamplingArrays, step: jax.Array) -> jax.Array:
-    """logits [batch, vocab] -> tokens [batch]; row b's draw depends only on its seed and step."""
+def sample(logits: jax.Array, params: SamplingArrays, count: jax.Array) -> jax.Array:
+    """logits [batch, vocab] -> tokens [batch]. `count` ([batch] or a scalar): tokens each row
+    has generated so far; row b's draw is keyed on (its seed, count[b]) alone, so a seeded
+    request draws the same tokens in generate(), in any serving slot and at any batch width."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw() -> jax.Array:
@@ -73,7 +75,8 @@ def sample(logits: jax.Array, params: SamplingArrays, step: jax.Array) -> jax.Ar
         # Keep every token scoring at least the lowest kept rank's score.
         threshold = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
         filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(params.seed)
+        counts = jnp.broadcast_to(count, params.seed.shape)
+        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(params.seed, counts)
         drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
         return jnp.where(params.temperature > 0, drawn, greedy)
 

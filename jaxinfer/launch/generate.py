@@ -35,6 +35,8 @@ flags.DEFINE_enum("kv_quant", None, ["int8"], "KV cache in int8 (per-token, per-
 flags.DEFINE_enum("cpu_kernels", "int8", ["int8", "f32", "off"],
                   "Quantized products on CPU: jaxinfer's kernels with activations quantized "
                   "per block of 32 (int8, as llama.cpp) or in fp32 (f32), or XLA's own (off).")
+flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): every operation "
+                     "one by one, for stepping through the model in a debugger. Slow.")
 
 SETTINGS = ("model", "prompt", "chat", "max_new_tokens", "temperature", "top_p", "top_k",
             "seed", "dtype")
@@ -79,13 +81,14 @@ def main(argv: list[str]) -> None:
         load_s = time.perf_counter() - start
         if opts["chat"]:
             text, result = jaxinfer.chat(
-                model, opts["prompt"], max_new_tokens=opts["max_new_tokens"], sampling=sampling
+                model, opts["prompt"], max_new_tokens=opts["max_new_tokens"], sampling=sampling,
+                eager=FLAGS.eager,
             )
         else:
             tokens = model.tokenizer.encode(opts["prompt"])
             result = jaxinfer.generate(
                 model.params, [tokens], model.config, max_new_tokens=opts["max_new_tokens"],
-                sampling=sampling, stop_token_ids=model.tokenizer.stop_ids,
+                sampling=sampling, stop_token_ids=model.tokenizer.stop_ids, eager=FLAGS.eager,
             )
             text = model.tokenizer.decode(result.tokens[0])
     except (ValueError, FileNotFoundError) as e:

@@ -43,14 +43,14 @@ flags.DEFINE_integer("prefill_batch_size", None, "Prompts per prefill call.")
 flags.DEFINE_integer("max_queue_size", None, "Waiting requests beyond which clients get 429.")
 flags.DEFINE_float("max_queue_delay_ms", None, "Hold a partial prefill batch this long.")
 flags.DEFINE_float("drain_timeout_s", None, "On SIGTERM, wait this long for requests.")
-flags.DEFINE_boolean("adaptive_decode", None, "Decode only as many slots as are in use (faster "
-                     "at low load; greedy output then depends on the batch).")
+flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): every operation "
+                     "one by one, for stepping through the model in a debugger. Slow.")
 flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer KEY` ('' = open).")
 
 SETTINGS = ("model", "served_model_name", "host", "port", "dtype", "attention",
             "max_batch_size", "max_seq_len", "page_size", "kv_cache_gb", "num_pages",
             "decode_steps", "prefill_batch_size", "max_queue_size", "max_queue_delay_ms",
-            "drain_timeout_s", "api_key", "adaptive_decode")
+            "drain_timeout_s", "api_key")
 log = logging.getLogger("jaxinfer.serve")
 
 
@@ -72,7 +72,7 @@ def engine_config(opts: dict):
         prefill_batch_size=opts["prefill_batch_size"],
         max_queue_size=opts["max_queue_size"],
         max_queue_delay_ms=opts["max_queue_delay_ms"],
-        adaptive_decode=opts["adaptive_decode"],
+        eager=FLAGS.eager,
     )
 
 
@@ -91,12 +91,13 @@ def load_and_attach(opts: dict, config, state) -> None:
     cfg = model.config
     engine = Engine(model, config, mesh=mesh)
     print(f"KV cache: {engine.num_pages - 1} pages of {engine.page_size} tokens "
-          f"({engine.usable_pages * config.page_bytes(cfg) / 2**30:.2f} GiB); "
+          f"({(engine.num_pages - 1) * config.page_bytes(cfg) / 2**30:.2f} GiB); "
           f"{engine.slots} slots, context {engine.context}; compiling "
-          f"{len(engine.buckets)} prefill buckets and {len(engine.decode_widths)} decode "
-          f"width(s) ...", flush=True)
+          f"{len(engine.buckets)} prefill buckets and decode widths {engine.decode_widths} ...",
+          flush=True)
     start = time.perf_counter()
-    engine.warmup(progress=True)
+    if not config.eager:
+        engine.warmup(progress=True)
     print(f"warm-up took {time.perf_counter() - start:.1f}s", flush=True)
     state.attach(engine)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from jaxinfer.models import llama
+from jaxinfer.sharding import rules
 
 FAMILIES: dict[str, ModuleType] = {
     "llama": llama,
@@ -16,6 +17,8 @@ FAMILIES: dict[str, ModuleType] = {
     "qwen3": llama,
     "gemma3": llama,
 }
+for _name, _module in FAMILIES.items():  # shardings are derived from each declaration
+    rules.register_family(_name, _module)
 
 
 def family(architecture: str) -> ModuleType:

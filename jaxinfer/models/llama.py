@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer import quant
 from jaxinfer.cache import KVCache
 from jaxinfer.config import DTYPES, ModelConfig
 from jaxinfer.models.layers import (
@@ -33,6 +32,7 @@ from jaxinfer.models.layers import (
     softcap,
 )
 from jaxinfer.pallas.flash_attention import NO_WINDOW  # global layers' window
+from jaxinfer.quant import qarray as quant  # the products only: quantizers sit above
 from jaxinfer.sharding.rules import constrain
 
 Params = dict[str, Any]

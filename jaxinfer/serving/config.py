@@ -14,9 +14,10 @@ from jaxinfer.config import ModelConfig
 class EngineConfig:
     """How the server batches: every field is fixed for the life of a server.
 
-    Decode always runs all `max_batch_size` slots for `decode_steps` steps per device call;
-    prefill runs `prefill_batch_size` prompts of one length bucket at a time. Those fixed
-    shapes make a request's greedy output independent of what else is being served.
+    Decode runs `decode_steps` steps per device call over the smallest power-of-two width of
+    slots that holds every running request (see serving.engine for why a request's logits do
+    not depend on that width); prefill runs `prefill_batch_size` prompts of one length bucket
+    at a time.
     """
 
     max_batch_size: int = 8  # decode slots: requests generating at once
@@ -30,10 +31,7 @@ class EngineConfig:
     max_queue_size: int = 256  # waiting requests; beyond it new ones get HTTP 429
     max_queue_delay_ms: float = 0.0  # how long to hold a partial prefill batch for more prompts
     max_stop_token_ids: int = 16  # per request, tokenizer stops included (a fixed-size array)
-    # Decode only the smallest power-of-two prefix of slots that holds every running request:
-    # much faster at low load, but then a request's numerics depend on how many others run,
-    # so greedy outputs are batch invariant only with this off (the default).
-    adaptive_decode: bool = False
+    eager: bool = False  # run the same code without jit (jax.disable_jit), for debugging
 
     def __post_init__(self):
         positive = ("max_batch_size", "max_seq_len", "page_size", "decode_steps",
@@ -63,11 +61,14 @@ class EngineConfig:
         return 2 * cfg.n_layers * cfg.n_kv_heads * self.page_size * cfg.head_dim * itemsize
 
     def pool_pages(self, cfg: ModelConfig) -> int:
-        """Pages in the pool, scratch page included: `num_pages`, or as many as fit the budget."""
+        """Pages in the pool, scratch page included: `num_pages`, or as many as fit the budget
+        but no more than every slot can hold at once (each decode step reads past the pages in
+        use, see benchmarks/README.md)."""
         if self.num_pages is not None:
             pages = self.num_pages
         else:
-            pages = int(self.kv_cache_gb * 2**30 // self.page_bytes(cfg))
+            pages = min(int(self.kv_cache_gb * 2**30 // self.page_bytes(cfg)),
+                        self.max_batch_size * self.pages_per_seq(cfg) + 1)
         # At least one full-length request must fit, or nothing could ever be served.
         needed = self.pages_per_seq(cfg) + 1
         if pages < needed:

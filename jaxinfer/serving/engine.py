@@ -1,217 +1,174 @@
-"""The serving engine: continuous batching over fixed decode slots and a paged KV cache.
+"""The serving engine: the decode core (jaxinfer.decode) driven over slots and a paged KV cache.
 
-The API follows JetStream's engine_api; each call says what it does to the decode state:
+The API follows JetStream's engine_api; the per-slot decode state (`DecodeState` [slots])
+lives on the device and passes in and out of each call:
 
-- `prefill(rows)`: runs up to `prefill_batch_size` prompts through the model in one call
-  (padded to that many rows and to the prompt-length bucket), writes their keys and values
-  into the pages each row brings, and returns each row's first sampled token.
-- `insert(slot, ...)`: puts a prefilled request into a free decode slot: its pages become
-  the slot's page-table row; its last token, position, token budget, sampling parameters and
-  stop ids become the slot's row of the decode state.
-- `generate()`: runs `decode_steps` steps for ALL slots in one device call and returns the
-  tokens [slots, steps] (NO_TOKEN where a slot was free or had finished).
-- `free(slot)`: empties a slot and returns its pages to the pool.
+- `prefill(rows) -> Prefix`: runs up to `prefill_batch_size` prompts through the model in one
+  call (padded to that many rows and to the prompt-length bucket), writes their keys and
+  values into the pages each row brings, and samples each row's first token.
+- `insert(prefix, state, slot, row=0) -> state`: row `row` of the prefix becomes slot `slot`
+  of the decode state (its last token, position, budget, stop ids and sampling parameters).
+- `generate(state, page_table, width) -> (state, tokens)`: `decode_steps` steps for slots
+  [0, width) in one device call; tokens [width, steps] (NO_TOKEN where a slot was free or
+  had finished). `width` is one of `decode_widths`, all compiled by `warmup()`.
+- `free(state, slot) -> state` and `move(state, source, target) -> state`: empty a slot, or
+  move a running request to a lower slot, so that requests stay packed at the bottom.
 
-The page pool lives on the device (`PagedKVCache`); which page belongs to whom is host data
-here (`allocate`, `grow`, `release`). Page 0 is scratch: never handed out, so padding rows and
-free slots write there. Shapes never depend on what is queued (all slots decode every step,
-prefill is padded to fixed rows), which makes greedy output batch invariant by construction,
-and every program is compiled by `warmup()`, so serving compiles nothing new.
+Which pages belong to which slot is the scheduler's (`pages.PageTable`); page 0 is scratch,
+so free slots and padding write there.
+
+Load-following decode and batch invariance: the scheduler decodes only the smallest width
+holding every running request. A request's logits are bitwise the same at every width and
+whatever runs beside it, because no operation's per-row arithmetic depends on the number of
+rows once the width is at least `min_decode_width()`. On XLA:CPU (jaxlib 0.10) two things
+depend on it (measured, see tests/test_serving_engine.py): a one-row dot runs XLA's
+matrix-vector kernel, while from 2 rows up YNNPACK keeps each row's reduction order fixed
+(checked to 32 rows); and a reduction over fewer than YNN_REDUCE_MIN_ELEMENTS elements is
+split by XLA into a reduce-window plus reduce, a different summation order from the YNNPACK
+reduction used above it (the attention softmax over [rows, heads, context] and sampling's
+softmax over [rows, vocab] are such reductions). So widths start at 2, and at a width where
+every such reduction is already on the YNNPACK side; when even all slots are too few, decode
+runs at the fixed width of all slots.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
-import math
-import time
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.api import Model
+from jaxinfer import decode, runtime
 from jaxinfer.cache import PagedKVCache
 from jaxinfer.config import ModelConfig
-from jaxinfer.generate import bucket, enable_compilation_cache
-from jaxinfer.models import family
-from jaxinfer.sampling import SamplingArrays, SamplingParams, sample
+from jaxinfer.decode import NO_TOKEN, DecodeState
+from jaxinfer.runtime import bucket
+from jaxinfer.sampling import SamplingArrays, SamplingParams
 from jaxinfer.serving.config import EngineConfig
 from jaxinfer.sharding.rules import cache_specs, constrain_cache, model_rules
 
-log = logging.getLogger(__name__)
-NO_TOKEN = -1
+YNN_REDUCE_MIN_ELEMENTS = 4096  # XLA:CPU hands reductions this large to YNNPACK
 
 
-def _sample(logits: jax.Array, sampling: SamplingArrays, counts: jax.Array) -> jax.Array:
-    """Samples row b from a seed derived from (its seed, tokens it has generated so far), so a
-    seeded request draws the same tokens whichever slot or batch it runs in."""
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(sampling.seed, counts)
-    seeds = jax.vmap(lambda k: jax.random.bits(k, dtype=jnp.uint32))(keys)
-    return sample(logits, dataclasses.replace(sampling, seed=seeds), jnp.int32(0))
-
-
-def _prefill(params, cache, tokens, lengths, page_rows, sampling, counts, *, cfg: ModelConfig):
-    """tokens [rows, seq] (row r's prompt in its first lengths[r] slots) -> first tokens [rows].
-
-    Keys and values land in the pages of `page_rows` [rows, pages_per_seq]; padding past a
-    prompt lands past its last position, where masking by position hides it until decode
-    overwrites it (or on page 0, the scratch page).
-    """
-    model = family(cfg.architecture)
-    rows, seq = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (rows, seq))
+def _prefill(params, cache, tokens, lengths, page_rows, sampling, count, max_tokens, stop_ids,
+             *, cfg: ModelConfig):
+    """Prefills rows into the pages of `page_rows` [rows, pages_per_seq]; returns their
+    DecodeState [rows] and the cache. Padding past a prompt lands past its last position,
+    where masking by position hides it until decode overwrites it (or on scratch page 0)."""
     table = cache.page_table
-    hidden, cache = model.transformer(
-        params, tokens, positions, dataclasses.replace(cache, page_table=page_rows), cfg
-    )
-    last_hidden = hidden[jnp.arange(rows), jnp.maximum(lengths - 1, 0)]
-    logits = model.unembed(params, last_hidden, cfg)
-    cache = constrain_cache(dataclasses.replace(cache, page_table=table), cfg)
-    return _sample(logits, sampling, counts), cache
+    first, cache = decode.prefill(params, dataclasses.replace(cache, page_table=page_rows),
+                                  tokens, lengths, sampling, count, cfg=cfg)
+    state = DecodeState.start(first, lengths, count, max_tokens, stop_ids, sampling)
+    return state, constrain_cache(dataclasses.replace(cache, page_table=table), cfg)
 
 
-def _decode(params, cache, page_table, last, position, count, done, max_tokens, stop_ids,
-            sampling, *, cfg: ModelConfig, steps: int):
-    """`steps` decode steps for every slot: each feeds its `last` token at `position`.
+def _decode(params, cache, state: DecodeState, page_table, *, cfg: ModelConfig, steps: int,
+            logits: bool = False):
+    """`steps` decode steps for the first `len(page_table)` rows of `state` (the width).
 
-    Per slot [slots]: count = tokens generated, done = finished (stop id or max_tokens), which
-    freezes it. Returns tokens [slots, steps] (NO_TOKEN once done), the new state, the cache.
+    Returns the new state, tokens [width, steps], the cache, and (with `logits`) the logits
+    [width, steps, vocab] each token was drawn from.
     """
-    model = family(cfg.architecture)
-    cache = dataclasses.replace(cache, page_table=page_table)
+    width = page_table.shape[0]
+    rows = jax.tree.map(lambda x: x[:width], state)
+    table = cache.page_table
 
-    def step(carry, _):
-        cache, last, position, count, done = carry
-        logits, cache = model.forward(params, last[:, None], position[:, None], cache, cfg)
-        live = ~done
-        token = jnp.where(live, _sample(logits[:, 0], sampling, count), NO_TOKEN)
-        count = count + live
-        hit_stop = live & jnp.any(token[:, None] == stop_ids, axis=-1)
-        done = done | hit_stop | (count >= max_tokens)
-        return (cache, jnp.where(live, token, last), position + live, count, done), token
+    def body(carry, _):
+        cache, rows = carry
+        cache, rows, token, step_logits = decode.step(params, cache, rows, cfg)
+        return (cache, rows), (token, step_logits if logits else None)
 
-    carry = (cache, last, position, count, done)
-    (cache, last, position, count, done), tokens = jax.lax.scan(step, carry, None, length=steps)
-    return tokens.T, last, position, count, done, constrain_cache(cache, cfg)
+    carry = (dataclasses.replace(cache, page_table=page_table), rows)
+    (cache, rows), (tokens, all_logits) = jax.lax.scan(body, carry, None, length=steps)
+    state = jax.tree.map(lambda x, r: x.at[:width].set(r), state, rows)
+    cache = constrain_cache(dataclasses.replace(cache, page_table=table), cfg)
+    return state, tokens.T, cache, None if all_logits is None else all_logits.swapaxes(0, 1)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _set_row(state: DecodeState, slot, rows: DecodeState, row):
+    """Slot `slot` of `state` := row `row` of `rows`."""
+    return jax.tree.map(lambda x, r: x.at[slot].set(r[row]), state, rows)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _move_row(state: DecodeState, source, target, free: DecodeState):
+    """Slot `target` := slot `source`, then slot `source` := the one-row `free` state."""
+    state = jax.tree.map(lambda x: x.at[target].set(x[source]), state)
+    return jax.tree.map(lambda x, r: x.at[source].set(r[0]), state, free)
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("cfg",), donate_argnames=("cache",))
-_decode_jit = jax.jit(_decode, static_argnames=("cfg", "steps"), donate_argnames=("cache",))
-_executables: dict = {}  # (program, static args, argument shapes) -> compiled executable
+_decode_jit = jax.jit(_decode, static_argnames=("cfg", "steps", "logits"),
+                      donate_argnames=("cache", "state"))
 
 
 def compiled_programs() -> int:
-    """How many serving programs this process has compiled (prefill buckets + decode)."""
-    return len(_executables)
-
-
-def _run(jitted, args: tuple, static: dict, what: str, mesh=None, progress: bool = False):
-    """Calls `jitted` through an ahead-of-time executable, compiling a new shape once."""
-    leaves, treedef = jax.tree.flatten(args)
-    shapes = tuple((np.shape(x), np.result_type(x).name) for x in leaves)
-    key = (jitted, tuple(sorted(static.items())), treedef, shapes, mesh)
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        if key not in _executables:
-            enable_compilation_cache()
-            start = time.perf_counter()
-            _executables[key] = jitted.lower(*args, **static).compile()
-            message = f"compiled {what} in {time.perf_counter() - start:.1f}s"
-            print(message, flush=True) if progress else log.info(message)
-        return _executables[key](*args)
+    """How many serving programs this process has compiled (prefill buckets, decode widths,
+    row updates)."""
+    return runtime.compiled_programs(_prefill_jit, _decode_jit, _set_row, _move_row)
 
 
 @dataclasses.dataclass
 class PrefillRow:
-    """One prompt to prefill: its tokens, the pages that will hold them, how to sample."""
+    """One prompt to prefill: its tokens, the pages that will hold them, how to sample and stop."""
 
     tokens: Sequence[int]
     pages: Sequence[int]
-    sampling: SamplingParams
+    sampling: SamplingParams = SamplingParams()
     count: int = 0  # tokens this request generated before (a resumed, preempted request)
+    max_tokens: int = 1  # the request's whole token budget (count included)
+    stop_ids: Sequence[int] = ()
+
+
+@dataclasses.dataclass
+class Prefix:
+    """What `prefill` returns: each row's first token (host) and decode state (device)."""
+
+    tokens: list[int]
+    state: DecodeState  # [prefill_batch_size] rows; rows past len(tokens) are padding
 
 
 class Engine:
-    """Fixed decode slots over a paged KV cache; see the module docstring for the API."""
+    """The decode core over slots and a paged KV cache; see the module docstring for the API.
 
-    def __init__(self, model: Model, config: EngineConfig | None = None, mesh=None):
-        """`mesh`: a jax Mesh the params are already sharded over (jaxinfer.sharding); the KV
-        cache is then replicated on it, else it lives on the default device."""
-        config = config or EngineConfig()
+    `model`: anything with `config` (ModelConfig), `params` and `tokenizer`, such as what
+    `jaxinfer.load_model` returns. `mesh`: a jax Mesh the params are already sharded over;
+    the KV pool is then split like the model, else it lives on the default device.
+    """
+
+    def __init__(self, model: Any, config: EngineConfig | None = None, mesh=None):
+        self.config = config = config or EngineConfig()
         self.model_config = cfg = model.config
-        self.params = model.params
-        self.tokenizer = model.tokenizer
-        self.config = config
-        self.slots = config.max_batch_size
-        self.steps = config.decode_steps
+        self.params, self.tokenizer, self.mesh = model.params, model.tokenizer, mesh
+        self.slots, self.steps = config.max_batch_size, config.decode_steps
         self.context = config.context(cfg)
         self.page_size = config.page_size
         self.pages_per_seq = config.pages_per_seq(cfg)
         self.num_pages = config.pool_pages(cfg)
         self.buckets = prefill_buckets(config.min_prefill_bucket, self.context)
-        self.cache = PagedKVCache.init(
-            cfg, self.num_pages, self.page_size, self.slots, self.pages_per_seq
-        )
-        self.mesh = mesh
+        self.cache = PagedKVCache.init(cfg, self.num_pages, self.page_size, self.slots,
+                                       self.pages_per_seq)
         if mesh is not None:  # the pool is split like the model: over kv_heads or head_dim
             specs = cache_specs(self.cache, model_rules(cfg, mesh))
             self.cache = jax.device_put(self.cache, jax.tree.map(
                 lambda spec: jax.sharding.NamedSharding(mesh, spec), specs,
                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
-        self._free_pages = list(range(self.num_pages - 1, 0, -1))  # pop() hands out low ids first
-        slots = self.slots
-        self.page_table = np.zeros((slots, self.pages_per_seq), np.int32)
-        self.slot_pages: list[list[int]] = [[] for _ in range(slots)]
-        self.last = np.zeros(slots, np.int32)
-        self.position = np.zeros(slots, np.int32)
-        self.count = np.zeros(slots, np.int32)
-        self.done = np.ones(slots, bool)  # free slots count as done: they never emit
-        self.max_tokens = np.zeros(slots, np.int32)
-        self.stop_ids = np.full((slots, config.max_stop_token_ids), NO_TOKEN, np.int32)
-        self.sampling = SamplingArrays.stack([SamplingParams()] * slots)
+        widest = self.slots
+        self.decode_widths = [w for w in (1 << i for i in range(widest.bit_length()))
+                              if self.min_decode_width() <= w < widest] + [widest]
 
-    # -- pages --------------------------------------------------------------------------------
+    # -- the engine calls ---------------------------------------------------------------------
 
-    @property
-    def free_page_count(self) -> int:
-        return len(self._free_pages)
+    def init_state(self) -> DecodeState:
+        """The decode state of `slots` free slots."""
+        return DecodeState.empty(self.slots, self.config.max_stop_token_ids)
 
-    @property
-    def usable_pages(self) -> int:
-        return self.num_pages - 1
-
-    def pages_for(self, tokens: int) -> int:
-        """Pages that hold `tokens` positions."""
-        return math.ceil(tokens / self.page_size)
-
-    def allocate(self, n: int) -> list[int] | None:
-        """n free pages, or None (and nothing taken) when fewer are left."""
-        if n > len(self._free_pages):
-            return None
-        return [self._free_pages.pop() for _ in range(n)]
-
-    def release(self, pages: Sequence[int]) -> None:
-        self._free_pages.extend(reversed(pages))
-
-    def grow(self, slot: int, positions: int) -> bool:
-        """Gives `slot` pages for its first `positions` positions; False if the pool ran out."""
-        have = self.slot_pages[slot]
-        need = min(self.pages_for(positions), self.pages_per_seq) - len(have)
-        if need <= 0:
-            return True
-        pages = self.allocate(need)
-        if pages is None:
-            return False
-        self.page_table[slot, len(have) : len(have) + need] = pages
-        have.extend(pages)
-        return True
-
-    # -- the four engine calls ----------------------------------------------------------------
-
-    def prefill(self, rows: Sequence[PrefillRow]) -> list[int]:
-        """Runs the prompts (at most prefill_batch_size) and returns each one's first token."""
+    def prefill(self, rows: Sequence[PrefillRow]) -> Prefix:
+        """Runs the prompts (at most prefill_batch_size) into their pages; see the module doc."""
         width = self.config.prefill_batch_size
         if not 0 < len(rows) <= width:
             raise ValueError(f"prefill takes 1 to {width} prompts; got {len(rows)}")
@@ -219,99 +176,67 @@ class Engine:
         if longest > self.context:
             raise ValueError(f"prompt has {longest} tokens; this server's context is "
                              f"{self.context}")
+        stops = self.config.max_stop_token_ids
+        if too_many := [len(r.stop_ids) for r in rows if len(r.stop_ids) > stops]:
+            raise ValueError(f"{too_many[0]} stop ids; at most {stops}")
         seq = self.bucket(longest)
         tokens = np.zeros((width, seq), np.int32)
         lengths = np.ones(width, np.int32)
         page_rows = np.zeros((width, self.pages_per_seq), np.int32)
-        counts = np.zeros(width, np.int32)
+        count = np.zeros(width, np.int32)
+        max_tokens = np.ones(width, np.int32)
+        stop_ids = np.full((width, stops), NO_TOKEN, np.int32)
         for i, row in enumerate(rows):
             tokens[i, : len(row.tokens)] = row.tokens
             lengths[i] = len(row.tokens)
             page_rows[i, : len(row.pages)] = row.pages
-            counts[i] = row.count
+            count[i], max_tokens[i] = row.count, row.max_tokens
+            stop_ids[i, : len(row.stop_ids)] = list(row.stop_ids)
         sampling = [r.sampling for r in rows] + [SamplingParams()] * (width - len(rows))
-        args = (self.params, self.cache, tokens, lengths, page_rows,
-                SamplingArrays.stack(sampling), counts)
-        first, self.cache = _run(_prefill_jit, args, {"cfg": self.model_config},
-                                 f"prefill ({width} x {seq})", self.mesh)
-        return np.asarray(first)[: len(rows)].tolist()
+        state = self._prefill(tokens, lengths, page_rows, SamplingArrays.stack(sampling), count,
+                              max_tokens, stop_ids)
+        return Prefix(np.asarray(state.last)[: len(rows)].tolist(), state)
 
-    def insert(
-        self,
-        slot: int,
-        *,
-        last_token: int,
-        position: int,
-        count: int,
-        max_tokens: int,
-        pages: Sequence[int],
-        sampling: SamplingParams,
-        stop_ids: Sequence[int],
-    ) -> None:
-        """Makes `slot` decode from `last_token` at `position`, having generated `count` of
-        `max_tokens` tokens, with its keys and values in `pages`."""
-        if self.slot_pages[slot]:
-            raise ValueError(f"slot {slot} is in use; free it first")
-        if len(stop_ids) > self.stop_ids.shape[1]:
-            raise ValueError(f"{len(stop_ids)} stop ids; at most {self.stop_ids.shape[1]}")
-        self.slot_pages[slot] = list(pages)
-        self.page_table[slot] = 0
-        self.page_table[slot, : len(pages)] = pages
-        self.last[slot] = last_token
-        self.position[slot] = position
-        self.count[slot] = count
-        self.max_tokens[slot] = max_tokens
-        self.done[slot] = False
-        self.stop_ids[slot] = NO_TOKEN
-        self.stop_ids[slot, : len(stop_ids)] = list(stop_ids)
-        for field in dataclasses.fields(SamplingArrays):
-            getattr(self.sampling, field.name)[slot] = getattr(sampling, field.name)
+    def insert(self, prefix: Prefix, state: DecodeState, slot: int, row: int = 0) -> DecodeState:
+        """Row `row` of `prefix` becomes slot `slot` of `state`."""
+        return self._run(_set_row, (state, np.int32(slot), prefix.state, np.int32(row)), {},
+                         "insert")
 
-    def generate(self) -> np.ndarray:
-        """decode_steps steps for every slot -> tokens [slots, steps], NO_TOKEN where idle."""
-        width = self.decode_width()
-        rows = slice(0, width)
-        sampling = jax.tree.map(lambda column: column[rows], self.sampling)
-        args = (self.params, self.cache, self.page_table[rows], self.last[rows],
-                self.position[rows], self.count[rows], self.done[rows], self.max_tokens[rows],
-                self.stop_ids[rows], sampling)
-        out = self._decode(args, width)
-        tokens, last, position, count, done, self.cache = out
-        tokens, last, position, count, done = jax.device_get((tokens, last, position, count, done))
-        self.last[rows], self.position[rows], self.count[rows] = last, position, count
-        self.done[rows] = done
-        all_tokens = np.full((self.slots, self.steps), NO_TOKEN, np.int32)
-        all_tokens[rows] = tokens
-        return all_tokens
+    def generate(self, state: DecodeState, page_table: np.ndarray, width: int | None = None,
+                 *, logits: bool = False):
+        """decode_steps steps for slots [0, width) (default: all); `page_table` holds at least
+        `width` rows. Returns (state, tokens [width, steps]) and, with `logits`, the logits
+        [width, steps, vocab] too (a program of its own, not compiled by warm-up)."""
+        width = width or self.slots
+        if width not in self.decode_widths:
+            raise ValueError(f"decode width {width}; compiled widths are {self.decode_widths}")
+        args = (self.params, self.cache, state, np.asarray(page_table[:width], np.int32))
+        static = {"cfg": self.model_config, "steps": self.steps, "logits": logits}
+        state, tokens, self.cache, all_logits = self._run(
+            _decode_jit, args, static, f"decode ({width} slots x {self.steps} steps)")
+        tokens = np.asarray(tokens)
+        return (state, tokens, np.asarray(all_logits)) if logits else (state, tokens)
 
-    def decode_width(self) -> int:
-        """How many slots (from slot 0) the next decode call runs: all of them, or with
-        adaptive_decode the smallest width in `decode_widths` covering every occupied slot."""
-        if not self.config.adaptive_decode:
-            return self.slots
-        occupied = [s for s in range(self.slots) if self.slot_pages[s]]
-        last = max(occupied, default=0) + 1
-        return next(w for w in self.decode_widths if w >= last)
+    def free(self, state: DecodeState, slot: int) -> DecodeState:
+        """Empties `slot`: it stops emitting (its pages are the scheduler's to release)."""
+        return self.insert(self._free_row, state, slot)
 
-    @property
-    def decode_widths(self) -> list[int]:
-        if not self.config.adaptive_decode:
-            return [self.slots]
-        widths = [w for w in (1 << i for i in range(self.slots.bit_length())) if w < self.slots]
-        return [*widths, self.slots]
+    def move(self, state: DecodeState, source: int, target: int) -> DecodeState:
+        """Slot `target` takes over slot `source`'s request; `source` becomes free."""
+        args = (state, np.int32(source), np.int32(target), self._free_row.state)
+        return self._run(_move_row, args, {}, "move")
 
-    def _decode(self, args: tuple, width: int, progress: bool = False):
-        static = {"cfg": self.model_config, "steps": self.steps}
-        return _run(_decode_jit, args, static, f"decode ({width} slots x {self.steps} steps)",
-                    self.mesh, progress)
+    def decode_width(self, running: int) -> int:
+        """The narrowest compiled width holding `running` requests packed from slot 0."""
+        return next(w for w in self.decode_widths if w >= running)
 
-    def free(self, slot: int) -> None:
-        """Empties `slot`: it stops emitting and its pages go back to the pool."""
-        self.release(self.slot_pages[slot])
-        self.slot_pages[slot] = []
-        self.page_table[slot] = 0
-        self.done[slot] = True
-        self.last[slot] = self.position[slot] = self.count[slot] = 0
+    def min_decode_width(self) -> int:
+        """The narrowest width at which each row's numerics no longer depend on the width
+        (see the module docstring): at least 2 rows, and enough rows that the attention
+        softmax and the sampling softmax reduce over YNN_REDUCE_MIN_ELEMENTS or more."""
+        cfg = self.model_config
+        per_row = min(cfg.n_heads * self.pages_per_seq * self.page_size, cfg.vocab_size)
+        return bucket(-(-YNN_REDUCE_MIN_ELEMENTS // per_row), minimum=2)
 
     # -- compilation --------------------------------------------------------------------------
 
@@ -320,29 +245,38 @@ class Engine:
         return bucket(length, self.config.min_prefill_bucket, self.context)
 
     def warmup(self, progress: bool = False) -> None:
-        """Compiles decode and every prefill bucket now, so serving never compiles."""
+        """Compiles every prefill bucket, every decode width and the row updates, so serving
+        never compiles. Writes only to the scratch page."""
         width = self.config.prefill_batch_size
-        sampling = SamplingArrays.stack([SamplingParams()] * width)
+        stops = self.config.max_stop_token_ids
         for seq in self.buckets:
-            args = (self.params, self.cache, np.zeros((width, seq), np.int32),
-                    np.ones(width, np.int32), np.zeros((width, self.pages_per_seq), np.int32),
-                    sampling, np.zeros(width, np.int32))
-            _, self.cache = _run(_prefill_jit, args, {"cfg": self.model_config},
-                                 f"prefill ({width} x {seq})", self.mesh, progress)
-        # All slots are free (done), so these decode calls write only to the scratch page.
+            prefix = self._prefill(np.zeros((width, seq), np.int32), np.ones(width, np.int32),
+                          np.zeros((width, self.pages_per_seq), np.int32),
+                          SamplingArrays.stack([SamplingParams()] * width),
+                          np.zeros(width, np.int32), np.ones(width, np.int32),
+                          np.full((width, stops), NO_TOKEN, np.int32), progress=progress)
+        # Rows of budget 1 are done at once: nothing below is emitted or written but scratch.
+        state = self.insert(Prefix([0] * width, prefix), self.init_state(), 0)
+        state = self.free(self.move(state, 0, self.slots - 1), self.slots - 1)
+        table = np.zeros((self.slots, self.pages_per_seq), np.int32)
         for width in self.decode_widths:
-            rows = slice(0, width)
-            sampling = jax.tree.map(lambda column, rows=rows: column[rows], self.sampling)
-            args = (self.params, self.cache, self.page_table[rows], self.last[rows],
-                    self.position[rows], self.count[rows], self.done[rows],
-                    self.max_tokens[rows], self.stop_ids[rows], sampling)
-            self.cache = self._decode(args, width, progress)[-1]
+            state, _ = self.generate(state, table, width)
         jax.block_until_ready(self.cache)
 
-    @property
-    def num_programs(self) -> int:
-        """Programs `warmup` compiles: one per prefill bucket and one per decode width."""
-        return len(self.buckets) + len(self.decode_widths)
+    @functools.cached_property
+    def _free_row(self) -> Prefix:
+        return Prefix([], DecodeState.empty(1, self.config.max_stop_token_ids))
+
+    def _prefill(self, *inputs, progress: bool = False) -> DecodeState:
+        seq = inputs[0].shape[1]
+        state, self.cache = self._run(_prefill_jit, (self.params, self.cache, *inputs),
+                                      {"cfg": self.model_config},
+                                      f"prefill ({inputs[0].shape[0]} x {seq})", progress)
+        return state
+
+    def _run(self, jitted, args, static, what, progress=False):
+        return runtime.run(jitted, args, static, what, mesh=self.mesh, progress=progress,
+                           eager=self.config.eager)
 
 
 def prefill_buckets(minimum: int, context: int) -> list[int]:

@@ -1,11 +1,14 @@
 """The scheduler: a bounded waiting queue in front of the engine's slots, run by one thread.
 
-Each loop iteration: drop aborted requests (freeing their slots and pages), admit waiting
-requests while slots and pages allow (prefill, then insert), then one `generate()` call for
-all slots, whose tokens are detokenized, checked for stop strings and handed to each
-request's `sink`. When the page pool runs dry mid-decode, the newest running request is
-preempted: its pages are freed and it waits at the head of the queue, to be resumed later
-by prefilling its prompt plus what it has generated so far (recompute, as vLLM does).
+The scheduler owns the decode state (on the device) and the page table (`pages.PageTable`,
+on the host) and keeps running requests packed into the lowest slots, so each decode call
+runs only as many slots as are in use (rounded up to a compiled width). Each loop iteration:
+drop aborted requests (freeing their slots and pages), admit waiting requests while slots
+and pages allow (prefill, then insert), then one `generate()` call, whose tokens are
+detokenized, checked for stop strings and handed to each request's `sink`. When the page
+pool runs dry mid-decode, the newest running request is preempted: its pages are freed and
+it waits at the head of the queue, to be resumed later by prefilling its prompt plus what it
+has generated so far (recompute, as vLLM does).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable
 
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving.engine import NO_TOKEN, Engine, PrefillRow
+from jaxinfer.serving.pages import PageTable
 from jaxinfer.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -78,6 +82,9 @@ class Scheduler:
         self.engine = engine
         self.config = engine.config
         self.metrics = metrics  # a serving.metrics.Metrics, or None
+        self.pages = PageTable(engine.num_pages, engine.page_size, engine.slots,
+                               engine.pages_per_seq)
+        self.state = engine.init_state()  # the decode state of every slot, on the device
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # slot -> request
         self._requests: dict[str, Request] = {}  # every live request by id
@@ -120,8 +127,20 @@ class Scheduler:
     @property
     def kv_cache_usage(self) -> float:
         """Fraction of the page pool in use (0 to 1)."""
-        engine = self.engine
-        return 1.0 - engine.free_page_count / engine.usable_pages
+        return 1.0 - self.pages.free_count / self.pages.usable
+
+    @property
+    def context(self) -> int:
+        """The longest request (prompt + generated tokens) this engine serves."""
+        return self.engine.context
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
 
     def check(self, prompt_tokens: int, max_tokens: int, stop_token_ids: int = 0) -> None:
         """Raises ValueError (with the numbers) for a request this engine cannot serve."""
@@ -154,7 +173,7 @@ class Scheduler:
         )
         with self._cond:
             if not self.alive or self._stopping:
-                raise EngineUnavailable(self._why_unavailable())
+                raise EngineUnavailable(self.why_unavailable())
             if len(self._waiting) >= self.config.max_queue_size:
                 raise QueueFull(
                     f"the server's queue is full ({self.config.max_queue_size} requests "
@@ -170,7 +189,8 @@ class Scheduler:
             self._aborts.add(request_id)
             self._cond.notify_all()
 
-    def _why_unavailable(self) -> str:
+    def why_unavailable(self) -> str:
+        """Why the engine is not serving, in words (for HTTP 503)."""
         if self.error is not None:
             return f"the engine stopped on an error: {self.error!r}"
         return "the engine is not running (starting up or shutting down)"
@@ -248,32 +268,27 @@ class Scheduler:
             rows, taken = [], []
             for request in group:
                 sequence = request.prompt_ids + request.output_ids
-                wanted = engine.pages_for(len(sequence) + engine.steps)
-                pages = engine.allocate(min(wanted, engine.pages_per_seq))
+                pages = self.pages.allocate(self.pages.pages_for(len(sequence) + engine.steps))
                 if pages is None:
                     break
-                rows.append(PrefillRow(sequence, pages, request.sampling, len(request.output_ids)))
+                rows.append(PrefillRow(sequence, pages, request.sampling,
+                                       count=len(request.output_ids),
+                                       max_tokens=request.max_tokens,
+                                       stop_ids=sorted(request.stop_id_set)))
                 taken.append(request)
                 self._waiting.remove(request)
         if not taken:
             return False
-        first_tokens = engine.prefill(rows)
+        prefix = engine.prefill(rows)
         now = time.perf_counter()
-        for request, row, slot, token in zip(taken, rows, free_slots, first_tokens, strict=False):
+        for i, (request, row, slot) in enumerate(zip(taken, rows, free_slots, strict=False)):
             if request.preemptions == 0 and self.metrics:
                 self.metrics.prompt_tokens.inc(len(request.prompt_ids))
             request.slot, request.admitted = slot, now
             self._running[slot] = request
-            engine.insert(
-                slot,
-                last_token=token,
-                position=len(row.tokens),
-                count=len(request.output_ids) + 1,
-                max_tokens=request.max_tokens,
-                pages=row.pages,
-                sampling=request.sampling,
-                stop_ids=sorted(request.stop_id_set),
-            )
+            self.pages.assign(slot, row.pages)
+            self.state = engine.insert(prefix, self.state, slot, i)
+        for request, token in zip(taken, prefix.tokens, strict=False):
             self._emit(request, [token], now)
         return True
 
@@ -283,14 +298,15 @@ class Scheduler:
         for request in sorted(self._running.values(), key=lambda r: r.admitted):
             if request.slot is None:
                 continue  # preempted just now
-            slot = request.slot
-            needed = min(int(engine.position[slot]) + engine.steps,
-                         len(request.prompt_ids) + request.max_tokens)
-            while request.slot is not None and not engine.grow(slot, needed):
+            # The next call writes positions from the last token's up to `steps` more.
+            position = len(request.prompt_ids) + len(request.output_ids) - 1
+            needed = min(position + engine.steps, len(request.prompt_ids) + request.max_tokens)
+            while request.slot is not None and not self.pages.grow(request.slot, needed):
                 self._preempt(max(self._running.values(), key=lambda r: r.admitted))
         if not self._running:
             return
-        tokens = engine.generate()
+        width = engine.decode_width(len(self._running))  # requests are packed from slot 0
+        self.state, tokens = engine.generate(self.state, self.pages.table, width)
         self.steps += 1
         now = time.perf_counter()
         for slot, request in list(self._running.items()):
@@ -311,9 +327,19 @@ class Scheduler:
             self._waiting.appendleft(request)
 
     def _release_slot(self, request: Request) -> None:
-        self.engine.free(request.slot)
-        del self._running[request.slot]
+        """Frees the request's slot and pages, and moves the highest running request into
+        the hole, so running requests stay packed into the lowest slots."""
+        slot, engine = request.slot, self.engine
+        self.state = engine.free(self.state, slot)
+        self.pages.free(slot)
+        del self._running[slot]
         request.slot = None
+        top = max(self._running, default=-1)
+        if top > slot:
+            self.state = engine.move(self.state, top, slot)
+            self.pages.move(top, slot)
+            self._running[slot] = moved = self._running.pop(top)
+            moved.slot = slot
 
     # -- output -------------------------------------------------------------------------------
 

@@ -86,7 +86,7 @@ class ServerState:
         if self.scheduler is None:
             raise APIError(503, "the model is still loading; retry shortly", "service_unavailable")
         if not self.scheduler.alive:
-            raise APIError(503, self.scheduler._why_unavailable(), "service_unavailable")
+            raise APIError(503, self.scheduler.why_unavailable(), "service_unavailable")
         return self.scheduler
 
 
@@ -134,31 +134,31 @@ def create_app(state: ServerState) -> FastAPI:
         card = {"id": state.model_name, "object": "model", "created": state.created,
                 "owned_by": "jaxinfer"}
         if state.scheduler is not None:
-            card["max_model_len"] = state.scheduler.engine.context
+            card["max_model_len"] = state.scheduler.context
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, http: Request) -> Response:
         scheduler = _checked(state, body.model)
-        tokenizer = scheduler.engine.tokenizer
+        tokenizer = scheduler.tokenizer
         if isinstance(body.prompt, str):
             prompt_ids = tokenizer.encode(body.prompt)
         else:
             prompt_ids = list(body.prompt)
-            vocab = scheduler.engine.model_config.vocab_size
+            vocab = scheduler.vocab_size
             if max(prompt_ids) >= vocab:
                 raise APIError(400, f"prompt token id {max(prompt_ids)} is outside the "
                                f"vocabulary [0, {vocab})", param="prompt")
         max_tokens = body.max_tokens
         if max_tokens is None:
-            room = scheduler.engine.context - len(prompt_ids)
+            room = scheduler.context - len(prompt_ids)
             max_tokens = max(1, min(COMPLETION_DEFAULT_MAX_TOKENS, room))
         return await _serve(state, scheduler, http, body, prompt_ids, max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: protocol.ChatCompletionRequest, http: Request) -> Response:
         scheduler = _checked(state, body.model)
-        tokenizer = scheduler.engine.tokenizer
+        tokenizer = scheduler.tokenizer
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -167,7 +167,7 @@ def create_app(state: ServerState) -> FastAPI:
         prompt_ids = tokenizer.encode(prompt, add_bos=False)  # the template places any BOS
         max_tokens = body.token_limit
         if max_tokens is None:  # chat: up to the end of the context
-            max_tokens = max(1, scheduler.engine.context - len(prompt_ids))
+            max_tokens = max(1, scheduler.context - len(prompt_ids))
         return await _serve(state, scheduler, http, body, prompt_ids, max_tokens, chat=True)
 
     return app

@@ -1,7 +1,9 @@
 """Logical axis names -> mesh axes: the PartitionSpec of every parameter, cache and activation.
 
 Parameters declare logical axes once (`family(arch).logical_axes(cfg)`); this module maps
-them onto the mesh through one table, so no PartitionSpec is written next to a matmul.
+them onto the mesh through one table, so no PartitionSpec is written next to a matmul. The
+models package registers each family's declaration here (`register_family`), so this lower
+layer never imports the models.
 
 Attention heads the model axis cannot divide (SmolLM2's 9 query / 3 KV heads on 8 devices,
 or n_kv_heads < model-axis size in general) are split along `head_dim` instead, for the
@@ -56,7 +58,6 @@ CACHE_AXES: Mapping[str, tuple[str | None, ...]] = {
     "v_scale": ("layers", "batch", "kv_heads", "cache_len"),
     "k_scales": ("layers", "kv_heads", "pages", "page_size"),
     "v_scales": ("layers", "kv_heads", "pages", "page_size"),
-    "lengths": ("batch",),
 }
 ACTIVATION_AXES = ("batch", "seq", "embed")  # the residual stream between layers
 
@@ -102,13 +103,24 @@ class ShardingRules:
         return PartitionSpec(*entries)
 
 
+_families: dict[str, Any] = {}  # architecture -> its module (abstract_params, logical_axes)
+
+
+def register_family(architecture: str, module: Any) -> None:
+    """Makes `module.abstract_params(cfg)` and `module.logical_axes(cfg)` the parameter
+    declaration of `architecture` (jaxinfer.models registers every family it has)."""
+    _families[architecture] = module
+    _declaration.cache_clear()
+
+
 @functools.lru_cache(maxsize=16)
 def _declaration(cfg: ModelConfig) -> tuple[Any, Any]:
     """(abstract params, logical axes) of the model; computed outside any mesh context,
     whose axes ("data", "model") would not match the logical names."""
-    from jaxinfer.models import family  # models import this module for `constrain`
-
-    model = family(cfg.architecture)
+    model = _families.get(cfg.architecture)
+    if model is None:
+        raise ValueError(f"no parameter declaration for architecture {cfg.architecture!r} "
+                         f"(known: {', '.join(_families) or 'none'}); import jaxinfer.models")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
         return model.abstract_params(cfg), model.logical_axes(cfg)
 
