@@ -6,6 +6,10 @@ all slots, whose tokens are detokenized, checked for stop strings and handed to 
 request's `sink`. When the page pool runs dry mid-decode, the newest running request is
 preempted: its pages are freed and it waits at the head of the queue, to be resumed later
 by prefilling its prompt plus what it has generated so far (recompute, as vLLM does).
+
+A request whose prefill or insert raises fails alone (its sink gets an Output with `error`)
+and the loop carries on; only a device failure (a `JaxRuntimeError`, or any error while
+decoding all slots) stops the loop, which then ends every request with that error.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+
+import jax
 
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving.engine import NO_TOKEN, Engine, PrefillRow
@@ -42,7 +48,7 @@ class Output:
     finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
     prompt_tokens: int
     completion_tokens: int
-    error: str | None = None  # set when the engine failed; finish_reason is "abort" then
+    error: str | None = None  # why the request failed or was cut; finish_reason is "abort" then
 
 
 @dataclasses.dataclass(eq=False)
@@ -84,6 +90,7 @@ class Scheduler:
         self._aborts: set[str] = set()
         self._cond = threading.Condition()
         self._stopping = False
+        self._stop_error: str | None = None  # what requests still live at stop() are told
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.steps = 0  # generate() calls so far
@@ -95,10 +102,12 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="jaxinfer-engine", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stops the loop after its current step; requests still live end with "abort"."""
+    def stop(self, timeout: float | None = None, error: str | None = None) -> None:
+        """Stops the loop after its current step; requests still live end with "abort" (and
+        `error`, if given)."""
         with self._cond:
             self._stopping = True
+            self._stop_error = self._stop_error or error
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -116,6 +125,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests submitted and not yet finished (waiting, being prefilled or running)."""
+        return len(self._requests)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -181,7 +195,7 @@ class Scheduler:
         try:
             while self._step():
                 pass
-            self._finish_all("abort", None)
+            self._finish_all("abort", self._stop_error)
         except BaseException as e:  # noqa: BLE001 - the loop must report any failure
             log.exception("engine loop failed")
             self.error = e
@@ -257,25 +271,56 @@ class Scheduler:
                 self._waiting.remove(request)
         if not taken:
             return False
-        first_tokens = engine.prefill(rows)
+        first_tokens = self._prefill(taken, rows)
         now = time.perf_counter()
-        for request, row, slot, token in zip(taken, rows, free_slots, first_tokens, strict=False):
+        slots = iter(free_slots)
+        for request, row, token in zip(taken, rows, first_tokens, strict=True):
+            if token is None:
+                continue  # its prefill failed, and so did the request
+            slot = next(slots)
+            try:
+                engine.insert(
+                    slot,
+                    last_token=token,
+                    position=len(row.tokens),
+                    count=len(request.output_ids) + 1,
+                    max_tokens=request.max_tokens,
+                    pages=row.pages,
+                    sampling=request.sampling,
+                    stop_ids=sorted(request.stop_id_set),
+                )
+            except Exception as e:  # noqa: BLE001 - host-side: this request fails, not the loop
+                took_pages = bool(engine.slot_pages[slot])  # insert got as far as taking them
+                engine.free(slot)
+                if not took_pages:
+                    engine.release(row.pages)
+                self._fail(request, e)
+                continue
             if request.preemptions == 0 and self.metrics:
                 self.metrics.prompt_tokens.inc(len(request.prompt_ids))
             request.slot, request.admitted = slot, now
             self._running[slot] = request
-            engine.insert(
-                slot,
-                last_token=token,
-                position=len(row.tokens),
-                count=len(request.output_ids) + 1,
-                max_tokens=request.max_tokens,
-                pages=row.pages,
-                sampling=request.sampling,
-                stop_ids=sorted(request.stop_id_set),
-            )
             self._emit(request, [token], now)
         return True
+
+    def _prefill(self, requests: list[Request], rows: list[PrefillRow]) -> list[int | None]:
+        """Each row's first token, or None where that request's prefill failed (the request
+        fails; a failed batch is retried row by row so that only the culprit does)."""
+        try:
+            return self.engine.prefill(rows)
+        except jax.errors.JaxRuntimeError:
+            raise  # the device failed: the loop stops
+        except Exception as e:  # noqa: BLE001 - one request's bad input must not stop the loop
+            if len(rows) > 1:
+                return [self._prefill([r], [row])[0] for r, row in zip(requests, rows,
+                                                                      strict=True)]
+            self.engine.release(rows[0].pages)
+            self._fail(requests[0], e)
+            return [None]
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        log.error("request %s failed; the engine carries on", request.id, exc_info=error)
+        self._finish(request, "abort", error=f"the request failed in the engine: {error!r}")
 
     def _decode(self) -> None:
         engine = self.engine
