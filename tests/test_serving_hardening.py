@@ -23,7 +23,11 @@ import pytest
 from test_serving import CONFIG, MODEL, PROMPTS, _free_port, metric, serving
 
 import jaxinfer
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.serving import EngineConfig
 from jaxinfer.serving.engine import Engine
+from jaxinfer.serving.scheduler import Request as EngineRequest
+from jaxinfer.serving.scheduler import Scheduler
 from jaxinfer.serving.server import ServerState
 
 openai = pytest.importorskip("openai")
@@ -270,6 +274,50 @@ def test_a_request_failing_in_the_engine_fails_alone(url):
     assert events[-3]["choices"][0]["finish_reason"] == "abort"
     assert "OverflowError" in events[-2]["error"]["message"]
     assert_idle_and_healthy(url)
+
+
+def test_a_failing_row_of_a_batched_prefill_fails_alone(smollm2):
+    """Two prompts prefilled in one call, one of them failing: the batch is retried row by
+    row, the good one generates what generate() does, and every page comes back."""
+    config = EngineConfig(max_batch_size=2, max_seq_len=32, page_size=16, num_pages=5,
+                          decode_steps=2, prefill_batch_size=2, max_queue_delay_ms=2000)
+    engine = Engine(smollm2, config)
+    prefill, batches = engine.prefill, []
+
+    def failing_prefill(rows):
+        batches.append(len(rows))
+        if any(row.sampling.top_k == _FAILING["prefill"] for row in rows):
+            raise OverflowError("injected")
+        return prefill(rows)
+
+    engine.prefill = failing_prefill
+    scheduler = Scheduler(engine)
+    scheduler.start()
+    ids = smollm2.tokenizer.encode(PROMPTS[0])
+    ended = {name: threading.Event() for name in ("good", "bad")}
+    outputs = {name: [] for name in ended}
+
+    def sink(name):
+        def take(output):
+            outputs[name].append(output)
+            if output.finish_reason:
+                ended[name].set()
+        return take
+
+    try:
+        scheduler.submit(EngineRequest(ids, max_tokens=3, sink=sink("good")))
+        scheduler.submit(EngineRequest(ids, max_tokens=3, sink=sink("bad"),
+                                       sampling=SamplingParams(top_k=_FAILING["prefill"])))
+        assert all(event.wait(120) for event in ended.values())
+    finally:
+        scheduler.stop(timeout=30)
+    assert batches[0] == 2 and sorted(batches[1:]) == [1, 1]
+    assert "OverflowError" in outputs["bad"][-1].error
+    reference = jaxinfer.generate(smollm2.params, [ids], smollm2.config, max_new_tokens=3,
+                                  stop_token_ids=smollm2.tokenizer.stop_ids)
+    assert [t for o in outputs["good"] for t in o.token_ids] == list(reference.tokens[0])
+    assert outputs["good"][-1].finish_reason == reference.finish_reasons[0]
+    assert engine.free_page_count == engine.usable_pages
 
 
 def test_a_device_failure_stops_the_engine_and_health_says_so(smollm2):
