@@ -144,7 +144,9 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids for `text`; special-token text such as "<|im_start|>" maps to its one id."""
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        # encode_batch lets go of the GIL while it runs (encode holds it): a long text tokenized
+        # on a worker thread then leaves the server's event loop free.
+        ids = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:
                 raise ValueError("add_bos=True but this tokenizer has no BOS token")

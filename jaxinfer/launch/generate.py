@@ -2,10 +2,12 @@
 
 With no flags it answers the preset's question with the default model, as a chat.
 Flags left unset take their values from the preset (`--preset`, a file in configs/).
+Only the answer goes to stdout, so it can be piped; progress, timings and errors go to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -67,30 +69,31 @@ def main(argv: list[str]) -> None:
     logging.getLogger("jaxinfer").setLevel(logging.INFO)  # progress of compiling
     opts = settings()
     try:
-        sampling = jaxinfer.SamplingParams(
-            temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
-            seed=opts["seed"],
-        )
-        mesh = distributed.setup(preset_mesh())  # --mesh (or the preset's) and multi-host flags
-        start = time.perf_counter()
-        model = jaxinfer.load_model(
-            opts["model"], dtype=opts["dtype"], attention=FLAGS.attention, mesh=mesh,
-            quant=FLAGS.quant, kv_quant=FLAGS.kv_quant, cpu_kernels=FLAGS.cpu_kernels,
-            progress=True,
-        )
-        load_s = time.perf_counter() - start
-        if opts["chat"]:
-            text, result = jaxinfer.chat(
-                model, opts["prompt"], max_new_tokens=opts["max_new_tokens"], sampling=sampling,
-                eager=FLAGS.eager,
+        with contextlib.redirect_stdout(sys.stderr):  # load and compile progress: not the answer
+            sampling = jaxinfer.SamplingParams(
+                temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
+                seed=opts["seed"],
             )
-        else:
-            tokens = model.tokenizer.encode(opts["prompt"])
-            result = jaxinfer.generate(
-                model.params, [tokens], model.config, max_new_tokens=opts["max_new_tokens"],
-                sampling=sampling, stop_token_ids=model.tokenizer.stop_ids, eager=FLAGS.eager,
+            mesh = distributed.setup(preset_mesh())  # --mesh (or the preset's) and multi-host flags
+            start = time.perf_counter()
+            model = jaxinfer.load_model(
+                opts["model"], dtype=opts["dtype"], attention=FLAGS.attention, mesh=mesh,
+                quant=FLAGS.quant, kv_quant=FLAGS.kv_quant, cpu_kernels=FLAGS.cpu_kernels,
+                progress=True,
             )
-            text = model.tokenizer.decode(result.tokens[0])
+            load_s = time.perf_counter() - start
+            if opts["chat"]:
+                text, result = jaxinfer.chat(
+                    model, opts["prompt"], max_new_tokens=opts["max_new_tokens"], sampling=sampling,
+                    eager=FLAGS.eager,
+                )
+            else:
+                tokens = model.tokenizer.encode(opts["prompt"])
+                result = jaxinfer.generate(
+                    model.params, [tokens], model.config, max_new_tokens=opts["max_new_tokens"],
+                    sampling=sampling, stop_token_ids=model.tokenizer.stop_ids, eager=FLAGS.eager,
+                )
+                text = model.tokenizer.decode(result.tokens[0])
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,9 +1,12 @@
 """Serve a model over an OpenAI-compatible HTTP API: `python -m jaxinfer.launch.serve`.
 
 The port opens at once; /health answers 503 while the model loads and compiles, then 200.
-SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests finish for up to
---drain_timeout_s, and exits 0. Flags left unset take their values from the preset
-(`--preset`, a file in configs/).
+SIGTERM (or Ctrl-C) stops accepting connections and lets in-flight requests finish for up to
+--drain_timeout_s; requests still unfinished then end with an abort (a 503 JSON body, or a
+last chunk with finish_reason "abort", an error event and `[DONE]` for a stream). The exit
+status is 0 when every request in flight finished, EXIT_ABORTED (3) when some had to be cut,
+and 1 when the model could not be loaded. Flags left unset take their values from the preset
+(`--preset`, a file in configs/). Progress and logs go to stderr.
 
     python -m jaxinfer.launch.serve --port=8000 --max_batch_size=16
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
@@ -12,6 +15,7 @@ SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests finish 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
@@ -46,11 +50,13 @@ flags.DEFINE_float("drain_timeout_s", None, "On SIGTERM, wait this long for requ
 flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): every operation "
                      "one by one, for stepping through the model in a debugger. Slow.")
 flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer KEY` ('' = open).")
+flags.DEFINE_float("max_body_mb", None, "Largest request body in MiB; larger ones get 413.")
 
 SETTINGS = ("model", "served_model_name", "host", "port", "dtype", "attention",
             "max_batch_size", "max_seq_len", "page_size", "kv_cache_gb", "num_pages",
             "decode_steps", "prefill_batch_size", "max_queue_size", "max_queue_delay_ms",
-            "drain_timeout_s", "api_key")
+            "drain_timeout_s", "api_key", "max_body_mb")
+EXIT_ABORTED = 3  # SIGTERM came with more work in flight than --drain_timeout_s allowed
 log = logging.getLogger("jaxinfer.serve")
 
 
@@ -85,7 +91,7 @@ def load_and_attach(opts: dict, config, state) -> None:
     if mesh is not None:
         from jaxinfer.sharding import describe
 
-        print(f"mesh: {describe(mesh)}", flush=True)
+        print(f"mesh: {describe(mesh)}", file=sys.stderr, flush=True)
     model = jaxinfer.load_model(opts["model"], dtype=opts["dtype"], attention=opts["attention"],
                                 mesh=mesh, cpu_kernels=FLAGS.cpu_kernels, progress=True)
     cfg = model.config
@@ -94,11 +100,11 @@ def load_and_attach(opts: dict, config, state) -> None:
           f"({(engine.num_pages - 1) * config.page_bytes(cfg) / 2**30:.2f} GiB); "
           f"{engine.slots} slots, context {engine.context}; compiling "
           f"{len(engine.buckets)} prefill buckets and decode widths {engine.decode_widths} ...",
-          flush=True)
+          file=sys.stderr, flush=True)
     start = time.perf_counter()
     if not config.eager:
         engine.warmup(progress=True)
-    print(f"warm-up took {time.perf_counter() - start:.1f}s", flush=True)
+    print(f"warm-up took {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     state.attach(engine)
 
 
@@ -118,16 +124,25 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    state = ServerState(opts["served_model_name"] or opts["model"], api_key=opts["api_key"] or None)
+    state = ServerState(opts["served_model_name"] or opts["model"], api_key=opts["api_key"] or None,
+                        max_body_bytes=int(opts["max_body_mb"] * 2**20))
+    aborted: list[int] = []
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             state.draining = True  # /health 503, new requests 503, in-flight ones finish
             super().handle_exit(sig, frame)
 
+        async def shutdown(self, sockets=None):
+            # uvicorn closes the listeners and waits for the connections while the drain runs;
+            # the drain ends what is left with proper responses, so uvicorn never cancels one.
+            drain = asyncio.ensure_future(state.drain(opts["drain_timeout_s"]))
+            await super().shutdown(sockets)
+            aborted.append(await drain)
+
     server = Server(uvicorn.Config(
         create_app(state), host=opts["host"], port=opts["port"], log_level="warning",
-        timeout_graceful_shutdown=opts["drain_timeout_s"],
+        timeout_graceful_shutdown=opts["drain_timeout_s"] + 30,  # a backstop past the drain
     ))
     failure: list[BaseException] = []
 
@@ -135,7 +150,7 @@ def main(argv: list[str]) -> None:
         try:
             load_and_attach(opts, config, state)
             print(f"serving {state.model_name!r} on http://{opts['host']}:{opts['port']}/v1",
-                  flush=True)
+                  file=sys.stderr, flush=True)
         except BaseException as e:  # noqa: BLE001 - any failure must stop the server
             log.exception("could not start the engine")
             failure.append(e)
@@ -150,7 +165,11 @@ def main(argv: list[str]) -> None:
         state.scheduler.stop(timeout=10)
     if failure:
         sys.exit(1)
-    print("drained; bye", flush=True)
+    if aborted and aborted[0]:
+        print(f"stopped with {aborted[0]} request(s) unfinished after the "
+              f"{opts['drain_timeout_s']}s drain", file=sys.stderr, flush=True)
+        sys.exit(EXIT_ABORTED)
+    print("drained; bye", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

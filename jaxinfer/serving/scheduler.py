@@ -9,6 +9,10 @@ detokenized, checked for stop strings and handed to each request's `sink`. When 
 pool runs dry mid-decode, the newest running request is preempted: its pages are freed and
 it waits at the head of the queue, to be resumed later by prefilling its prompt plus what it
 has generated so far (recompute, as vLLM does).
+
+A request whose prefill or insert raises fails alone (its sink gets an Output with `error`)
+and the loop carries on; only a device failure (a `JaxRuntimeError`, or any error while
+decoding all slots) stops the loop, which then ends every request with that error.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+
+import jax
 
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving.engine import NO_TOKEN, Engine, PrefillRow
@@ -46,7 +52,7 @@ class Output:
     finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
     prompt_tokens: int
     completion_tokens: int
-    error: str | None = None  # set when the engine failed; finish_reason is "abort" then
+    error: str | None = None  # why the request failed or was cut; finish_reason is "abort" then
 
 
 @dataclasses.dataclass(eq=False)
@@ -91,6 +97,7 @@ class Scheduler:
         self._aborts: set[str] = set()
         self._cond = threading.Condition()
         self._stopping = False
+        self._stop_error: str | None = None  # what requests still live at stop() are told
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.steps = 0  # generate() calls so far
@@ -102,10 +109,12 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="jaxinfer-engine", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stops the loop after its current step; requests still live end with "abort"."""
+    def stop(self, timeout: float | None = None, error: str | None = None) -> None:
+        """Stops the loop after its current step; requests still live end with "abort" (and
+        `error`, if given)."""
         with self._cond:
             self._stopping = True
+            self._stop_error = self._stop_error or error
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -123,6 +132,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests submitted and not yet finished (waiting, being prefilled or running)."""
+        return len(self._requests)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -201,7 +215,7 @@ class Scheduler:
         try:
             while self._step():
                 pass
-            self._finish_all("abort", None)
+            self._finish_all("abort", self._stop_error)
         except BaseException as e:  # noqa: BLE001 - the loop must report any failure
             log.exception("engine loop failed")
             self.error = e
@@ -279,18 +293,50 @@ class Scheduler:
                 self._waiting.remove(request)
         if not taken:
             return False
-        prefix = engine.prefill(rows)
         now = time.perf_counter()
-        for i, (request, row, slot) in enumerate(zip(taken, rows, free_slots, strict=False)):
+        admitted = []
+        for request, row, prefix, i in self._prefill(taken, rows):
+            slot = free_slots[len(admitted)]  # the lowest free slots: requests stay packed
+            try:
+                state = engine.insert(prefix, self.state, slot, i)
+            except jax.errors.JaxRuntimeError:
+                raise  # the device failed: the loop stops
+            except Exception as e:  # noqa: BLE001 - this request fails, not the loop
+                self.pages.release(row.pages)
+                self._fail(request, e)
+                continue
+            self.state = state
             if request.preemptions == 0 and self.metrics:
                 self.metrics.prompt_tokens.inc(len(request.prompt_ids))
             request.slot, request.admitted = slot, now
             self._running[slot] = request
             self.pages.assign(slot, row.pages)
-            self.state = engine.insert(prefix, self.state, slot, i)
-        for request, token in zip(taken, prefix.tokens, strict=False):
+            admitted.append((request, prefix.tokens[i]))
+        for request, token in admitted:
             self._emit(request, [token], now)
         return True
+
+    def _prefill(self, requests: list[Request], rows: list[PrefillRow]) -> list[tuple]:
+        """(request, row, prefix, its row in the prefix) for each request whose prefill
+        worked. A request whose prefill raises fails alone: a failed batch is retried row by
+        row, so that only the culprit does."""
+        try:
+            prefix = self.engine.prefill(rows)
+            return [(r, row, prefix, i) for i, (r, row) in enumerate(zip(requests, rows,
+                                                                          strict=True))]
+        except jax.errors.JaxRuntimeError:
+            raise  # the device failed: the loop stops
+        except Exception as e:  # noqa: BLE001 - one request's bad input must not stop the loop
+            if len(rows) > 1:
+                return [done for r, row in zip(requests, rows, strict=True)
+                        for done in self._prefill([r], [row])]
+            self.pages.release(rows[0].pages)
+            self._fail(requests[0], e)
+            return []
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        log.error("request %s failed; the engine carries on", request.id, exc_info=error)
+        self._finish(request, "abort", error=f"the request failed in the engine: {error!r}")
 
     def _decode(self) -> None:
         engine = self.engine

@@ -6,13 +6,20 @@
 
 Requests become `scheduler.Request`s whose sink pushes each `Output` into an asyncio queue
 of the request's handler; streaming handlers turn them into server-sent events. A client
-that disconnects has its request aborted, which frees its slot and pages.
+that disconnects, streaming or not, has its request aborted, which frees its slot and pages.
+
+The event loop does no request work: a body over `max_body_bytes` is refused (413) before it
+is parsed, and tokenizing and chat templates run on worker threads. A request that fails in
+the engine gets a 500 with an OpenAI error body (a stream: a chunk with finish_reason "abort",
+an error event, `[DONE]`); one the server cannot finish (engine down, shutting down) a 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import hashlib
 import json
 import random
 import secrets
@@ -22,7 +29,9 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving import protocol
@@ -32,6 +41,7 @@ from jaxinfer.serving.scheduler import EngineUnavailable, Output, QueueFull, Sch
 from jaxinfer.serving.scheduler import Request as EngineRequest
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+SHUTTING_DOWN = "the server is shutting down; the request could not finish in time"
 
 
 class APIError(Exception):
@@ -55,6 +65,7 @@ class ServerState:
 
     model_name: str
     api_key: str | None = None
+    max_body_bytes: int = 4 * 2**20  # larger request bodies get 413
     scheduler: Scheduler | None = None
     draining: bool = False  # set on SIGTERM: in-flight requests finish, new ones get 503
     metrics: Metrics = None  # type: ignore[assignment]
@@ -76,6 +87,21 @@ class ServerState:
         self.scheduler = scheduler
         return scheduler
 
+    async def drain(self, timeout_s: float) -> int:
+        """Refuses new requests, gives those in flight `timeout_s` seconds to finish, ends the
+        rest with an abort (503 / an error event) and stops the engine loop. Returns how many
+        requests had to be aborted."""
+        self.draining = True
+        scheduler = self.scheduler
+        if scheduler is None:
+            return 0
+        deadline = time.monotonic() + timeout_s
+        while scheduler.num_unfinished and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        unfinished = scheduler.num_unfinished
+        await asyncio.to_thread(scheduler.stop, 30, SHUTTING_DOWN)
+        return unfinished
+
     @property
     def ready(self) -> bool:
         return self.scheduler is not None and self.scheduler.alive and not self.draining
@@ -88,6 +114,44 @@ class ServerState:
         if not self.scheduler.alive:
             raise APIError(503, self.scheduler.why_unavailable(), "service_unavailable")
         return self.scheduler
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 413 before any of it is parsed."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(f"{int(declared)} bytes", scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away while sending
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._refuse(f"more than {self.limit} bytes", scope, receive, send)
+        body = b"".join(chunks)
+
+        async def replay() -> dict:
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = {"type": "http.request", "body": body, "more_body": False}, None
+            return message
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, size: str, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the request body has {size}; this server accepts at most {self.limit}"
+        await APIError(413, message, code="request_too_large").response()(scope, receive, send)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -106,6 +170,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
         return APIError(error.status_code, str(error.detail)).response()
 
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, error: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {error!r}", "server_error").response()
+
     @app.middleware("http")
     async def _authorize(request: Request, call_next):
         if state.api_key and request.url.path.startswith("/v1/"):
@@ -115,6 +183,8 @@ def create_app(state: ServerState) -> FastAPI:
                 return APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
                                 "authentication_error", code="invalid_api_key").response()
         return await call_next(request)
+
+    app.add_middleware(_BodyLimit, limit=state.max_body_bytes)
 
     @app.get("/health")
     async def health() -> Response:
@@ -140,15 +210,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, http: Request) -> Response:
         scheduler = _checked(state, body.model)
-        tokenizer = scheduler.tokenizer
-        if isinstance(body.prompt, str):
-            prompt_ids = tokenizer.encode(body.prompt)
+        if isinstance(body.prompt, str):  # on a worker thread: a long prompt takes seconds
+            prompt_ids = await asyncio.to_thread(scheduler.tokenizer.encode, body.prompt)
         else:
-            prompt_ids = list(body.prompt)
-            vocab = scheduler.vocab_size
-            if max(prompt_ids) >= vocab:
-                raise APIError(400, f"prompt token id {max(prompt_ids)} is outside the "
-                               f"vocabulary [0, {vocab})", param="prompt")
+            prompt_ids = _in_vocabulary(scheduler, list(body.prompt), "prompt")
         max_tokens = body.max_tokens
         if max_tokens is None:
             room = scheduler.context - len(prompt_ids)
@@ -158,13 +223,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: protocol.ChatCompletionRequest, http: Request) -> Response:
         scheduler = _checked(state, body.model)
-        tokenizer = scheduler.tokenizer
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - a template may raise anything on odd input
-            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
-        prompt_ids = tokenizer.encode(prompt, add_bos=False)  # the template places any BOS
+        prompt_ids = await asyncio.to_thread(_chat_prompt, scheduler.tokenizer, messages)
         max_tokens = body.token_limit
         if max_tokens is None:  # chat: up to the end of the context
             max_tokens = max(1, scheduler.context - len(prompt_ids))
@@ -181,43 +241,88 @@ def _checked(state: ServerState, model: str) -> Scheduler:
     return scheduler
 
 
+def _chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt's token ids: the chat template rendered, then encoded (a worker thread's job)."""
+    try:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template may raise anything on odd input
+        raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
+    return tokenizer.encode(prompt, add_bos=False)  # the template places any BOS
+
+
+def _in_vocabulary(scheduler: Scheduler, ids: list[int], field: str) -> list[int]:
+    vocab = scheduler.vocab_size
+    if outside := [t for t in ids if t >= vocab]:
+        raise APIError(400, f"{field}: token id {outside[0]} is outside the vocabulary "
+                       f"[0, {vocab})", param=field)
+    return ids
+
+
+def _engine_seed(seed: int | None) -> int:
+    """The engine's 32-bit seed: a seed in [0, 2**32) as it is, any other int64 hashed to 32
+    bits, none a random one."""
+    if seed is None:
+        return random.getrandbits(32)
+    if 0 <= seed < 2**32:
+        return seed
+    digest = hashlib.blake2b(seed.to_bytes(8, "little", signed=True), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+_BODY_TYPE_ERRORS = {"model_attributes_type", "model_type", "dict_type"}
+
+
 def _validation_error(error: RequestValidationError) -> APIError:
     problems = error.errors()
     if any(p["type"] == "json_invalid" for p in problems):
         return APIError(400, "the request body is not valid JSON")
-    if any(tuple(p["loc"]) == ("body",) for p in problems):
+    if any(tuple(p["loc"]) == ("body",) and p["type"] in _BODY_TYPE_ERRORS for p in problems):
         return APIError(400, "the request body must be a JSON object (Content-Type: "
                         "application/json)")
     parts, params = [], []
     for problem in problems[:5]:
         where = ".".join(str(p) for p in problem["loc"] if p != "body")
-        # A field typed as a union reports each alternative; the field name is enough.
-        where = where.split(".str", 1)[0].split(".list", 1)[0].split(".int", 1)[0]
         message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"].endswith("_type"):
+            message += f" (got {_json_type(problem['input'])})"
         parts.append(f"{where or 'body'}: {message}")
         params.append(where)
     return APIError(400, "; ".join(dict.fromkeys(parts)), param=params[0] if params else None)
 
 
+def _json_type(value) -> str:
+    kinds = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+             (list, "an array"), (dict, "an object"))
+    return next((name for kind, name in kinds if isinstance(value, kind)), "null")
+
+
 async def _serve(state: ServerState, scheduler: Scheduler, http: Request, body, prompt_ids,
                  max_tokens: int, *, chat: bool) -> Response:
     """Submits the request and answers it whole, or as server-sent events."""
-    seed = body.seed if body.seed is not None else random.getrandbits(32)
+    vocab = scheduler.vocab_size
+    top_k = body.top_k if 0 < body.top_k < vocab else 0  # 0: all tokens
     try:
-        sampling = SamplingParams(temperature=body.temperature, top_k=max(body.top_k, 0),
-                                  top_p=body.top_p, min_p=body.min_p, seed=seed % 2**32)
+        sampling = SamplingParams(temperature=body.temperature, top_k=top_k, top_p=body.top_p,
+                                  min_p=body.min_p, seed=_engine_seed(body.seed))
     except ValueError as e:
         raise APIError(400, str(e)) from e
     loop = asyncio.get_running_loop()
     outputs: asyncio.Queue[Output] = asyncio.Queue()
+
+    def sink(output: Output) -> None:  # on the engine thread, which must outlive any client
+        with contextlib.suppress(RuntimeError):  # this handler's event loop has closed
+            loop.call_soon_threadsafe(outputs.put_nowait, output)
+
     request = EngineRequest(
         prompt_ids=prompt_ids,
         max_tokens=max_tokens,
         sampling=sampling,
         stop=tuple(body.stop_strings),
-        stop_token_ids=tuple(body.stop_token_ids or ()),
-        sink=lambda output: loop.call_soon_threadsafe(outputs.put_nowait, output),
+        stop_token_ids=tuple(_in_vocabulary(scheduler, body.stop_token_ids or [],
+                                            "stop_token_ids")),
+        sink=sink,
     )
+    state.require_ready()  # tokenizing took a while: the server may be draining by now
     try:
         scheduler.submit(request)
     except QueueFull as e:
@@ -228,32 +333,45 @@ async def _serve(state: ServerState, scheduler: Scheduler, http: Request, body, 
         raise APIError(400, str(e), param="max_tokens" if "context" in str(e) else None) from e
     request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
     if body.stream:
-        events = _stream(scheduler, request, outputs, request_id, state.model_name, chat,
-                         body.include_usage)
+        events = _stream(state, request, outputs, request_id, chat, body.include_usage)
         return StreamingResponse(events, media_type="text/event-stream")
-    return await _whole(scheduler, http, request, outputs, request_id, state.model_name, chat)
+    return await _whole(state, http, request, outputs, request_id, chat)
 
 
-async def _whole(scheduler, http: Request, request: EngineRequest, outputs: asyncio.Queue,
-                 request_id: str, model: str, chat: bool) -> Response:
+def _failure(state: ServerState, output: Output) -> APIError:
+    """The error for a request the engine ended with `output.error`: 503 when the engine is
+    down or the server is shutting down, else 500 (this request failed, others carry on)."""
+    if state.draining or not state.scheduler.alive:
+        return APIError(503, output.error, "service_unavailable")
+    return APIError(500, output.error, "server_error")
+
+
+async def _abort_on_disconnect(http: Request, scheduler: Scheduler, request_id: str) -> None:
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    scheduler.abort(request_id)
+
+
+async def _whole(state: ServerState, http: Request, request: EngineRequest,
+                 outputs: asyncio.Queue, request_id: str, chat: bool) -> Response:
+    scheduler, model = state.scheduler, state.model_name
+    watcher = asyncio.ensure_future(_abort_on_disconnect(http, scheduler, request.id))
     pieces: list[str] = []
     try:
         while True:
-            try:
-                output = await asyncio.wait_for(outputs.get(), timeout=1.0)
-            except TimeoutError:
-                if await http.is_disconnected():
-                    scheduler.abort(request.id)
-                    return Response(status_code=499)
-                continue
+            output = await outputs.get()
             if output.error:
-                raise APIError(503, output.error, "service_unavailable")
+                raise _failure(state, output)
             pieces.append(output.text)
             if output.finish_reason:
                 break
     except asyncio.CancelledError:
         scheduler.abort(request.id)
         raise
+    finally:
+        watcher.cancel()
+    if output.finish_reason == "abort":  # the client went away: nobody reads this
+        return Response(status_code=499)
     text = "".join(pieces)
     counts = protocol.usage(output.prompt_tokens, output.completion_tokens)
     if chat:
@@ -267,8 +385,9 @@ def _sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def _stream(scheduler, request: EngineRequest, outputs: asyncio.Queue, request_id: str,
-                  model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(state: ServerState, request: EngineRequest, outputs: asyncio.Queue,
+                  request_id: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    scheduler, model = state.scheduler, state.model_name
     finished = False
     try:
         if chat:
@@ -277,8 +396,14 @@ async def _stream(scheduler, request: EngineRequest, outputs: asyncio.Queue, req
         while not finished:
             output: Output = await outputs.get()
             finished = output.finish_reason is not None
-            if output.error:
-                yield _sse(protocol.error_body(output.error, "service_unavailable"))
+            if output.error:  # the last chunk says "abort", then the error itself
+                if chat:
+                    yield _sse(protocol.chat_chunk(request_id, model, {}, "abort"))
+                else:
+                    yield _sse(protocol.completion(request_id, model, "", "abort", None,
+                                                   chunk=True))
+                error = _failure(state, output)
+                yield _sse(protocol.error_body(error.message, error.kind))
                 break
             if not output.text and not finished:
                 continue
