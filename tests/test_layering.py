@@ -16,7 +16,8 @@ LAYERS = [
     ("configuration", ["jaxinfer.config"]),
     ("hardware", ["jaxinfer.sharding", "jaxinfer.doctor"]),
     # The quantized products the models call are kernels; the quantizers are weights.
-    ("kernels", ["jaxinfer.pallas", "jaxinfer.kernels", "jaxinfer.quant.qarray"]),
+    ("kernels", ["jaxinfer.pallas", "jaxinfer.kernels", "jaxinfer.quant.qarray",
+                 "jaxinfer.quant.cpu_kernels"]),
     ("model execution", ["jaxinfer.models", "jaxinfer.cache", "jaxinfer.sampling",
                          "jaxinfer.decode", "jaxinfer.runtime", "jaxinfer.generate",
                          "jaxinfer.evaluate", "jaxinfer.tokenizer"]),

@@ -322,7 +322,8 @@ def wide_model(smollm2_path):
 
 def test_decode_widths_start_where_row_numerics_stop_depending_on_the_width(tiny_model,
                                                                             wide_model):
-    assert Engine(wide_model, WIDE_CONFIG).decode_widths == [2, 4, 8, 16, 32]
+    # 4 heads x one attention block of 256 positions per row: 4 rows reach 4,096.
+    assert Engine(wide_model, WIDE_CONFIG).decode_widths == [4, 8, 16, 32]
     # 4 heads x 64 positions or 256 vocabulary entries per row: 16 rows reach 4,096.
     assert Engine(tiny_model, CONFIG).decode_widths == [4]  # fixed width: all 4 slots
     assert Engine(tiny_model, EngineConfig(**{**CONFIG.__dict__, "max_batch_size": 32})

@@ -47,10 +47,10 @@ def url(smollm2):
             raise OverflowError("injected: Python integer out of bounds for int32")
         return prefill(rows)
 
-    def failing_insert(slot, **fields):
-        if fields["max_tokens"] == _FAILING["insert"]:
+    def failing_insert(prefix, state, slot, row=0):
+        if int(prefix.state.max_tokens[row]) == _FAILING["insert"]:
             raise OverflowError("injected: Python integer out of bounds for int32")
-        return insert(slot, **fields)
+        return insert(prefix, state, slot, row)
 
     engine.prefill, engine.insert = failing_prefill, failing_insert
     engine.warmup()
@@ -317,7 +317,7 @@ def test_a_failing_row_of_a_batched_prefill_fails_alone(smollm2):
                                   stop_token_ids=smollm2.tokenizer.stop_ids)
     assert [t for o in outputs["good"] for t in o.token_ids] == list(reference.tokens[0])
     assert outputs["good"][-1].finish_reason == reference.finish_reasons[0]
-    assert engine.free_page_count == engine.usable_pages
+    assert scheduler.pages.free_count == scheduler.pages.usable
 
 
 def test_a_device_failure_stops_the_engine_and_health_says_so(smollm2):

@@ -32,6 +32,7 @@ from jaxinfer.models.layers import (
     softcap,
 )
 from jaxinfer.pallas.flash_attention import NO_WINDOW  # global layers' window
+from jaxinfer.quant import cpu_kernels  # weights the CPU kernels read in place
 from jaxinfer.quant import qarray as quant  # the products only: quantizers sit above
 from jaxinfer.sharding.rules import constrain
 
@@ -181,12 +182,12 @@ def transformer(
     params = jax.tree.map(lambda p: p.astype(cfg.dtype), params, is_leaf=quant.keeps_structure)
     x = embed(params, tokens, cfg)
     # Weights the CPU kernels read in place stay whole (a scanned slice would be copied).
-    whole, sliced = quant.split_stacked(params["layers"], cfg.cpu_kernels)
+    whole, sliced = cpu_kernels.split_stacked(params["layers"], cfg.cpu_kernels)
 
     def step(carry, layer_and_index):
         x, cache = carry
         layer, data, index = layer_and_index
-        layer = {**layer, **quant.layer_views(whole, index, cfg.cpu_kernels)}
+        layer = {**layer, **cpu_kernels.layer_views(whole, index, cfg.cpu_kernels)}
         x = constrain(x)  # under a mesh: the residual stream is [batch -> data] between layers
         return decoder_layer(x, layer, index, cache, positions, data, cfg), None
 
@@ -198,7 +199,7 @@ def transformer(
 def unembed(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """hidden [..., embed] -> fp32 logits [..., vocab] (soft-capped when the config says so)."""
     head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-    logits = quant.einsum("...d,vd->...v", hidden, quant.in_place(head, cfg.cpu_kernels),
+    logits = quant.einsum("...d,vd->...v", hidden, cpu_kernels.in_place(head, cfg.cpu_kernels),
                           jnp.float32)
     return softcap(logits, cfg.final_softcap)
 

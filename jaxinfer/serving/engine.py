@@ -45,6 +45,7 @@ from jaxinfer import decode, runtime
 from jaxinfer.cache import PagedKVCache
 from jaxinfer.config import ModelConfig
 from jaxinfer.decode import NO_TOKEN, DecodeState
+from jaxinfer.pallas.blocked import KV_BLOCK
 from jaxinfer.runtime import bucket
 from jaxinfer.sampling import SamplingArrays, SamplingParams
 from jaxinfer.serving.config import EngineConfig
@@ -235,7 +236,10 @@ class Engine:
         (see the module docstring): at least 2 rows, and enough rows that the attention
         softmax and the sampling softmax reduce over YNN_REDUCE_MIN_ELEMENTS or more."""
         cfg = self.model_config
-        per_row = min(cfg.n_heads * self.pages_per_seq * self.page_size, cfg.vocab_size)
+        # CPU attention reads the cache a block at a time (pallas.blocked): its softmax
+        # reduces over one block of positions per head.
+        context = min(self.pages_per_seq * self.page_size, KV_BLOCK)
+        per_row = min(cfg.n_heads * context, cfg.vocab_size)
         return bucket(-(-YNN_REDUCE_MIN_ELEMENTS // per_row), minimum=2)
 
     # -- compilation --------------------------------------------------------------------------
