@@ -51,10 +51,9 @@ class Result:
 
 def random_prompts(n: int, length: int, seed: int, model: str) -> list[str]:
     """n prompts of about `length` tokens of random plain words from the model's vocabulary."""
-    from jaxinfer.checkpoints import sources
-    from jaxinfer.tokenizer import Tokenizer
+    from jaxinfer.checkpoints import gguf_vocab, sources
 
-    tokenizer = Tokenizer.from_gguf(sources.resolve(model))
+    tokenizer = gguf_vocab.build(sources.resolve(model))
     words = [
         i for i in range(tokenizer.vocab_size)
         if (t := tokenizer.token_text(i)) and t.startswith("Ġ") and t[1:].isalpha()

@@ -3,7 +3,7 @@
 The BPE itself is Hugging Face `tokenizers`, configured from a `tokenizer.json` here or from a
 GGUF file's vocabulary by `jaxinfer.checkpoints.gguf_vocab` (the way llama.cpp reads it).
 
-    tok = Tokenizer.from_gguf("model.gguf")
+    tok = jaxinfer.checkpoints.gguf_vocab.build("model.gguf")  # or Tokenizer.from_file(...)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     ids = tok.encode(prompt)
     stream = IncrementalDetokenizer(tok)
@@ -81,14 +81,6 @@ class Tokenizer:
         )
 
     # -- constructors ---------------------------------------------------------------------------
-
-    @classmethod
-    def from_gguf(cls, path_or_reader: str | os.PathLike[str] | Any) -> Tokenizer:
-        """The tokenizer a GGUF file describes (a path, or an open reader to parse it once);
-        built by `jaxinfer.checkpoints.gguf_vocab`, where the vocabulary conversion lives."""
-        from jaxinfer.checkpoints import gguf_vocab  # the checkpoints layer builds on this one
-
-        return gguf_vocab.build(path_or_reader)
 
     @classmethod
     def from_file(

@@ -10,12 +10,12 @@ import pytest
 
 import jaxinfer
 from jaxinfer import decode
+from jaxinfer.checkpoints import gguf_vocab
 from jaxinfer.decode import NO_TOKEN, DecodeState
 from jaxinfer.sampling import SamplingArrays, SamplingParams
 from jaxinfer.serving import EngineConfig
 from jaxinfer.serving.engine import Engine, PrefillRow
 from jaxinfer.serving.pages import PageTable
-from jaxinfer.tokenizer import Tokenizer
 
 CONFIG = EngineConfig(max_batch_size=4, max_seq_len=64, page_size=8, num_pages=40,
                       decode_steps=3)
@@ -28,7 +28,7 @@ SAMPLINGS = [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.95, seed=
 def tiny_model(tiny_cfg, tiny_params, smollm2_path):
     params = jax.tree_util.tree_map_with_path(  # larger weights: continuations that vary
         lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * 8, tiny_params)
-    return jaxinfer.Model(tiny_cfg, params, Tokenizer.from_gguf(smollm2_path))
+    return jaxinfer.Model(tiny_cfg, params, gguf_vocab.build(smollm2_path))
 
 
 def engine_tokens(engine: Engine, prompts, samplings, n: int) -> list[list[int]]:

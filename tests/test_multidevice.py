@@ -28,8 +28,8 @@ from multidevice_worker import logit_inputs, logits_of
 
 import jaxinfer
 from jaxinfer.cache import KVCache
+from jaxinfer.checkpoints import gguf_vocab
 from jaxinfer.models import family
-from jaxinfer.tokenizer import Tokenizer
 from tests.numerics import assert_greedy_agrees_until_a_near_tie, top2_margin
 
 MESHES = ("data:1,model:8", "data:2,model:4", "data:8,model:1")
@@ -83,7 +83,7 @@ def report(proc: subprocess.Popen, tag: str) -> dict:
 def runs(smollm2_path, tmp_path_factory, request):
     """Starts the 8-device worker and the two-process job, computes the single-device
     reference meanwhile, and returns everything."""
-    tokenizer = Tokenizer.from_gguf(smollm2_path)
+    tokenizer = gguf_vocab.build(smollm2_path)
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     work = tmp_path_factory.mktemp("multidevice")
     env = dict(os.environ)  # the workers add their device counts to XLA_FLAGS

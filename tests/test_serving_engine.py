@@ -18,13 +18,13 @@ import pytest
 
 import jaxinfer
 from jaxinfer.cache import KVCache
+from jaxinfer.checkpoints import gguf_vocab
 from jaxinfer.models import family, llama
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving import EngineConfig
 from jaxinfer.serving.engine import NO_TOKEN, Engine, PrefillRow, prefill_buckets
 from jaxinfer.serving.pages import PageTable
 from jaxinfer.serving.scheduler import Output, QueueFull, Request, Scheduler
-from jaxinfer.tokenizer import Tokenizer
 from tests.conftest import TINY
 from tests.numerics import assert_no_near_ties
 
@@ -42,7 +42,7 @@ def tiny_model(tiny_cfg, tiny_params, smollm2_path):
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * 8, tiny_params
     )
-    return jaxinfer.Model(tiny_cfg, params, Tokenizer.from_gguf(smollm2_path))
+    return jaxinfer.Model(tiny_cfg, params, gguf_vocab.build(smollm2_path))
 
 
 # The engine (paged cache, 4 slots) runs other kernels than generate() (dense cache, 1 row):
@@ -317,7 +317,7 @@ def wide_model(smollm2_path):
     params = llama.init_params(WIDE_CFG, jax.random.key(1))
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * 8, params)
-    return jaxinfer.Model(WIDE_CFG, params, Tokenizer.from_gguf(smollm2_path))
+    return jaxinfer.Model(WIDE_CFG, params, gguf_vocab.build(smollm2_path))
 
 
 def test_decode_widths_start_where_row_numerics_stop_depending_on_the_width(tiny_model,

@@ -12,6 +12,7 @@ import pytest
 from jinja2.exceptions import SecurityError
 from spm_gguf import write_spm_gguf
 
+from jaxinfer.checkpoints import gguf_vocab
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 # Input classes transformers and llama.cpp agree on.
@@ -47,7 +48,7 @@ def gguf_path(smollm2_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(gguf_path: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(gguf_path)
+    return gguf_vocab.build(gguf_path)
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +305,7 @@ def write_gguf(path: Path, model: str, pre: str | None = None) -> Path:
     ],
 )
 def test_pre_tokenizer_follows_tokenizer_ggml_pre(tmp_path, pre, expected):
-    tokenizer = Tokenizer.from_gguf(write_gguf(tmp_path / "tiny.gguf", "gpt2", pre))
+    tokenizer = gguf_vocab.build(write_gguf(tmp_path / "tiny.gguf", "gpt2", pre))
     ids = tokenizer.encode("12345")
     assert [tokenizer.token_text(i) for i in ids] == expected
     assert tokenizer.decode(ids) == "12345"
@@ -312,7 +313,7 @@ def test_pre_tokenizer_follows_tokenizer_ggml_pre(tmp_path, pre, expected):
 
 def test_from_gguf_accepts_an_open_reader(tmp_path):
     reader = gguf.GGUFReader(write_gguf(tmp_path / "tiny.gguf", "gpt2", "llama-bpe"))
-    tokenizer = Tokenizer.from_gguf(reader)
+    tokenizer = gguf_vocab.build(reader)
     assert tokenizer.encode("<|endoftext|>123") == [0, 12]
     assert tokenizer.add_bos is False  # no BOS id in this file, so none is added
 
@@ -320,17 +321,17 @@ def test_from_gguf_accepts_an_open_reader(tmp_path):
 def test_unsupported_tokenizer_model_is_a_clear_error(tmp_path):
     path = write_gguf(tmp_path / "t5.gguf", "t5")
     with pytest.raises(ValueError, match=r"t5\.gguf.*tokenizer\.ggml\.model is 't5'.*gpt2.*llama"):
-        Tokenizer.from_gguf(path)
+        gguf_vocab.build(path)
 
 
 def test_unsupported_pre_tokenizer_is_a_clear_error(tmp_path):
     path = write_gguf(tmp_path / "tekken.gguf", "gpt2", "tekken")
     with pytest.raises(ValueError, match=r"tekken\.gguf.*'tekken'.*supported: .*'smollm'"):
-        Tokenizer.from_gguf(path)
+        gguf_vocab.build(path)
 
 
 def test_missing_chat_template_is_a_clear_error(tmp_path):
-    tokenizer = Tokenizer.from_gguf(write_gguf(tmp_path / "tiny.gguf", "gpt2", "gpt-2"))
+    tokenizer = gguf_vocab.build(write_gguf(tmp_path / "tiny.gguf", "gpt2", "gpt-2"))
     with pytest.raises(ValueError, match="no chat template"):
         tokenizer.apply_chat_template(CONVERSATIONS["single_user"])
 
@@ -384,7 +385,7 @@ def spm_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def spm_tokenizer(spm_path: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(spm_path)
+    return gguf_vocab.build(spm_path)
 
 
 @pytest.fixture(scope="module")
@@ -419,7 +420,7 @@ def test_spm_metadata_and_bos_added_by_default(spm_tokenizer):
 
 
 def test_spm_add_bos_token_false_is_honoured(tmp_path):
-    tokenizer = Tokenizer.from_gguf(write_spm_gguf(tmp_path / "no_bos.gguf", add_bos=False))
+    tokenizer = gguf_vocab.build(write_spm_gguf(tmp_path / "no_bos.gguf", add_bos=False))
     assert tokenizer.add_bos is False
     assert tokenizer.encode("hello") == tokenizer.encode("hello", add_bos=False)
 
@@ -449,7 +450,7 @@ def test_spm_decode_matches_transformers(spm_tokenizer, spm_hf_tokenizer, name):
 def test_spm_merges_in_the_file_take_precedence_over_scores(tmp_path):
     merges = ["▁ h", "▁h e", "▁he l", "▁hel l", "▁hell o", "▁ t", "▁t h"]  # no "▁th e"
     path = write_spm_gguf(tmp_path / "merges.gguf", merges=merges)
-    tokenizer = Tokenizer.from_gguf(path)
+    tokenizer = gguf_vocab.build(path)
     ids = tokenizer.encode("hello the", add_bos=False)
     assert [tokenizer.token_text(i) for i in ids] == ["▁hello", "▁th", "e"]
     transformers = pytest.importorskip("transformers")
@@ -461,7 +462,7 @@ def test_spm_merges_in_the_file_take_precedence_over_scores(tmp_path):
 def test_spm_add_space_prefix_false_adds_no_space(tmp_path):
     # transformers ignores this flag; llama.cpp honours it, and so do we.
     path = write_spm_gguf(tmp_path / "no_prefix.gguf", add_space_prefix=False)
-    tokenizer = Tokenizer.from_gguf(path)
+    tokenizer = gguf_vocab.build(path)
     ids = tokenizer.encode("hello world", add_bos=False)
     assert [tokenizer.token_text(i) for i in ids] == ["h", "e", "l", "l", "o", "▁world"]
     assert tokenizer.decode(tokenizer.encode(" hello")) == " hello"
@@ -470,7 +471,7 @@ def test_spm_add_space_prefix_false_adds_no_space(tmp_path):
 def test_spm_gemma_vocabulary_is_a_clear_error(tmp_path):
     path = write_spm_gguf(tmp_path / "gemma.gguf", arch="gemma2")
     with pytest.raises(ValueError, match=r"gemma\.gguf.*'gemma2' is not supported"):
-        Tokenizer.from_gguf(path)
+        gguf_vocab.build(path)
 
 
 @pytest.mark.parametrize("name", ["cjk", "emoji", "accents", "unknown_words"])

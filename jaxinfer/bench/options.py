@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from jaxinfer.bench.workload import PEERS, Workload
+from jaxinfer.checkpoints import gguf_vocab
 
 QUANTS = ("none", "int8", "int4", "gguf")
 DTYPES = ("float32", "bfloat16", "auto")
@@ -80,7 +81,7 @@ def workload(model_path: Path, prompt: str, prefill_tokens: list[str], batch_siz
         raise ValueError(f"--repeats={repeats}: it must be at least 1")
     if model_path.suffix == ".gguf":
         reader = gguf.open_gguf(model_path)
-        tokenizer = Tokenizer.from_gguf(reader)
+        tokenizer = gguf_vocab.build(reader)
         context = gguf.model_config(reader).max_seq_len
     else:
         tokenizer = Tokenizer.from_file(model_path / "tokenizer.json")

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxinfer.checkpoints import gguf_quant, gguf_vocab, pipeline
 from jaxinfer.checkpoints.families import quirks
-from jaxinfer.checkpoints.gguf_file import GGUFFile, GGUFTensor
+from jaxinfer.checkpoints.gguf_file import GGUFFile, GGUFTensor, open_gguf
 from jaxinfer.checkpoints.model import CheckpointError, Model
 from jaxinfer.config import ModelConfig
 
@@ -56,28 +56,6 @@ GLOBAL_TENSORS = {
     "output.weight": ("lm_head", "vector"),
 }
 CONFIG_TENSORS = ("rope_freqs.weight",)  # read into the ModelConfig, not a parameter
-
-
-def open_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Parses the header and checks that every tensor's data lies inside the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    size = path.stat().st_size
-    try:
-        reader = GGUFFile(path)
-    except Exception as e:  # a corrupt header fails in assorted ways
-        raise CheckpointError(
-            f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})"
-        ) from e
-    for t in reader.tensors:
-        end = t.data_offset + t.n_bytes
-        if end > size:
-            raise CheckpointError(
-                f"{path}: truncated or corrupt: tensor {t.name!r} ends at byte {end:,} "
-                f"but the file has {size:,} bytes"
-            )
-    return reader
 
 
 def metadata(reader: GGUFFile, key: str, default: Any = None) -> Any:

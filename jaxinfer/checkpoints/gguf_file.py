@@ -20,6 +20,8 @@ from typing import Any
 import gguf
 import numpy as np
 
+from jaxinfer.checkpoints.model import CheckpointError
+
 T = gguf.GGMLQuantizationType
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -159,3 +161,25 @@ class GGUFFile:
             data = np.frombuffer(self._map, np.uint8, n_bytes, offset).reshape(
                 gguf.quants.quant_shape_to_byte_shape(np_shape, tensor_type))
         return GGUFTensor(name, tensor_type, tuple(dims), n_elements, n_bytes, offset, data)
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Parses the header and checks that every tensor's data lies inside the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    size = path.stat().st_size
+    try:
+        reader = GGUFFile(path)
+    except Exception as e:  # a corrupt header fails in assorted ways
+        raise CheckpointError(
+            f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})"
+        ) from e
+    for t in reader.tensors:
+        end = t.data_offset + t.n_bytes
+        if end > size:
+            raise CheckpointError(
+                f"{path}: truncated or corrupt: tensor {t.name!r} ends at byte {end:,} "
+                f"but the file has {size:,} bytes"
+            )
+    return reader

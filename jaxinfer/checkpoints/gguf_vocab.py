@@ -230,7 +230,7 @@ def build(path_or_reader: Any) -> Tokenizer:
             return default if value is None else value.contents()
     else:
         if isinstance(path_or_reader, (str, os.PathLike)):
-            from jaxinfer.checkpoints.gguf import open_gguf
+            from jaxinfer.checkpoints.gguf_file import open_gguf
 
             path_or_reader = open_gguf(path_or_reader)
         source, field = str(path_or_reader.path), path_or_reader.get

@@ -33,6 +33,10 @@ class InPlace:
     def materialize(self) -> QArray:
         return self.weight if self.layer is None else self.weight[self.layer]
 
+    def product(self, spec: str, x: jax.Array) -> jax.Array | None:
+        """`product(spec, x, self)`: qarray.einsum calls it without importing this module."""
+        return product(spec, x, self)
+
     @property
     def shape(self) -> tuple[int, ...]:
         return self.materialize().shape if self.layer is None else self.weight.shape[1:]

@@ -240,10 +240,8 @@ def einsum(spec: str, x: jax.Array, w: jax.Array | QArray, out_dtype=None) -> ja
         if recorder is not None:
             _record(spec, x, w)
         w = w.weight
-    if hasattr(w, "materialize"):  # a cpu_kernels.InPlace view (imported here: it imports us)
-        from jaxinfer.quant import cpu_kernels
-
-        y = cpu_kernels.product(spec, x, w)
+    if hasattr(w, "materialize"):  # a cpu_kernels.InPlace view (which imports this module)
+        y = w.product(spec, x)
         if y is not None:
             return y.astype(out_dtype or x.dtype)
         w = w.materialize()
