@@ -33,6 +33,7 @@ from jaxinfer.serving.server import ServerState
 openai = pytest.importorskip("openai")
 
 BODY_LIMIT = 1 << 20  # bytes: small, so the 413 test sends little
+_SLOW_DECODE = threading.Event()  # set: each decode call of the `url` server takes >= 0.2 s
 _FAILING = {"prefill": 13, "insert": 11}  # a request with top_k=13 fails in prefill, and one
 # with max_tokens=11 in insert, as a host-side bug or bad value reaching the engine would
 
@@ -52,7 +53,14 @@ def url(smollm2):
             raise OverflowError("injected: Python integer out of bounds for int32")
         return insert(prefix, state, slot, row)
 
-    engine.prefill, engine.insert = failing_prefill, failing_insert
+    generate = engine.generate
+
+    def slow_generate(*args, **kwargs):
+        if _SLOW_DECODE.is_set():
+            time.sleep(0.2)
+        return generate(*args, **kwargs)
+
+    engine.prefill, engine.insert, engine.generate = failing_prefill, failing_insert, slow_generate
     engine.warmup()
     state = ServerState(MODEL, max_body_bytes=BODY_LIMIT)
     with serving(state) as base:
@@ -350,7 +358,11 @@ def test_a_non_streaming_client_that_leaves_has_its_request_aborted(url):
             calls = [http.post(f"{url}/v1/completions", json=body) for _ in range(3)]
             return await asyncio.gather(*calls, return_exceptions=True)
 
-    assert all(isinstance(r, httpx.ReadTimeout) for r in asyncio.run(leave_early()))
+    _SLOW_DECODE.set()  # 100 tokens then take seconds, however fast the machine decodes
+    try:
+        assert all(isinstance(r, httpx.ReadTimeout) for r in asyncio.run(leave_early()))
+    finally:
+        _SLOW_DECODE.clear()
     assert_idle_and_healthy(url)
     assert metric(url, "jaxinfer:request_success_total", finished_reason="abort") == aborted + 3
     # The health check's request made 2 tokens; the three left long before their 300.
