@@ -33,11 +33,12 @@ run: install
 # The whole suite, then the tests marked numerics (two numerically different computations
 # compared) again with XLA:CPU held to an older instruction set, whose kernels round
 # differently: a test that passes on one CPU generation only fails here. AVX, not AVX2: on an
-# AVX-512 machine AVX2 gave bit-identical SmolLM2 logits, AVX did not.
+# AVX-512 machine AVX2 gave bit-identical SmolLM2 logits, AVX did not. That pass also runs
+# with jaxinfer's CPU kernels off: the quantized tests among them then check XLA's fallback.
 OLDER_ISA ?= AVX
 test: install-test
 	$(PY) -m pytest -q tests $(ARGS)
-	XLA_FLAGS=--xla_cpu_max_isa=$(OLDER_ISA) $(PY) -m pytest -q -m numerics tests
+	XLA_FLAGS=--xla_cpu_max_isa=$(OLDER_ISA) $(PY) -m pytest -q -m numerics tests --cpu-kernels=off
 
 # llama.cpp (the bench's CPU peer) builds from source for the instruction sets this machine's
 # OS enables, never AMX (jaxinfer/bench/llama_cpp_build.py); --no-cache-dir so a wheel built
