@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxinfer
+from jaxinfer.bench.machine import best_seconds
 from jaxinfer.cache import KVCache
 from jaxinfer.models import llama
 from jaxinfer.pallas import blocked, reference
@@ -29,13 +29,7 @@ from jaxinfer.pallas import blocked, reference
 
 def seconds(fn, repeats: int) -> float:
     """Best wall time of `repeats` calls after a warm-up (compile) call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return best_seconds(lambda: jax.block_until_ready(fn()), repeats)
 
 
 def full_cache_reference(q, k, v, q_positions, *, layer=None, scales=None, **options):

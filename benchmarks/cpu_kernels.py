@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,17 +24,12 @@ import numpy as np
 
 import jaxinfer
 from jaxinfer import quant
+from jaxinfer.bench.machine import best_seconds
 from jaxinfer.kernels import cpu
 
 
 def best(fn, *args, repeats=10) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return best_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def products(out: int, in_dim: int) -> None:
