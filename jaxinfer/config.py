@@ -16,6 +16,7 @@ import numpy as np
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ACTIVATIONS = ("silu", "gelu_tanh")
+ROUTER_SCORES = ("softmax", "sigmoid")
 LAYER_TYPES = ("sliding_attention", "full_attention")
 QUANT_MODES = (None, "int8", "int4", "gguf")
 CPU_KERNELS = ("int8", "f32", "off")
@@ -70,6 +71,16 @@ class ModelConfig:
     # per block of 32 inside the kernel, as llama.cpp does), "f32" (fp32 activations) or
     # "off" (XLA's own products). Ignored on GPU/TPU and under a multi-device mesh.
     cpu_kernels: str = "int8"
+    # Mixture of experts (jaxinfer/models/moe.py): every layer's MLP is `n_experts` gated MLPs
+    # of width `expert_mlp_dim`, each token through the `experts_per_token` its router picks.
+    n_experts: int = 0  # 0: the dense MLP of width mlp_dim
+    experts_per_token: int = 0
+    expert_mlp_dim: int = 0
+    router_scores: str = "softmax"  # expert scores from the router logits: softmax or sigmoid
+    router_renormalize: bool = True  # the chosen experts' weights rescaled to sum to one
+    router_bias: bool = False  # a learned bias on the router logits (gpt-oss)
+    routed_scale: float = 1.0  # the routed experts' sum scaled by this (DeepSeek)
+    shared_expert_dim: int = 0  # width of an always-on shared expert (0: none)
 
     def __post_init__(self):
         for name in ("param_dtype", "compute_dtype"):
@@ -94,6 +105,15 @@ class ModelConfig:
             raise ValueError(
                 f"mlp_activation={self.mlp_activation!r}; allowed: {', '.join(ACTIVATIONS)}"
             )
+        if self.n_experts:
+            if not 0 < self.experts_per_token <= self.n_experts or self.expert_mlp_dim <= 0:
+                raise ValueError(
+                    f"experts_per_token={self.experts_per_token}, expert_mlp_dim="
+                    f"{self.expert_mlp_dim} for n_experts={self.n_experts}; a mixture of "
+                    "experts needs 1 <= experts_per_token <= n_experts and expert_mlp_dim > 0")
+            if self.router_scores not in ROUTER_SCORES:
+                raise ValueError(f"router_scores={self.router_scores!r}; "
+                                 f"allowed: {', '.join(ROUTER_SCORES)}")
         if self.layer_types is not None:
             if len(self.layer_types) != self.n_layers:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries; "

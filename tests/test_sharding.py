@@ -130,8 +130,8 @@ def test_heads_and_head_dim_both_indivisible_is_an_error(smollm2_cfg):
 
 def test_unknown_logical_axis_is_an_error(smollm2_cfg):
     rules = model_rules(smollm2_cfg, mesh(1, 8))
-    with pytest.raises(ValueError, match=r"unknown logical axis 'experts'"):
-        rules.spec(("experts", "embed"), (8, 576), "moe.w")
+    with pytest.raises(ValueError, match=r"unknown logical axis 'vision_patches'"):
+        rules.spec(("vision_patches", "embed"), (8, 576), "vit.w")
 
 
 # -- caches -------------------------------------------------------------------------------------

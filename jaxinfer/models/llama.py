@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxinfer.cache import KVCache
 from jaxinfer.config import DTYPES, ModelConfig
+from jaxinfer.models import moe
 from jaxinfer.models.layers import (
     apply_rope,
     gated_mlp,
@@ -70,6 +71,10 @@ class Layers(nnx.Module):
             self.post_attn_norm = _param(rngs, cfg, (L, D), ("layers", "embed"), unit)
             self.post_mlp_norm = _param(rngs, cfg, (L, D), ("layers", "embed"), unit)
         self.mlp_norm = _param(rngs, cfg, (L, D), ("layers", "embed"), unit)
+        if cfg.n_experts:  # a mixture of experts in place of the dense MLP
+            for name, (shape, axes) in moe.declarations(cfg).items():
+                setattr(self, name, _param(rngs, cfg, shape, axes))
+            return
         self.w_gate = _param(rngs, cfg, (L, D, F), ("layers", "embed", "mlp"))
         self.w_up = _param(rngs, cfg, (L, D, F), ("layers", "embed", "mlp"))
         self.w_down = _param(rngs, cfg, (L, F, D), ("layers", "mlp", "embed"))
@@ -160,7 +165,10 @@ def decoder_layer(
         out = rms_norm(out, layer["post_attn_norm"], eps, offset)
     x = x + out
     h = rms_norm(x, layer["mlp_norm"], eps, offset)
-    out = gated_mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"], cfg.mlp_activation)
+    if cfg.n_experts:
+        out = moe.moe_mlp(h, layer, cfg)
+    else:
+        out = gated_mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"], cfg.mlp_activation)
     if cfg.post_norms:
         out = rms_norm(out, layer["post_mlp_norm"], eps, offset)
     return x + out, cache

@@ -20,6 +20,9 @@ from jax.sharding import AxisType, Mesh
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "model")  # data: independent batch rows; model: one model's tensors
+# Axes a mesh has only when the spec names them; expert: a mixture's experts (see models/moe.py).
+OPTIONAL_MESH_AXES = ("expert",)
+ORDER = ("data", "expert", "model")  # model innermost: its collectives run every layer
 
 
 def parse_mesh_spec(spec: str | Mapping[str, int] | None, n_devices: int) -> dict[str, int]:
@@ -42,11 +45,13 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | None, n_devices: int) -> dic
                                  "an integer") from None
     else:
         sizes = dict(spec)
-    unknown = [name for name in sizes if name not in MESH_AXES]
+    allowed = MESH_AXES + OPTIONAL_MESH_AXES
+    unknown = [name for name in sizes if name not in allowed]
     if unknown:
         raise ValueError(f"mesh spec {spec!r}: unknown axis {unknown[0]!r}; "
-                         f"allowed axes: {', '.join(MESH_AXES)}")
-    sizes = {name: sizes.get(name, 1) for name in MESH_AXES}
+                         f"allowed axes: {', '.join(allowed)}")
+    named = [name for name in ORDER if name in MESH_AXES or name in sizes]
+    sizes = {name: sizes.get(name, 1) for name in named}
     if any(size == 0 or size < -1 for size in sizes.values()):
         raise ValueError(f"mesh spec {spec!r}: sizes must be positive (or -1 for the rest)")
     free = [name for name, size in sizes.items() if size == -1]
@@ -69,13 +74,14 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | None, n_devices: int) -> dic
 def make_mesh(
     spec: str | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """A mesh with axes ("data", "model") over `devices` (default: every device of every
-    process), laid out for the hardware's interconnect by `jax.make_mesh`."""
+    """A mesh with axes ("data", "model"), and "expert" between them when the spec names it,
+    over `devices` (default: every device of every process), laid out for the hardware's
+    interconnect by `jax.make_mesh`."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec, len(devices))
-    shape = tuple(sizes[name] for name in MESH_AXES)
     # Auto axes: jit (GSPMD) propagates shardings from the params and layer-boundary hints.
-    return jax.make_mesh(shape, MESH_AXES, (AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    return jax.make_mesh(tuple(sizes.values()), tuple(sizes), (AxisType.Auto,) * len(sizes),
+                         devices=devices)
 
 
 def single_device_mesh(device: jax.Device | None = None) -> Mesh:

@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.sharding.mesh import OPTIONAL_MESH_AXES
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "heads": "model",
     "kv_heads": "model",
     "mlp": "model",
+    "experts": "expert",  # MoE expert weights: expert parallelism
     "head_dim": None,
     "embed": None,
     "layers": None,
@@ -146,7 +148,9 @@ def model_rules(
     """`table` resolved for this model on this mesh: attention heads the model axis cannot
     divide move to head_dim (see the module docstring); anything else indivisible errors."""
     mesh_shape = dict(mesh.shape)
-    unknown = {m for m in table.values() if m is not None} - set(mesh_shape)
+    # A mesh without an optional axis (`expert`) replicates what maps to it.
+    unknown = {m for m in table.values() if m is not None} - set(mesh_shape) - set(
+        OPTIONAL_MESH_AXES)
     if unknown:
         raise ValueError(f"rules map to mesh axes {sorted(unknown)} that the mesh "
                          f"({', '.join(mesh_shape)}) does not have")

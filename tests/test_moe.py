@@ -1,0 +1,137 @@
+"""The mixture-of-experts MLP: the grouped product against a dense per-expert reference
+(empty experts, every token on one expert), the router and the whole block against numpy,
+and a tiny random MoE model through generate()."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinfer
+from jaxinfer.models import llama, moe
+from jaxinfer.quant import dequantize, quantize
+from tests.numerics import assert_top1_agrees_where_decisive
+
+IMPLS = ("tiles", "ragged")
+# fp32 products of the same rows in another blocking: rounding only (measured <= 2e-6).
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def moe_cfg(tiny_cfg):
+    return dataclasses.replace(tiny_cfg, n_experts=8, experts_per_token=2, expert_mlp_dim=32)
+
+
+def _dense_grouped(x, w, group_sizes):
+    """Row r times the weight of its group, one expert at a time (numpy)."""
+    out = np.zeros((x.shape[0], w.shape[-1]), np.float32)
+    start = 0
+    for g, size in enumerate(group_sizes):
+        out[start:start + size] = x[start:start + size] @ w[g]
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("group_sizes", [
+    [3, 0, 5, 0, 0, 2, 6, 0],  # empty experts among full ones
+    [16, 0, 0, 0, 0, 0, 0, 0],  # every row on the first expert
+    [0, 0, 0, 0, 0, 0, 0, 16],  # every row on the last expert
+    [1, 1, 1, 1, 1, 1, 1, 9],
+    [2, 0, 3, 0, 0, 0, 0, 0],  # rows past the groups' total come out zero
+])
+def test_grouped_matmul_matches_a_dense_per_expert_product(impl, group_sizes, rng):
+    x = rng.standard_normal((16, 24)).astype(np.float32)
+    w = rng.standard_normal((8, 24, 40)).astype(np.float32)
+    got = moe.grouped_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(group_sizes, jnp.int32),
+                             impl)
+    np.testing.assert_allclose(np.asarray(got), _dense_grouped(x, w, group_sizes), atol=ATOL,
+                               rtol=0)
+
+
+def test_grouped_matmul_takes_quantized_experts(rng):
+    """int8 / int4 QArrays [experts, in, out], quantized along `in`, through quant.einsum."""
+    x = rng.standard_normal((12, 64)).astype(np.float32)
+    w = rng.standard_normal((4, 64, 48)).astype(np.float32)
+    sizes = [5, 0, 7, 0]
+    for precision in ("int8", "int4"):
+        q = quantize(jnp.asarray(w), precision, axis=-2)
+        got = np.asarray(moe.grouped_matmul(jnp.asarray(x), q, jnp.asarray(sizes, jnp.int32)))
+        want = _dense_grouped(x, np.asarray(dequantize(q)), sizes)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        assert np.abs(want - _dense_grouped(x, w, sizes)).max() > 1e-3  # really quantized
+
+
+def _numpy_moe(x, router, w_gate, w_up, w_down, k, renormalize=True, scores="softmax"):
+    logits = x @ router
+    if scores == "softmax":
+        s = np.exp(logits - logits.max(-1, keepdims=True))
+        s = s / s.sum(-1, keepdims=True)
+    else:
+        s = 1 / (1 + np.exp(-logits))
+    out = np.zeros_like(x)
+    chosen = np.argsort(-s, axis=-1)[:, :k]
+    for t in range(x.shape[0]):
+        weights = s[t, chosen[t]]
+        if renormalize:
+            weights = weights / weights.sum()
+        for e, weight in zip(chosen[t], weights, strict=True):
+            gate = x[t] @ w_gate[e]
+            out[t] += weight * ((gate / (1 + np.exp(-gate)) * (x[t] @ w_up[e])) @ w_down[e])
+    return out, chosen
+
+
+@pytest.mark.parametrize("scores, renormalize", [("softmax", True), ("softmax", False),
+                                                 ("sigmoid", False)])
+def test_moe_block_matches_numpy(moe_cfg, scores, renormalize, rng):
+    cfg = dataclasses.replace(moe_cfg, router_scores=scores, router_renormalize=renormalize,
+                              shared_expert_dim=16)
+    layer = jax.tree.map(lambda a: a[0], llama.init_params(cfg, jax.random.key(1))["layers"])
+    layer = {k: v * 4 if k == "router" else v for k, v in layer.items()}  # decisive routing
+    x = rng.standard_normal((2, 5, cfg.embed_dim)).astype(np.float32)
+    got = np.asarray(moe.moe_mlp(jnp.asarray(x), layer, cfg))
+    np_layer = {k: np.asarray(v) for k, v in layer.items()}
+    flat = x.reshape(-1, cfg.embed_dim)
+    want, chosen = _numpy_moe(flat, np_layer["router"], np_layer["expert_gate"],
+                              np_layer["expert_up"], np_layer["expert_down"],
+                              cfg.experts_per_token, renormalize, scores)
+    gate = flat @ np_layer["shared_gate"]
+    want += (gate / (1 + np.exp(-gate)) * (flat @ np_layer["shared_up"])) @ np_layer["shared_down"]
+    _, experts = moe.route(jnp.asarray(flat), layer["router"], None, cfg)
+    assert (np.sort(np.asarray(experts), -1) == np.sort(chosen, -1)).all()
+    np.testing.assert_allclose(got.reshape(-1, cfg.embed_dim), want, atol=1e-4, rtol=0)
+
+
+def test_router_bias_and_scale_are_config_data(moe_cfg, rng):
+    cfg = dataclasses.replace(moe_cfg, router_bias=True, routed_scale=2.5,
+                              router_renormalize=True)
+    x = jnp.asarray(rng.standard_normal((3, cfg.embed_dim)).astype(np.float32))
+    router = jnp.zeros((cfg.embed_dim, cfg.n_experts))
+    bias = jnp.arange(cfg.n_experts, dtype=jnp.float32)  # the bias alone decides: 7 and 6
+    weights, experts = moe.route(x, router, bias, cfg)
+    assert np.asarray(experts).tolist() == [[7, 6]] * 3
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 2.5, rtol=1e-6)
+
+
+def test_moe_config_rejects_top_k_above_the_expert_count(moe_cfg):
+    with pytest.raises(ValueError, match=r"experts_per_token=9.*n_experts=8"):
+        dataclasses.replace(moe_cfg, experts_per_token=9)
+
+
+def test_moe_model_decodes_like_its_full_forward(moe_cfg):
+    """A random MoE model: generate()'s cached greedy decode equals re-running the whole
+    sequence without a cache (prefill and one-token steps route alike)."""
+    from jaxinfer.cache import KVCache
+
+    params = llama.init_params(moe_cfg, jax.random.key(2))
+    prompt = [5, 17, 99, 3, 42, 7]
+    tokens = jaxinfer.generate(params, [prompt], moe_cfg, max_new_tokens=6).tokens[0]
+    ids = prompt + tokens[:-1]
+    logits, _ = llama.forward(params, jnp.array([ids]), jnp.arange(len(ids))[None],
+                              KVCache.init(moe_cfg, 1, len(ids)), moe_cfg)
+    assert_top1_agrees_where_decisive(np.array(tokens), np.asarray(logits[0, len(prompt) - 1:]),
+                                      1e-4)
