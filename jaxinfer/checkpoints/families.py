@@ -28,6 +28,9 @@ class Family:
     # llama.cpp's converter permutes q/k rows for families it runs with interleaved rotary
     # ("NORM" rope); NEOX-style families are stored as they are.
     gguf_qk_permuted: bool = False
+    # Mixtures of experts: whether the chosen experts' weights are renormalised when the
+    # checkpoint does not say (Qwen3-MoE's norm_topk_prob says).
+    router_renormalize: bool = True
 
     def fields(self, embed_dim: int) -> dict[str, Any]:
         """The ModelConfig fields this family fixes."""
@@ -53,6 +56,8 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(gguf_qk_permuted=True),
     "qwen2": Family(qkv_bias=True),
     "qwen3": Family(qk_norm=True),
+    "mixtral": Family(gguf_qk_permuted=True),
+    "qwen3_moe": Family(qk_norm=True, router_renormalize=False),
     "gemma3": Family(qk_norm=True, norm_offset=1.0, scaled_embedding=True,
                      mlp_activation="gelu_tanh", post_norms=True, tied_by_default=True,
                      sliding_pattern=6, local_rope_theta=10_000.0),

@@ -80,7 +80,8 @@ class StoredTensor:
 
     param: our parameter's name ("wq", "embed"); None for a tensor the format does not know
     (an error naming it). layer: its index on the stacked `layers` axis (None: a global
-    parameter). shape: as stored, numpy order. read(): the array as stored (numpy order, any
+    parameter). expert: its index on the `experts` axis that follows (None: not per expert).
+    shape: as stored, numpy order. read(): the array as stored (numpy order, any
     float dtype). read_blocks(storage, axis, rows_order): the tensor's own quantized blocks
     as a numpy-backed QArray, or None where its type has no exact QArray form.
     """
@@ -93,6 +94,7 @@ class StoredTensor:
     read: Callable[[], np.ndarray]
     read_blocks: Callable[..., QArray | None] | None = None
     origin: str | None = None  # the file it is stored in, for messages (None: the source)
+    expert: int | None = None  # one expert of a MoE weight stacked [layers, experts, ...]
 
 
 class TensorSource(Protocol):
@@ -131,18 +133,23 @@ def assemble(source: TensorSource, cfg: ModelConfig, *, mesh: Any = None,
         stacked, name = len(path) == 2, path[-1]
         node = params["layers"] if stacked else params
         shape = (abstract["layers"] if stacked else abstract)[name].shape
-        layer_shape = shape[1:] if stacked else shape
+        lead = 2 if tensors[0].expert is not None else 1 if stacked else 0  # stacked axes
+        layer_shape = shape[lead:]
         if cfg.quant is not None and name in CONTRACTION_AXES:
-            node[name] = jax.device_put(
-                quantize_param(tensors, layer_shape, name, cfg, stacked=stacked))
+            quantized = quantize_param(tensors, layer_shape, name, cfg, stacked=stacked)
+            if lead == 2:  # [layers * experts, ...] -> [layers, experts, ...]
+                quantized = jax.tree.map(
+                    lambda a, s=shape[:2]: a.reshape(*s, *a.shape[1:]), quantized)
+            node[name] = jax.device_put(quantized)
             tick(len(tensors))
         elif not stacked:
             node[name] = place(_convert(tensors[0], shape, cfg), sharding_at(shardings, *path))
             tick()
         else:
             host = np.empty(shape, NP_DTYPES[cfg.param_dtype])
+            flat = host.reshape(-1, *layer_shape)  # one slot per layer (and expert)
             for index, tensor in enumerate(tensors):
-                host[index] = _convert(tensor, layer_shape, cfg)
+                flat[index] = _convert(tensor, layer_shape, cfg)
                 tick()
             node[name] = place(host, sharding_at(shardings, *path))
             del host  # the host copy goes before the next weight is read
@@ -187,32 +194,52 @@ def _plan(source: TensorSource, stored: list[StoredTensor], cfg: ModelConfig, ab
     """Parameter path -> its tensors (one per layer for stacked ones), every name and shape
     checked against the config before any data is read."""
     layer_params = abstract["layers"]
+    per_expert = {p for p in layer_params if cfg.n_experts and p.startswith("expert_")}
     found: dict[tuple[str, ...], dict[int, StoredTensor]] = {}
     for tensor in stored:
         where = tensor.origin or source.name
         stacked = tensor.layer is not None
         known = layer_params if stacked else {k: v for k, v in abstract.items() if k != "layers"}
-        if tensor.param not in known or (stacked and not 0 <= tensor.layer < cfg.n_layers):
+        if tensor.param not in known or (stacked and not 0 <= tensor.layer < cfg.n_layers) or (
+                (tensor.expert is not None) != (tensor.param in per_expert)):
             raise CheckpointError(f"{where}: unexpected tensor {tensor.name!r} for this "
                                   f"{cfg.architecture} config ({cfg.n_layers} layers)")
-        shape = known[tensor.param].shape[1:] if stacked else known[tensor.param].shape
+        if tensor.expert is not None and not 0 <= tensor.expert < cfg.n_experts:
+            raise CheckpointError(
+                f"{where}: tensor {tensor.name!r} is expert {tensor.expert}, but "
+                f"{source.config_name} says the model has {cfg.n_experts} experts per layer "
+                f"(0..{cfg.n_experts - 1})")
+        lead = 2 if tensor.expert is not None else 1 if stacked else 0
+        shape = known[tensor.param].shape[lead:]
         expected = stored_shape(tensor.layout, shape)
         if tuple(tensor.shape) != expected:
+            moe = (f", experts={cfg.n_experts}, expert_mlp_dim={cfg.expert_mlp_dim}"
+                   if cfg.n_experts else "")
             raise CheckpointError(
                 f"{where}: tensor {tensor.name!r} has shape {tuple(tensor.shape)}; "
                 f"{source.config_name} implies {expected} (embed_dim={cfg.embed_dim}, "
                 f"heads={cfg.n_heads}, kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}, "
-                f"mlp_dim={cfg.mlp_dim}, vocab={cfg.vocab_size})")
+                f"mlp_dim={cfg.mlp_dim}, vocab={cfg.vocab_size}{moe})")
         path = ("layers", tensor.param) if stacked else (tensor.param,)
         slot = tensor.layer if stacked else 0
+        if tensor.expert is not None:
+            slot = slot * cfg.n_experts + tensor.expert
         if slot in found.setdefault(path, {}):
             raise CheckpointError(f"{where}: tensor {tensor.name!r} appears twice (as "
                                   f"{found[path][slot].name!r} too)")
         found[path][slot] = tensor
+
+    def slot_name(p: str, slot: int) -> str:
+        if p not in per_expert:
+            return f"layers.{p}.{slot}"
+        return f"layers.{p}.{slot // cfg.n_experts}.expert{slot % cfg.n_experts}"
+
     missing = [k for k in abstract if k != "layers" and (k,) not in found] + [
-        f"layers.{p}.{i}" for p in layer_params for i in range(cfg.n_layers)
+        slot_name(p, i) for p in layer_params
+        for i in range(cfg.n_layers * (cfg.n_experts if p in per_expert else 1))
         if i not in found.get(("layers", p), {})]
     if missing:
-        raise CheckpointError(f"{source.name}: missing tensors (jaxinfer's names): "
+        experts = f" ({cfg.n_experts} experts per layer)" if cfg.n_experts else ""
+        raise CheckpointError(f"{source.name}: missing tensors{experts} (jaxinfer's names): "
                               f"{', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
     return {path: [by_slot[i] for i in sorted(by_slot)] for path, by_slot in found.items()}

@@ -16,6 +16,7 @@ import json
 import math
 import mmap
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ MODEL_TYPES = {
     "mistral": "mistral",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "mixtral": "mixtral",
+    "qwen3_moe": "qwen3_moe",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",  # Gemma3ForConditionalGeneration: its text model only
 }
@@ -80,6 +83,17 @@ GEMMA_LAYER_TENSORS = {
     "post_attention_layernorm.weight": ("post_attn_norm", "vector"),
     "pre_feedforward_layernorm.weight": ("mlp_norm", "vector"),
     "post_feedforward_layernorm.weight": ("post_mlp_norm", "vector"),
+}
+# A mixture of experts' MLP (after "model.layers.{i}."): the router, then each expert's
+# matrices under "<block>.experts.{j}." (Mixtral's w1/w3/w2, Qwen3-MoE's gate/up/down_proj).
+MOE_LAYER_TENSORS = {
+    "block_sparse_moe.gate.weight": ("router", "in_out"),
+    "mlp.gate.weight": ("router", "in_out"),
+}
+EXPERT_TENSOR = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
+EXPERT_TENSORS = {
+    "w1": "expert_gate", "w3": "expert_up", "w2": "expert_down",
+    "gate_proj": "expert_gate", "up_proj": "expert_up", "down_proj": "expert_down",
 }
 GLOBAL_TENSORS = {
     "model.embed_tokens.weight": "embed",
@@ -162,7 +176,7 @@ def model_config(config: dict, source: str | os.PathLike = "config.json") -> Mod
     n_heads = int(config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or embed_dim // n_heads)
     window = config.get("sliding_window")
-    if arch in ("qwen2", "qwen3") and not config.get("use_sliding_window", False):
+    if arch in ("qwen2", "qwen3", "qwen3_moe") and not config.get("use_sliding_window", False):
         window = None
     layer_types = config.get("layer_types")
     if layer_types is None and fam.sliding_pattern:  # older configs: a pattern of global layers
@@ -177,6 +191,7 @@ def model_config(config: dict, source: str | os.PathLike = "config.json") -> Mod
         raise CheckpointError(f"{source}: rope scaling on sliding layers is not supported")
     scalar = config.get("query_pre_attn_scalar")
     return ModelConfig(
+        **_moe_fields(config, fam, source),
         architecture=arch,
         vocab_size=int(config["vocab_size"]),
         embed_dim=embed_dim,
@@ -199,6 +214,26 @@ def model_config(config: dict, source: str | os.PathLike = "config.json") -> Mod
         # configs set it null); Gemma 3 caps only the final logits, if at all.
         final_softcap=config.get("final_logit_softcapping"),
         **fam.fields(embed_dim),
+    )
+
+
+def _moe_fields(config: dict, fam, source: Path) -> dict[str, Any]:
+    """The ModelConfig fields of a mixture of experts' config.json (none for a dense one)."""
+    n_experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    if not n_experts:
+        return {}
+    sparse_step = int(config.get("decoder_sparse_step", 1))
+    if sparse_step != 1 or config.get("mlp_only_layers"):
+        raise CheckpointError(
+            f"{source}: decoder_sparse_step={sparse_step}, mlp_only_layers="
+            f"{config.get('mlp_only_layers')}: dense layers between expert layers are not "
+            "supported; every layer must be a mixture of experts (decoder_sparse_step=1, "
+            "mlp_only_layers=[])")
+    return dict(
+        n_experts=n_experts,
+        experts_per_token=int(config["num_experts_per_tok"]),
+        expert_mlp_dim=int(config.get("moe_intermediate_size") or config["intermediate_size"]),
+        router_renormalize=bool(config.get("norm_topk_prob", fam.router_renormalize)),
     )
 
 
@@ -314,14 +349,21 @@ class SafetensorsSource:
                 if name is None or (name == "lm_head.weight" and self.cfg.tie_embeddings):
                     continue  # a vision tower's weights, or a copy of the tied embedding
                 parts = name.split(".", 3)
+                expert = None
                 if name.startswith("model.layers.") and parts[2].isdigit():
                     (param, layout), layer = layer_tensors.get(parts[3], (None, "vector")), int(
                         parts[2])
+                    if self.cfg.n_experts and (match := EXPERT_TENSOR.fullmatch(parts[3])):
+                        expert, layout = int(match[1]), "in_out"
+                        param = EXPERT_TENSORS.get(match[2])
+                    elif self.cfg.n_experts and parts[3] in MOE_LAYER_TENSORS:
+                        param, layout = MOE_LAYER_TENSORS[parts[3]]
                 else:
                     param, layout, layer = GLOBAL_TENSORS.get(name), "vector", None
                 out.append(pipeline.StoredTensor(
                     stored_name, param, layer, layout, reader.shape(stored_name),
-                    read=lambda r=reader, n=stored_name: r.tensor(n), origin=str(reader.path)))
+                    read=lambda r=reader, n=stored_name: r.tensor(n), origin=str(reader.path),
+                    expert=expert))
         return out
 
     def release(self) -> None:

@@ -1,6 +1,7 @@
 """Model families, looked up by the `architecture` field of a ModelConfig.
 
-Every family so far is the one decoder in `llama.py`, its quirks set by ModelConfig fields.
+Every family so far is the one decoder in `llama.py`, its quirks set by ModelConfig fields;
+mixtures of experts swap its MLP for `moe.py`'s.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ FAMILIES: dict[str, ModuleType] = {
     "qwen2": llama,
     "qwen3": llama,
     "gemma3": llama,
+    "mixtral": llama,  # mixtures of experts: the same decoder with models/moe.py's MLP
+    "qwen3_moe": llama,
 }
 for _name, _module in FAMILIES.items():  # shardings are derived from each declaration
     rules.register_family(_name, _module)

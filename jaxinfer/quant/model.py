@@ -14,6 +14,8 @@ CONTRACTION_AXES = {
     "wq": -3, "wk": -3, "wv": -3,  # [embed, heads, head_dim]
     "wo": -2,  # [heads, head_dim, embed]: quantized along head_dim
     "w_gate": -2, "w_up": -2, "w_down": -2,  # [in, out]
+    "expert_gate": -2, "expert_up": -2, "expert_down": -2,  # [experts, in, out]
+    "shared_gate": -2, "shared_up": -2, "shared_down": -2,
     "embed": -1, "lm_head": -1,  # [vocab, embed]
 }
 
