@@ -135,3 +135,13 @@ def test_moe_model_decodes_like_its_full_forward(moe_cfg):
                               KVCache.init(moe_cfg, 1, len(ids)), moe_cfg)
     assert_top1_agrees_where_decisive(np.array(tokens), np.asarray(logits[0, len(prompt) - 1:]),
                                       1e-4)
+
+
+def test_mesh_specs_take_an_expert_axis_between_data_and_model():
+    from jaxinfer.sharding import parse_mesh_spec
+
+    assert parse_mesh_spec("expert:2,model:4", 8) == {"data": 1, "expert": 2, "model": 4}
+    assert list(parse_mesh_spec("model:2,expert:4", 8)) == ["data", "expert", "model"]
+    assert "expert" not in parse_mesh_spec("data:2,model:4", 8)  # dense meshes as before
+    with pytest.raises(ValueError, match=r"allowed axes: data, model, expert"):
+        parse_mesh_spec("experts:8", 8)
