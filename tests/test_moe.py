@@ -145,3 +145,31 @@ def test_mesh_specs_take_an_expert_axis_between_data_and_model():
     assert "expert" not in parse_mesh_spec("data:2,model:4", 8)  # dense meshes as before
     with pytest.raises(ValueError, match=r"allowed axes: data, model, expert"):
         parse_mesh_spec("experts:8", 8)
+
+
+@pytest.mark.numerics
+def test_the_serving_engine_runs_a_moe_model_as_generate_does(moe_cfg, smollm2_path):
+    """The scheduler and paged engine, unchanged, on a tiny random MoE model: four concurrent
+    requests get generate()'s greedy tokens (reference paths checked free of near-ties)."""
+    from jaxinfer.checkpoints import gguf_vocab
+    from jaxinfer.serving import EngineConfig
+    from jaxinfer.serving.engine import Engine
+    from jaxinfer.serving.scheduler import Scheduler
+    from tests.test_serving_engine import reference, submit_all
+
+    params = jax.tree_util.tree_map_with_path(  # 8x the init scale: varied continuations
+        lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * 8,
+        llama.init_params(moe_cfg, jax.random.key(3)))
+    model = jaxinfer.Model(moe_cfg, params, gguf_vocab.build(smollm2_path))
+    config = EngineConfig(max_batch_size=4, max_seq_len=64, page_size=8, num_pages=40,
+                          decode_steps=3, max_queue_size=8)
+    prompts = [[5, 17, 99, 3, 250, 42, 7, 8], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [77, 78],
+               [10, 20, 30, 40, 50]]
+    scheduler = Scheduler(Engine(model, config))
+    scheduler.start()
+    try:
+        sinks = submit_all(scheduler, prompts, 12)
+    finally:
+        scheduler.stop(10)
+    for prompt, sink in zip(prompts, sinks, strict=True):
+        assert sink.tokens == reference(model, prompt, 12)
