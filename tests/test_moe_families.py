@@ -261,3 +261,92 @@ def test_quantized_experts_load_and_run_through_the_quant_products(checkpoint, l
     got, _ = family(qcfg.architecture).forward(qparams, *args, qcfg)
     spread = float(np.ptp(np.asarray(want)))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4 * spread, rtol=0)
+
+
+# -- GGUF -----------------------------------------------------------------------------------------
+
+def _write_moe_gguf(path, directory, config) -> None:
+    """The checkpoint as llama.cpp's converter writes it (gguf's own tensor names): Mixtral as
+    "llama" with rotary-permuted q/k, Qwen3-MoE as "qwen3moe"; each layer's experts stacked
+    into one [experts, out, in] tensor."""
+    import gguf
+
+    from tests.gguf_files import permute
+
+    mixtral = config.model_type == "mixtral"
+    arch = "llama" if mixtral else "qwen3moe"
+    state = load_file(directory / hf.SINGLE_FILE)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_expert_count(N_EXPERTS)
+    writer.add_expert_used_count(TOP_K)
+    if not mixtral:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        writer.add_expert_weights_norm(bool(config.norm_topk_prob))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"<t{i}>" for i in range(config.vocab_size)])
+    writer.add_token_types([1] * config.vocab_size)
+    writer.add_token_merges([])
+    qk = (lambda w, heads: permute(w, heads)) if mixtral else (lambda w, heads: w)
+    block, (gate, up, down) = (("block_sparse_moe", ("w1", "w3", "w2")) if mixtral else
+                               ("mlp", ("gate_proj", "up_proj", "down_proj")))
+    tensors = {"token_embd.weight": state["model.embed_tokens.weight"],
+               "output_norm.weight": state["model.norm.weight"],
+               "output.weight": state["lm_head.weight"]}
+    for i in range(config.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        tensors |= {
+            b + "attn_norm.weight": state[p + "input_layernorm.weight"],
+            b + "attn_q.weight": qk(state[p + "self_attn.q_proj.weight"],
+                                    config.num_attention_heads),
+            b + "attn_k.weight": qk(state[p + "self_attn.k_proj.weight"],
+                                    config.num_key_value_heads),
+            b + "attn_v.weight": state[p + "self_attn.v_proj.weight"],
+            b + "attn_output.weight": state[p + "self_attn.o_proj.weight"],
+            b + "ffn_norm.weight": state[p + "post_attention_layernorm.weight"],
+            b + "ffn_gate_inp.weight": state[p + f"{block}.gate.weight"],
+        }
+        for ours, theirs in (("gate", gate), ("up", up), ("down", down)):
+            tensors[b + f"ffn_{ours}_exps.weight"] = np.stack(
+                [state[p + f"{block}.experts.{e}.{theirs}.weight"] for e in range(N_EXPERTS)])
+        if not mixtral:
+            tensors[b + "attn_q_norm.weight"] = state[p + "self_attn.q_norm.weight"]
+            tensors[b + "attn_k_norm.weight"] = state[p + "self_attn.k_norm.weight"]
+    for name, w in tensors.items():
+        writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_files_load_the_same_weights_as_the_safetensors(checkpoint, loaded, tmp_path):
+    """The same model written as an F32 GGUF (gguf's tensor names, llama.cpp's layout) loads
+    into the same config and bit-identical parameters as the safetensors directory, whose
+    logits match transformers above."""
+    from jaxinfer.checkpoints import gguf as gguf_loader
+
+    _, directory, model = checkpoint
+    cfg, params = loaded
+    path = tmp_path / "moe.gguf"
+    _write_moe_gguf(path, directory, model.config)
+    gcfg, gparams, _ = gguf_loader.load_gguf(path, progress=False, tokenizer_cache=None)
+    fields = ("architecture", "n_experts", "experts_per_token", "expert_mlp_dim", "qk_norm",
+              "router_renormalize", "n_layers", "head_dim", "tie_embeddings")
+    if cfg.architecture == "qwen3_moe":  # llama.cpp renormalises unless the file says not
+        assert gcfg.router_renormalize == model.config.norm_topk_prob
+    assert {f: getattr(gcfg, f) for f in fields} == {f: getattr(cfg, f) for f in fields}
+    flat, gflat = dict(_flat(params)), dict(_flat(gparams))
+    assert flat.keys() == gflat.keys()
+    for name, value in flat.items():
+        np.testing.assert_array_equal(np.asarray(gflat[name]), np.asarray(value), err_msg=name)

@@ -30,8 +30,10 @@ DEQUANTIZE_ROWS = 4096
 FAST_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1)  # dequantized here (`_dequantize_groups`)
 GGUFError = CheckpointError  # the name older callers catch
 
-# general.architecture values this loader reads; their tensors are named as below.
-ARCHITECTURES = ("llama", "gemma3")
+# general.architecture values this loader reads; their tensors are named as below. A llama
+# file with experts is Mixtral (llama.cpp converts Mixtral as "llama").
+ARCHITECTURES = ("llama", "gemma3", "qwen3moe")
+FAMILY_OF = {"qwen3moe": "qwen3_moe"}  # general.architecture -> ours, where the names differ
 # GGUF tensor name (per layer, after "blk.{i}.") -> (our parameter, layout in pipeline.LAYOUTS).
 # Every norm is stored as its whole scale (offset + w); q and k rows are permuted for the
 # families the family table marks (`gguf_qk_permuted`).
@@ -49,6 +51,11 @@ LAYER_TENSORS = {
     "ffn_up.weight": ("w_up", "in_out"),
     "ffn_down.weight": ("w_down", "in_out"),
     "post_ffw_norm.weight": ("post_mlp_norm", "norm"),
+    # mixtures of experts: the router, and each layer's experts stacked [experts, out, in]
+    "ffn_gate_inp.weight": ("router", "in_out"),
+    "ffn_gate_exps.weight": ("expert_gate", "experts_in_out"),
+    "ffn_up_exps.weight": ("expert_up", "experts_in_out"),
+    "ffn_down_exps.weight": ("expert_down", "experts_in_out"),
 }
 GLOBAL_TENSORS = {
     "token_embd.weight": ("embed", "vector"),
@@ -68,7 +75,9 @@ def model_config(reader: GGUFFile) -> ModelConfig:
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{reader.path}: unsupported architecture {arch!r}; "
                               f"supported: {', '.join(ARCHITECTURES)}")
-    fam = quirks(arch, reader.path)
+    n_experts = int(metadata(reader, f"{arch}.expert_count", 0) or 0)
+    family_name = "mixtral" if arch == "llama" and n_experts else FAMILY_OF.get(arch, arch)
+    fam = quirks(family_name, reader.path)
 
     def get(key: str, default: Any = None) -> Any:
         value = metadata(reader, f"{arch}.{key}", default)
@@ -82,8 +91,16 @@ def model_config(reader: GGUFFile) -> ModelConfig:
     head_dim = int(get("attention.key_length", embed_dim // n_heads))
     tokens = metadata(reader, "tokenizer.ggml.tokens")
     vocab = get("vocab_size", len(tokens) if tokens else None)
+    moe = {} if not n_experts else dict(
+        n_experts=n_experts,
+        experts_per_token=int(get("expert_used_count")),
+        expert_mlp_dim=int(get("expert_feed_forward_length", get("feed_forward_length"))),
+        # llama.cpp renormalises Mixtral's and Qwen3-MoE's top-k weights unless told otherwise
+        router_renormalize=bool(get("expert_weights_norm", True)),
+    )
     fields = dict(
-        architecture=arch,
+        **moe,
+        architecture=family_name,
         vocab_size=int(vocab),
         embed_dim=embed_dim,
         n_layers=n_layers,

@@ -42,6 +42,8 @@ LAYOUTS: dict[str, Callable[[np.ndarray, tuple[int, ...], ModelConfig], np.ndarr
     # [embed, heads * head_dim] -> [heads, head_dim, embed]
     "o": lambda w, shape, cfg: w.T.reshape(shape),
     "in_out": lambda w, shape, cfg: w.T,  # [out, in] -> [in, out]
+    # one layer's experts in one tensor: [experts, out, in] -> [experts, in, out]
+    "experts_in_out": lambda w, shape, cfg: w.swapaxes(-1, -2),
 }
 
 
@@ -55,6 +57,8 @@ def stored_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (shape[2], shape[0] * shape[1])
     if layout == "in_out":
         return shape[::-1]
+    if layout == "experts_in_out":
+        return (shape[0], *shape[:0:-1])
     return shape
 
 
@@ -201,7 +205,7 @@ def _plan(source: TensorSource, stored: list[StoredTensor], cfg: ModelConfig, ab
         stacked = tensor.layer is not None
         known = layer_params if stacked else {k: v for k, v in abstract.items() if k != "layers"}
         if tensor.param not in known or (stacked and not 0 <= tensor.layer < cfg.n_layers) or (
-                (tensor.expert is not None) != (tensor.param in per_expert)):
+                tensor.expert is not None and tensor.param not in per_expert):
             raise CheckpointError(f"{where}: unexpected tensor {tensor.name!r} for this "
                                   f"{cfg.architecture} config ({cfg.n_layers} layers)")
         if tensor.expert is not None and not 0 <= tensor.expert < cfg.n_experts:
@@ -222,21 +226,23 @@ def _plan(source: TensorSource, stored: list[StoredTensor], cfg: ModelConfig, ab
                 f"mlp_dim={cfg.mlp_dim}, vocab={cfg.vocab_size}{moe})")
         path = ("layers", tensor.param) if stacked else (tensor.param,)
         slot = tensor.layer if stacked else 0
-        if tensor.expert is not None:
-            slot = slot * cfg.n_experts + tensor.expert
+        if tensor.param in per_expert:  # one expert, or (expert None) all of a layer's at once
+            slot = slot * cfg.n_experts + (tensor.expert or 0)
         if slot in found.setdefault(path, {}):
             raise CheckpointError(f"{where}: tensor {tensor.name!r} appears twice (as "
                                   f"{found[path][slot].name!r} too)")
         found[path][slot] = tensor
 
-    def slot_name(p: str, slot: int) -> str:
+    def expected_slots(p: str) -> dict[int, str]:
         if p not in per_expert:
-            return f"layers.{p}.{slot}"
-        return f"layers.{p}.{slot // cfg.n_experts}.expert{slot % cfg.n_experts}"
+            return {i: f"layers.{p}.{i}" for i in range(cfg.n_layers)}
+        if any(t.expert is None for t in found.get(("layers", p), {}).values()):
+            return {i * cfg.n_experts: f"layers.{p}.{i}" for i in range(cfg.n_layers)}
+        return {i: f"layers.{p}.{i // cfg.n_experts}.expert{i % cfg.n_experts}"
+                for i in range(cfg.n_layers * cfg.n_experts)}
 
     missing = [k for k in abstract if k != "layers" and (k,) not in found] + [
-        slot_name(p, i) for p in layer_params
-        for i in range(cfg.n_layers * (cfg.n_experts if p in per_expert else 1))
+        name for p in layer_params for i, name in expected_slots(p).items()
         if i not in found.get(("layers", p), {})]
     if missing:
         experts = f" ({cfg.n_experts} experts per layer)" if cfg.n_experts else ""
