@@ -173,3 +173,22 @@ def test_the_serving_engine_runs_a_moe_model_as_generate_does(moe_cfg, smollm2_p
         scheduler.stop(10)
     for prompt, sink in zip(prompts, sinks, strict=True):
         assert sink.tokens == reference(model, prompt, 12)
+
+
+def test_orbax_round_trips_a_moe_model_float_and_quantized(moe_cfg, tmp_path):
+    """The Orbax checkpoint format, unchanged, holds MoE parameters: float and int8 experts
+    come back bit-identical, with the MoE config fields."""
+    from jaxinfer.checkpoints import orbax
+    from jaxinfer.quant import QArray, quantize_params
+
+    params = llama.init_params(moe_cfg, jax.random.key(4))
+    quantized = quantize_params(params, "int8")
+    assert isinstance(quantized["layers"]["expert_down"], QArray)
+    for name, cfg, tree in (("float", moe_cfg, params),
+                            ("int8", dataclasses.replace(moe_cfg, quant="int8"), quantized)):
+        orbax.save(tmp_path / name, cfg, tree)
+        restored = orbax.load(tmp_path / name)
+        assert restored.config == cfg
+        for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(tree),
+                             strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
