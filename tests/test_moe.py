@@ -192,3 +192,20 @@ def test_orbax_round_trips_a_moe_model_float_and_quantized(moe_cfg, tmp_path):
         for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(tree),
                              strict=True):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_the_bench_counts_a_mixtures_active_parameter_bytes(moe_cfg, tiny_params):
+    from jaxinfer.bench.report import add_bandwidth
+    from jaxinfer.quant import active_param_bytes, param_bytes
+
+    params = llama.init_params(moe_cfg, jax.random.key(5))
+    L, E, D, F = (moe_cfg.n_layers, moe_cfg.n_experts, moe_cfg.embed_dim,
+                  moe_cfg.expert_mlp_dim)
+    unused = (E - moe_cfg.experts_per_token) * 3 * D * F * 4 * L  # fp32 experts not chosen
+    active = active_param_bytes(params, moe_cfg.experts_per_token, E)
+    assert active == param_bytes(params) - unused
+    assert active_param_bytes(tiny_params) == param_bytes(tiny_params)  # dense: all of it
+    result = {"param_bytes": param_bytes(params), "active_param_bytes": active,
+              "decode_tok_s": {"1": 10.0}}
+    add_bandwidth(result, 100.0)
+    assert result["decode_weight_gbps"]["1"] == pytest.approx(active * 10 / 1e9)

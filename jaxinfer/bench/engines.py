@@ -21,7 +21,7 @@ def run_jaxinfer(w: Workload, quant: str | None, dtype: str) -> dict:
 
     import jaxinfer
     from jaxinfer.generate import enable_compilation_cache
-    from jaxinfer.quant import param_bytes
+    from jaxinfer.quant import active_param_bytes, param_bytes
 
     label = f"jaxinfer {quant or 'none'}/{dtype}"
     # An empty compilation cache, so compile_s is what a first start costs.
@@ -30,7 +30,10 @@ def run_jaxinfer(w: Workload, quant: str | None, dtype: str) -> dict:
     start = time.perf_counter()
     model = jaxinfer.load_model(w.model, dtype=dtype, quant=quant, progress=False)
     jax.block_until_ready(model.params)
-    out: dict = {"load_s": time.perf_counter() - start, "param_bytes": param_bytes(model.params)}
+    cfg = model.config
+    out: dict = {"load_s": time.perf_counter() - start, "param_bytes": param_bytes(model.params),
+                 "active_param_bytes": active_param_bytes(model.params, cfg.experts_per_token,
+                                                          cfg.n_experts)}
     compile_s = 0.0
 
     def generate(prompts: list[list[int]], max_new: int) -> jaxinfer.GenerateResult:

@@ -17,10 +17,13 @@ def column_name(result: dict) -> str:
 
 def add_bandwidth(result: dict, bandwidth_gbps: float) -> None:
     """Adds achieved bandwidth per decode batch size: parameter bytes x decode steps/s (one
-    step makes one token per row), in GB/s and as a fraction of the measured machine figure."""
+    step makes one token per row), in GB/s and as a fraction of the measured machine figure.
+    A mixture of experts counts its active parameters (`active_param_bytes`: the experts one
+    token reads), exact at batch 1 and a lower bound above it."""
     if "error" in result:
         return
-    achieved = {b: result["param_bytes"] * rate / int(b) / 1e9
+    weights = result.get("active_param_bytes", result["param_bytes"])
+    achieved = {b: weights * rate / int(b) / 1e9
                 for b, rate in result["decode_tok_s"].items()}
     result["decode_weight_gbps"] = achieved
     result["bandwidth_fraction"] = {b: gbps / bandwidth_gbps for b, gbps in achieved.items()}

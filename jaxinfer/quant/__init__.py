@@ -2,7 +2,12 @@
 
 from jaxinfer.quant.calibrate import Quantizer
 from jaxinfer.quant.cpu_kernels import InPlace, in_place, layer_views, split_stacked
-from jaxinfer.quant.model import CONTRACTION_AXES, param_bytes, quantize_params
+from jaxinfer.quant.model import (
+    CONTRACTION_AXES,
+    active_param_bytes,
+    param_bytes,
+    quantize_params,
+)
 from jaxinfer.quant.qarray import (
     PRECISIONS,
     Probe,
@@ -17,7 +22,8 @@ from jaxinfer.quant.qarray import (
 )
 
 __all__ = [
-    "CONTRACTION_AXES", "PRECISIONS", "InPlace", "Probe", "QArray", "Quantizer", "check_quant",
+    "CONTRACTION_AXES", "PRECISIONS", "InPlace", "Probe", "QArray", "Quantizer",
+    "active_param_bytes", "check_quant",
     "dequantize", "einsum", "in_place", "is_quantized", "keeps_structure", "layer_views",
     "param_bytes", "quantize", "quantize_params", "split_stacked", "take",
 ]

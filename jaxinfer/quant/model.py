@@ -41,3 +41,13 @@ def param_bytes(params: Any) -> int:
     """Bytes the parameters occupy (quantized values, scales and zeros included)."""
     leaves = jax.tree.leaves(params)
     return sum(x.size * x.dtype.itemsize for x in leaves)
+
+
+def active_param_bytes(params: Any, experts_per_token: int = 0, n_experts: int = 0) -> int:
+    """Bytes one token's forward reads: every parameter, but of a mixture's routed experts
+    (`expert_*` weights) only the `experts_per_token` of `n_experts` it is sent to. Equals
+    param_bytes for a dense model."""
+    routed = param_bytes({k: v for k, v in params.get("layers", {}).items()
+                          if k.startswith("expert_")})
+    unused = routed - routed * experts_per_token // n_experts if n_experts else 0
+    return param_bytes(params) - unused
