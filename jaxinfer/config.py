@@ -81,6 +81,10 @@ class ModelConfig:
     router_bias: bool = False  # a learned bias on the router logits (gpt-oss)
     routed_scale: float = 1.0  # the routed experts' sum scaled by this (DeepSeek)
     shared_expert_dim: int = 0  # width of an always-on shared expert (0: none)
+    expert_bias: bool = False  # biases on every expert's gate, up and down products (gpt-oss)
+    # gpt-oss's expert activation when set: (clip(up, +-limit) + 1) * g * sigmoid(1.702 g) for
+    # g = min(gate, limit), in place of act(gate) * up.
+    swiglu_limit: float | None = None
 
     def __post_init__(self):
         for name in ("param_dtype", "compute_dtype"):

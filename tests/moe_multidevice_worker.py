@@ -14,10 +14,11 @@ import sys
 MESHES = ("expert:8", "data:2,expert:4", "expert:2,model:4")
 PROMPTS = ([5, 17, 99, 3, 42, 7, 11, 200, 31], [250, 8, 64, 1, 77])
 MAX_NEW = 8
-# 8 experts, 2 per token; heads 4 / kv heads 2 (model:4 splits head_dim), expert width 32.
+# 8 experts, 2 per token; heads 4 / kv heads 2 (model:4 splits head_dim), expert width 32;
+# gpt-oss's expert biases and router bias, so a bias split over `model` is checked too.
 CONFIG = dict(architecture="mixtral", vocab_size=256, embed_dim=64, n_layers=2, n_heads=4,
               n_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=128, n_experts=8,
-              experts_per_token=2, expert_mlp_dim=32)
+              experts_per_token=2, expert_mlp_dim=32, expert_bias=True, router_bias=True)
 
 
 def main(work_dir: str) -> None:

@@ -350,3 +350,49 @@ def test_gguf_files_load_the_same_weights_as_the_safetensors(checkpoint, loaded,
     assert flat.keys() == gflat.keys()
     for name, value in flat.items():
         np.testing.assert_array_equal(np.asarray(gflat[name]), np.asarray(value), err_msg=name)
+
+
+# -- gpt-oss's MoE block ---------------------------------------------------------------------------
+
+@pytest.mark.numerics
+def test_gpt_oss_moe_block_matches_transformers():
+    """gpt-oss's MLP alone (its attention sinks are not supported yet, so no whole model):
+    router with a bias, softmax over the top-k logits, biased experts and the clamped SwiGLU,
+    against transformers' GptOssMLP on the same weights (1e-4 of the output's spread)."""
+    import dataclasses
+
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    config = transformers.GptOssConfig(hidden_size=64, intermediate_size=32,
+                                       num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K)
+    torch.manual_seed(0)
+    block = GptOssMLP(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.5)  # big enough that the +-7 clamps bite
+    x = torch.randn(1, 23, 64) * 3
+    with torch.no_grad():
+        want = block(x)[0].numpy()[0]
+    state = {k: v.detach().numpy() for k, v in block.state_dict().items()}
+    gate_up, gate_up_bias = state["experts.gate_up_proj"], state["experts.gate_up_proj_bias"]
+    layer = {  # gate and up interleave in gpt-oss's fused [experts, in, 2 * width] tensor
+        "router": state["router.weight"].T, "router_bias": state["router.bias"],
+        "expert_gate": gate_up[..., ::2], "expert_up": gate_up[..., 1::2],
+        "expert_down": state["experts.down_proj"],
+        "expert_gate_bias": gate_up_bias[..., ::2], "expert_up_bias": gate_up_bias[..., 1::2],
+        "expert_down_bias": state["experts.down_proj_bias"],
+    }
+    from tests.conftest import TINY
+
+    cfg = dataclasses.replace(TINY, n_experts=N_EXPERTS, experts_per_token=TOP_K,
+                              expert_mlp_dim=32, router_bias=True, expert_bias=True,
+                              swiglu_limit=config.swiglu_limit)
+    assert moe.SWIGLU_ALPHA == config.swiglu_alpha
+    got = np.asarray(moe.moe_mlp(jnp.asarray(x.numpy()), jax_tree(layer), cfg))[0]
+    gate = x.numpy()[0] @ layer["expert_gate"][0] + layer["expert_gate_bias"][0]
+    assert (gate > config.swiglu_limit).any()  # the clamp was exercised
+    np.testing.assert_allclose(got, want, atol=1e-4 * float(np.ptp(want)), rtol=0)
+
+
+def jax_tree(layer: dict) -> dict:
+    return {k: jnp.asarray(v) for k, v in layer.items()}

@@ -1,4 +1,4 @@
-"""Expert parallelism on 8 fake CPU devices: a tiny random Mixtral-shaped model on meshes
+"""Expert parallelism on 8 fake CPU devices: a tiny random MoE model (expert biases too) on
 expert:8, data:2 + expert:4 and expert:2 + model:4 gives one device's logits and greedy
 tokens, and each device holds only its experts (shard shapes checked).
 
@@ -76,4 +76,6 @@ def test_each_device_holds_only_its_experts(facts, spec):
     assert shapes["layers.expert_up"] == [L, local, D, hidden]
     assert shapes["layers.expert_down"] == [L, local, hidden, D]
     assert shapes["layers.router"] == [L, D, E]  # every device routes every token
+    assert shapes["layers.expert_gate_bias"] == [L, local, hidden]
+    assert shapes["layers.expert_down_bias"] == [L, local, D]
     assert facts["meshes"][spec]["expert_gate_devices"] == 8

@@ -40,6 +40,12 @@ def declarations(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str
     }
     if cfg.router_bias:
         decl["router_bias"] = ((L, E), ("layers", None))
+    if cfg.expert_bias:
+        decl |= {
+            "expert_gate_bias": ((L, E, F), ("layers", "experts", "mlp")),
+            "expert_up_bias": ((L, E, F), ("layers", "experts", "mlp")),
+            "expert_down_bias": ((L, E, D), ("layers", "experts", "embed")),
+        }
     if cfg.shared_expert_dim:
         S = cfg.shared_expert_dim
         decl |= {
@@ -115,12 +121,27 @@ def _tiled_matmul(x: jax.Array, w: Any, group_sizes: jax.Array) -> jax.Array:
     return jnp.take(out.reshape(max_tiles * tile, -1), slot, axis=0, mode="fill", fill_value=0)
 
 
+SWIGLU_ALPHA = 1.702  # gpt-oss's sigmoid sharpness: g * sigmoid(1.702 g) approximates GELU
+
+
+def gated(gate: jax.Array, up: jax.Array, activation: str, swiglu_limit: float | None = None
+          ) -> jax.Array:
+    """act(gate) * up, or with `swiglu_limit` gpt-oss's clamped form (ModelConfig)."""
+    if swiglu_limit is None:
+        return ACTIVATIONS[activation](gate) * up
+    gate = jnp.minimum(gate, swiglu_limit)
+    up = jnp.clip(up, -swiglu_limit, swiglu_limit)
+    return (up + 1) * gate * jax.nn.sigmoid(gate * SWIGLU_ALPHA)
+
+
 def routed_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: Any,
                    w_up: Any, w_down: Any, activation: str = "silu", first_expert: Any = 0,
-                   impl: str = "auto") -> jax.Array:
+                   impl: str = "auto", biases: tuple[jax.Array, ...] | None = None,
+                   swiglu_limit: float | None = None) -> jax.Array:
     """sum_k weights[t, k] * mlp_{experts[t, k]}(x[t]) for x [tokens, embed], over the experts
     held here: w_* [local experts, ...], expert e at index e - first_expert. Assignments to
-    experts held elsewhere add nothing."""
+    experts held elsewhere add nothing. `biases`: each expert's (gate, up, down) biases
+    [local experts, width]."""
     n_local, k = w_gate.shape[0], experts.shape[-1]
     local = experts.reshape(-1) - first_expert  # [tokens * k]
     mine = (local >= 0) & (local < n_local)
@@ -131,7 +152,12 @@ def routed_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate:
     rows = x[token]  # [tokens * k, embed], grouped by expert
     gate = grouped_matmul(rows, w_gate, group_sizes, impl)
     up = grouped_matmul(rows, w_up, group_sizes, impl)
-    out = grouped_matmul(ACTIVATIONS[activation](gate) * up, w_down, group_sizes, impl)
+    if biases is not None:
+        row_expert = jnp.minimum(key[order], n_local - 1)  # others' rows: weight 0 below
+        gate, up = gate + biases[0][row_expert], up + biases[1][row_expert]
+    out = grouped_matmul(gated(gate, up, activation, swiglu_limit), w_down, group_sizes, impl)
+    if biases is not None:
+        out = out + biases[2][row_expert]
     scale = jnp.where(mine, weights.reshape(-1), 0.0)[order].astype(out.dtype)
     return jnp.zeros_like(x).at[token].add(out * scale[:, None])
 
@@ -141,10 +167,13 @@ def moe_mlp(h: jax.Array, layer: dict[str, Any], cfg: ModelConfig) -> jax.Array:
     x = h.reshape(-1, h.shape[-1])
     weights, experts = route(x, layer["router"], layer.get("router_bias"), cfg)
     w = [_materialized(layer[name]) for name in ("expert_gate", "expert_up", "expert_down")]
+    biases = tuple(layer[f"expert_{n}_bias"] for n in ("gate", "up", "down")) if (
+        cfg.expert_bias) else None
     out = expert_parallel(
-        lambda x, experts, weights, w_gate, w_up, w_down, first: routed_experts(
-            x, experts, weights, w_gate, w_up, w_down, cfg.mlp_activation, first),
-        x, experts, weights, *w, cfg=cfg)
+        lambda x, experts, weights, w_gate, w_up, w_down, first, biases: routed_experts(
+            x, experts, weights, w_gate, w_up, w_down, cfg.mlp_activation, first,
+            biases=biases, swiglu_limit=cfg.swiglu_limit),
+        x, experts, weights, *w, biases=biases, cfg=cfg)
     if cfg.shared_expert_dim:
         out = out + gated_mlp(x, layer["shared_gate"], layer["shared_up"], layer["shared_down"],
                               cfg.mlp_activation)
@@ -157,8 +186,9 @@ def _materialized(w: Any) -> Any:
 
 
 def expert_parallel(fn, x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: Any,
-                    w_up: Any, w_down: Any, *, cfg: ModelConfig) -> jax.Array:
-    """`fn(x, experts, weights, w_gate, w_up, w_down, first_expert)` over the whole mesh.
+                    w_up: Any, w_down: Any, *, biases: tuple[jax.Array, ...] | None = None,
+                    cfg: ModelConfig) -> jax.Array:
+    """`fn(x, experts, weights, w_gate, w_up, w_down, first_expert, biases)` over the mesh.
 
     Without a mesh: one call with every expert. Under one: each device runs `fn` on the
     experts it holds (w_* split over `expert` and their hidden axis over `model`) for every
@@ -168,7 +198,7 @@ def expert_parallel(fn, x: jax.Array, experts: jax.Array, weights: jax.Array, w_
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return fn(x, experts, weights, w_gate, w_up, w_down, 0)
+        return fn(x, experts, weights, w_gate, w_up, w_down, 0, biases)
     table = rules.model_rules(cfg, mesh).table
     expert_axis, hidden_axis = table.get("experts"), table.get("mlp")
     split = [a for a in (expert_axis, hidden_axis) if a and mesh.shape.get(a, 1) > 1]
@@ -178,14 +208,17 @@ def expert_parallel(fn, x: jax.Array, experts: jax.Array, weights: jax.Array, w_
     up_spec, down_spec = P(e_axis, None, f_axis), P(e_axis, f_axis, None)
     n_local = cfg.n_experts // (mesh.shape[e_axis] if e_axis else 1)
 
-    def local(x, experts, weights, w_gate, w_up, w_down):
+    def local(x, experts, weights, w_gate, w_up, w_down, biases):
         first = jax.lax.axis_index(e_axis) * n_local if e_axis else 0
-        out = fn(x, experts, weights, w_gate, w_up, w_down, first)
+        if biases is not None and f_axis:  # the down bias once, not once per hidden shard
+            biases = (*biases[:2], biases[2] * (jax.lax.axis_index(f_axis) == 0))
+        out = fn(x, experts, weights, w_gate, w_up, w_down, first, biases)
         return jax.lax.psum(out, tuple(split)) if split else out
 
+    bias_specs = None if biases is None else (P(e_axis, f_axis), P(e_axis, f_axis), P(e_axis))
     return jax.shard_map(
         local, mesh=mesh,
-        in_specs=(P(), P(), P(), up_spec, up_spec, down_spec), out_specs=P(),
+        in_specs=(P(), P(), P(), up_spec, up_spec, down_spec, bias_specs), out_specs=P(),
         check_vma=False,
-    )(x, experts, weights, w_gate, w_up, w_down)
+    )(x, experts, weights, w_gate, w_up, w_down, biases)
 
