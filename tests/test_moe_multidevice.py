@@ -1,6 +1,6 @@
 """Expert parallelism on 8 fake CPU devices: a tiny random MoE model (expert biases too) on
-expert:8, data:2 + expert:4 and expert:2 + model:4 gives one device's logits and greedy
-tokens, and each device holds only its experts (shard shapes checked).
+the meshes expert:8, data:2 + expert:4 and expert:2 + model:4 gives one device's logits and
+greedy tokens, and each device holds only its experts (shard shapes checked).
 
 The run happens in a fresh process (tests/moe_multidevice_worker.py): jax fixes the device
 count when it starts. Logit tolerance: 1e-4 of the one-device logits' spread, the issue's bar
