@@ -190,7 +190,7 @@ class PagedKVCache:
         `pallas.attention` runs on it.
         """
         xla = pallas.resolve(options.get("impl", "xla"), q.shape[-1]) == "xla"
-        if xla:
+        if xla or options.get("sinks") is not None:  # sinks: the XLA path only
             scales = None if self.k_scales is None else (self.k_scales, self.v_scales)
             return pallas.paged_attention(q, self.k_pages, self.v_pages, self.page_table,
                                           positions, layer=layer, scales=scales, **options)

@@ -58,6 +58,9 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (else head_dim's)
     attn_softcap: float | None = None  # attention scores soft-capped: c * tanh(s / c)
     final_softcap: float | None = None  # final logits soft-capped the same way
+    o_bias: bool = False  # a bias on the attention output projection (gpt-oss)
+    attn_sinks: bool = False  # a learned per-head logit in each attention softmax (gpt-oss)
+    rope_attention_factor: float = 1.0  # cos and sin scaled by this (YaRN's attention factor)
     param_dtype: str = "float32"  # how weights are stored
     compute_dtype: str = "float32"  # activations and the KV cache; softmax and norms run in fp32
     # Attention implementation (jaxinfer.pallas.resolve): "xla" (jnp reference), "pallas"

@@ -149,18 +149,24 @@ def test_mesh_specs_take_an_expert_axis_between_data_and_model():
 
 @pytest.mark.numerics
 def test_the_serving_engine_runs_a_moe_model_as_generate_does(moe_cfg, smollm2_path):
-    """The scheduler and paged engine, unchanged, on a tiny random MoE model: four concurrent
-    requests get generate()'s greedy tokens (reference paths checked free of near-ties)."""
+    """The scheduler and paged engine, unchanged, on a tiny random MoE model with gpt-oss's
+    quirks (attention sinks over the pages too): four concurrent requests get generate()'s
+    greedy tokens (reference paths checked free of near-ties)."""
     from jaxinfer.checkpoints import gguf_vocab
     from jaxinfer.serving import EngineConfig
     from jaxinfer.serving.engine import Engine
     from jaxinfer.serving.scheduler import Scheduler
     from tests.test_serving_engine import reference, submit_all
 
+    cfg = dataclasses.replace(moe_cfg, attn_sinks=True, o_bias=True, qkv_bias=True,
+                              router_bias=True, expert_bias=True, swiglu_limit=7.0,
+                              sliding_window=8, layer_types=("sliding_attention",
+                                                             "full_attention"))
     params = jax.tree_util.tree_map_with_path(  # 8x the init scale: varied continuations
         lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * 8,
-        llama.init_params(moe_cfg, jax.random.key(3)))
-    model = jaxinfer.Model(moe_cfg, params, gguf_vocab.build(smollm2_path))
+        llama.init_params(cfg, jax.random.key(3)))
+    params["layers"]["sinks"] = params["layers"]["sinks"] * 20  # sinks that take real weight
+    model = jaxinfer.Model(cfg, params, gguf_vocab.build(smollm2_path))
     config = EngineConfig(max_batch_size=4, max_seq_len=64, page_size=8, num_pages=40,
                           decode_steps=3, max_queue_size=8)
     prompts = [[5, 17, 99, 3, 250, 42, 7, 8], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [77, 78],

@@ -31,6 +31,10 @@ class Family:
     # Mixtures of experts: whether the chosen experts' weights are renormalised when the
     # checkpoint does not say (Qwen3-MoE's norm_topk_prob says).
     router_renormalize: bool = True
+    router_bias: bool = False  # a bias on the router logits
+    expert_bias: bool = False  # biases on the experts' products
+    o_bias: bool = False  # a bias on the attention output projection
+    attn_sinks: bool = False  # a learned per-head logit in each attention softmax
 
     def fields(self, embed_dim: int) -> dict[str, Any]:
         """The ModelConfig fields this family fixes."""
@@ -40,6 +44,8 @@ class Family:
             norm_offset=self.norm_offset,
             embed_scale=embed_dim**0.5 if self.scaled_embedding else 1.0,
             post_norms=self.post_norms,
+            o_bias=self.o_bias,
+            attn_sinks=self.attn_sinks,
         )
 
     def layer_types(self, n_layers: int) -> tuple[str, ...] | None:
@@ -58,6 +64,9 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family(qk_norm=True),
     "mixtral": Family(gguf_qk_permuted=True),
     "qwen3_moe": Family(qk_norm=True, router_renormalize=False),
+    # top-k of the router logits, then a softmax over those k: softmax, top-k, renormalise
+    "gpt_oss": Family(qkv_bias=True, o_bias=True, attn_sinks=True, router_bias=True,
+                      expert_bias=True),
     "gemma3": Family(qk_norm=True, norm_offset=1.0, scaled_embedding=True,
                      mlp_activation="gelu_tanh", post_norms=True, tied_by_default=True,
                      sliding_pattern=6, local_rope_theta=10_000.0),

@@ -44,6 +44,9 @@ LAYOUTS: dict[str, Callable[[np.ndarray, tuple[int, ...], ModelConfig], np.ndarr
     "in_out": lambda w, shape, cfg: w.T,  # [out, in] -> [in, out]
     # one layer's experts in one tensor: [experts, out, in] -> [experts, in, out]
     "experts_in_out": lambda w, shape, cfg: w.swapaxes(-1, -2),
+    # gpt-oss's fused gate/up: gate in the even, up in the odd last-axis entries
+    "even_cols": lambda w, shape, cfg: w[..., ::2],
+    "odd_cols": lambda w, shape, cfg: w[..., 1::2],
 }
 
 
@@ -59,6 +62,8 @@ def stored_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         return shape[::-1]
     if layout == "experts_in_out":
         return (shape[0], *shape[:0:-1])
+    if layout in ("even_cols", "odd_cols"):
+        return (*shape[:-1], 2 * shape[-1])
     return shape
 
 

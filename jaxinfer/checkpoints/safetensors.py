@@ -45,6 +45,7 @@ MODEL_TYPES = {
     "qwen3": "qwen3",
     "mixtral": "mixtral",
     "qwen3_moe": "qwen3_moe",
+    "gpt_oss": "gpt_oss",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",  # Gemma3ForConditionalGeneration: its text model only
 }
@@ -91,6 +92,21 @@ MOE_LAYER_TENSORS = {
     "mlp.gate.weight": ("router", "in_out"),
 }
 EXPERT_TENSOR = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
+# gpt-oss: its own names; every layer's experts in one tensor stored [experts, in, out], gate
+# and up interleaved in the columns of gate_up_proj (pipeline layouts "even_cols", "odd_cols").
+GPT_OSS_LAYER_TENSORS = {
+    **LAYER_TENSORS,
+    "self_attn.o_proj.bias": ("bo", "vector"),
+    "self_attn.sinks": ("sinks", "vector"),
+    "mlp.router.weight": ("router", "in_out"),
+    "mlp.router.bias": ("router_bias", "vector"),
+    "mlp.experts.down_proj": ("expert_down", "vector"),
+    "mlp.experts.down_proj_bias": ("expert_down_bias", "vector"),
+}
+GPT_OSS_FUSED = {  # one stored tensor -> (gate's, up's) parameter
+    "mlp.experts.gate_up_proj": ("expert_gate", "expert_up"),
+    "mlp.experts.gate_up_proj_bias": ("expert_gate_bias", "expert_up_bias"),
+}
 EXPERT_TENSORS = {
     "w1": "expert_gate", "w3": "expert_up", "w2": "expert_down",
     "gate_proj": "expert_gate", "up_proj": "expert_up", "down_proj": "expert_down",
@@ -145,8 +161,35 @@ def _freq_factors(rope: dict, head_dim: int, source: Path) -> tuple[float, ...] 
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         divisor = np.where(medium, 1.0 / ((1 - smooth) / factor + smooth), divisor)
         return tuple(map(float, divisor))
+    if kind == "yarn":  # transformers' _compute_yarn_parameters, as factors
+        factor, theta = float(rope["factor"]), float(rope["rope_theta"])
+        old_len = rope["original_max_position_embeddings"]
+
+        def dim_of(rotations: float) -> float:
+            return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dim_of(rope.get("beta_fast") or 32), dim_of(rope.get("beta_slow") or 1)
+        if rope.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low)
+                       / (high - low if high != low else 0.001), 0, 1)
+        extrapolated = 1 - ramp  # the share of each frequency left unscaled
+        return tuple(map(float, 1.0 / ((1 - extrapolated) / factor + extrapolated)))
     raise CheckpointError(f"{source}: rope scaling type {kind!r} is not supported; "
-                          "supported: default, linear, llama3")
+                          "supported: default, linear, llama3, yarn")
+
+
+def _rope_attention_factor(rope: dict) -> float:
+    """YaRN's scale of cos and sin (1 for every other rope type)."""
+    if rope.get("rope_type", rope.get("type")) != "yarn":
+        return 1.0
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    if rope.get("mscale") or rope.get("mscale_all_dim"):
+        raise CheckpointError("yarn rope with mscale / mscale_all_dim is not supported")
+    factor = float(rope["factor"])
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
 
 
 def model_config(config: dict, source: str | os.PathLike = "config.json") -> ModelConfig:
@@ -203,6 +246,7 @@ def model_config(config: dict, source: str | os.PathLike = "config.json") -> Mod
         max_seq_len=int(config.get("max_position_embeddings", 4096)),
         rope_theta=float(global_rope["rope_theta"]),
         rope_freq_factors=_freq_factors(global_rope, head_dim, source),
+        rope_attention_factor=_rope_attention_factor(global_rope),
         rms_eps=float(config.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(config.get("tie_word_embeddings", fam.tied_by_default)),
         mlp_activation=fam.mlp_activation if activation is None else activations[activation],
@@ -229,11 +273,19 @@ def _moe_fields(config: dict, fam, source: Path) -> dict[str, Any]:
             f"{config.get('mlp_only_layers')}: dense layers between expert layers are not "
             "supported; every layer must be a mixture of experts (decoder_sparse_step=1, "
             "mlp_only_layers=[])")
+    alpha = config.get("swiglu_alpha")
+    if alpha is not None and not math.isclose(alpha, 1.702):
+        raise CheckpointError(f"{source}: swiglu_alpha={alpha} is not supported; supported: "
+                              "1.702 (gpt-oss)")
+    limit = config.get("swiglu_limit")
     return dict(
         n_experts=n_experts,
         experts_per_token=int(config["num_experts_per_tok"]),
         expert_mlp_dim=int(config.get("moe_intermediate_size") or config["intermediate_size"]),
         router_renormalize=bool(config.get("norm_topk_prob", fam.router_renormalize)),
+        router_bias=fam.router_bias,
+        expert_bias=fam.expert_bias,
+        swiglu_limit=None if limit is None else float(limit),
     )
 
 
@@ -338,7 +390,9 @@ class SafetensorsSource:
 
     @property
     def tensors(self) -> list[pipeline.StoredTensor]:
-        layer_tensors = GEMMA_LAYER_TENSORS if self.cfg.post_norms else LAYER_TENSORS
+        layer_tensors = (GEMMA_LAYER_TENSORS if self.cfg.post_norms else
+                         GPT_OSS_LAYER_TENSORS if self.cfg.architecture == "gpt_oss" else
+                         LAYER_TENSORS)
         out = []
         for reader, names in self.files.values():
             for stored_name in names:
@@ -353,6 +407,14 @@ class SafetensorsSource:
                 if name.startswith("model.layers.") and parts[2].isdigit():
                     (param, layout), layer = layer_tensors.get(parts[3], (None, "vector")), int(
                         parts[2])
+                    if self.cfg.architecture == "gpt_oss" and parts[3] in GPT_OSS_FUSED:
+                        for param, layout in zip(GPT_OSS_FUSED[parts[3]],
+                                                 ("even_cols", "odd_cols"), strict=True):
+                            out.append(pipeline.StoredTensor(
+                                stored_name, param, layer, layout, reader.shape(stored_name),
+                                read=lambda r=reader, n=stored_name: r.tensor(n),
+                                origin=str(reader.path)))
+                        continue
                     if self.cfg.n_experts and (match := EXPERT_TENSOR.fullmatch(parts[3])):
                         expert, layout = int(match[1]), "in_out"
                         param = EXPERT_TENSORS.get(match[2])

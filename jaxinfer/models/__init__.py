@@ -19,6 +19,7 @@ FAMILIES: dict[str, ModuleType] = {
     "gemma3": llama,
     "mixtral": llama,  # mixtures of experts: the same decoder with models/moe.py's MLP
     "qwen3_moe": llama,
+    "gpt_oss": llama,
 }
 for _name, _module in FAMILIES.items():  # shardings are derived from each declaration
     rules.register_family(_name, _module)

@@ -67,6 +67,10 @@ class Layers(nnx.Module):
             self.q_norm = _param(rngs, cfg, (L, Dh), ("layers", "head_dim"), unit)
             self.k_norm = _param(rngs, cfg, (L, Dh), ("layers", "head_dim"), unit)
         self.wo = _param(rngs, cfg, (L, H, Dh, D), ("layers", "heads", "head_dim", "embed"))
+        if cfg.o_bias:
+            self.bo = _param(rngs, cfg, (L, D), ("layers", "embed"))
+        if cfg.attn_sinks:
+            self.sinks = _param(rngs, cfg, (L, H), ("layers", "heads"))
         if cfg.post_norms:
             self.post_attn_norm = _param(rngs, cfg, (L, D), ("layers", "embed"), unit)
             self.post_mlp_norm = _param(rngs, cfg, (L, D), ("layers", "embed"), unit)
@@ -148,6 +152,8 @@ def decoder_layer(
     """
     eps, offset = cfg.rms_eps, cfg.norm_offset
     cos, sin = rope_tables(positions, data["inv_freq"])
+    if cfg.rope_attention_factor != 1.0:
+        cos, sin = cos * cfg.rope_attention_factor, sin * cfg.rope_attention_factor
     h = rms_norm(x, layer["attn_norm"], eps, offset)
     q = _project(h, layer["wq"], layer.get("bq"))
     k = _project(h, layer["wk"], layer.get("bk"))
@@ -158,9 +164,12 @@ def decoder_layer(
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     cache = cache.update(index, positions, k, v)
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+    sinks = {"sinks": layer["sinks"]} if cfg.attn_sinks else {}
     attn = cache.attend(index, q, positions, window=data.get("window"),
-                        softcap=cfg.attn_softcap, scale=scale, impl=cfg.attention)
+                        softcap=cfg.attn_softcap, scale=scale, impl=cfg.attention, **sinks)
     out = quant.einsum("bthk,hkd->btd", attn, layer["wo"])
+    if cfg.o_bias:
+        out = out + layer["bo"]
     if cfg.post_norms:
         out = rms_norm(out, layer["post_attn_norm"], eps, offset)
     x = x + out

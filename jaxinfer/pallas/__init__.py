@@ -49,12 +49,17 @@ def attention(
     scale: float | None = None,
     kv_lengths: jax.Array | None = None,
     impl: str = "xla",
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Causal GQA attention against a dense cache k, v [batch, kv_heads, max_len, head_dim],
     or [layers, ...] with `layer` (may be traced) picking one; an int8 cache comes with
     `scales` (k's and v's, shaped as k without head_dim). Shapes and masking as in
-    `reference.attention`. window may be a traced int32 scalar."""
+    `reference.attention`. window may be a traced int32 scalar. `sinks` [heads] (gpt-oss's
+    attention sinks) run on the XLA path only: the kernels have no sink term yet."""
     options = dict(window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths)
+    if sinks is not None:
+        return blocked.attention(q, k, v, q_positions, layer=layer, scales=scales,
+                                 sinks=sinks, **options)
     if resolve(impl, q.shape[-1]) == "pallas":
         if layer is not None:
             k, v = k[layer], v[layer]
@@ -79,9 +84,10 @@ def paged_attention(
     scale: float | None = None,
     kv_lengths: jax.Array | None = None,
     impl: str = "xla",
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of new tokens against a paged cache (the Pallas kernel: a few per row, decode;
-    the XLA path: any number).
+    the XLA path: any number, and the only one with `sinks`, as in `attention`).
 
     q: [batch, seq, heads, head_dim]; k_pages, v_pages: [kv_heads, num_pages, page_size,
     head_dim], or [layers, ...] with `layer` (may be traced) picking one; page_table:
@@ -89,7 +95,7 @@ def paged_attention(
     head_dim; XLA path only). Masking and output as in `reference.paged_attention`.
     """
     options = dict(window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths)
-    if resolve(impl, q.shape[-1]) == "pallas":
+    if resolve(impl, q.shape[-1]) == "pallas" and sinks is None:
         if scales is not None:
             raise ValueError("the paged Pallas kernel reads float pages; dequantize int8 "
                              "pages into a dense view and call attention()")
@@ -97,4 +103,4 @@ def paged_attention(
                             interpret=_interpret(), **options)
     return blocked.paged_attention(q, k_pages, v_pages, page_table, q_positions,
                                    layer=layer if k_pages.ndim == 5 else None, scales=scales,
-                                   **options)
+                                   sinks=sinks, **options)

@@ -125,8 +125,10 @@ def _attend(
     softcap: float | None = None,
     scale: float | None = None,
     kv_lengths: jax.Array | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
-    """The online softmax over the blocks [first, end) that hold a key visible to some query."""
+    """The online softmax over the blocks [first, end) that hold a key visible to some query;
+    `sinks` [heads]: a per-head logit in every softmax's denominator with no value (gpt-oss)."""
     batch, seq, heads, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else scale
     out_dtype = q.dtype
@@ -177,7 +179,12 @@ def _attend(
     shape = (batch, kv_heads, heads // kv_heads, seq)
     init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros((*shape, head_dim), jnp.float32))
-    _, total, acc = jax.lax.fori_loop(first, end, step, init)
+    best, total, acc = jax.lax.fori_loop(first, end, step, init)
+    if sinks is not None:  # one more term in the denominator, exp(sink), on the same shift
+        sink = sinks.astype(jnp.float32).reshape(kv_heads, heads // kv_heads)[None, :, :, None]
+        shift = jnp.maximum(best, sink)
+        rescale = jnp.exp(best - shift)
+        total, acc = rescale * total + jnp.exp(sink - shift), rescale[..., None] * acc
     out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # nothing visible: zeros
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim).astype(out_dtype)
 
