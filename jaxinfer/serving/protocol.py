@@ -1,10 +1,13 @@
 """OpenAI API request bodies (validated with pydantic) and the response objects we send.
 
-Only what jaxinfer serves is accepted: one choice per request (`n=1`), no penalties. Types
-are strict, as OpenAI's API is: a boolean must be a JSON boolean, an integer a JSON integer
-(`"10"` is refused). Unknown fields are ignored, as OpenAI's own server does; known fields
-this server does not implement yet (`logprobs`, `echo`, ...) are refused by name. `top_k`,
-`min_p` and `stop_token_ids` are extensions vLLM also accepts.
+Only what jaxinfer serves is accepted. Types are strict, as OpenAI's API is: a boolean must
+be a JSON boolean, an integer a JSON integer (`"10"` is refused). Unknown fields are ignored,
+as OpenAI's own server does; known fields this server does not implement yet (`suffix`,
+`tools`) are refused by name. `top_k`, `min_p`, `stop_token_ids`, `repetition_penalty`,
+`min_tokens` and `ignore_eos` are extensions vLLM also accepts.
+
+Logprobs are those of the raw model logits (before temperature, penalties and logit bias),
+as vLLM returns by default.
 
 Every number is checked here against the range of the type it ends up in; the server then
 checks what depends on the model (token ids against the vocabulary, lengths against the
@@ -21,8 +24,15 @@ context):
 | `stop` | a string or up to 16 non-empty strings |
 | `stop_token_ids` | integers in [0, vocabulary size); at most 16 with the model's own |
 | `prompt` (token ids) | integers in [0, vocabulary size) |
-| `n` | 1 |
-| `presence_penalty`, `frequency_penalty` | 0 |
+| `n` | integer in [1, 16]; choice i samples with seed + i (mod 2**32), see the server |
+| `presence_penalty`, `frequency_penalty` | number in [-2, 2] |
+| `repetition_penalty` | number in (0, 2]; 1 is off |
+| `logit_bias` | at most 300 entries, token id (a decimal string) -> number in [-100, 100] |
+| `min_tokens` | integer in [0, max_tokens] |
+| `ignore_eos` | boolean |
+| `logprobs` (completions) | integer in [0, 20] |
+| `echo` (completions) | boolean; with `logprobs`, the prompt's tokens get logprobs too |
+| `logprobs` (chat) | boolean; `top_logprobs` integer in [0, 20], only with `logprobs: true` |
 
 Text that reaches the tokenizer (`prompt`, message contents, `stop`) must be valid Unicode:
 JSON can carry a lone surrogate (`"\\ud800"`), which no tokenizer can encode.
@@ -48,6 +58,9 @@ from pydantic import (
 INT32_LIMIT = 2**31  # token ids and token counts end up in int32 arrays
 SEED_RANGE = (-(2**63), 2**63)  # int64, as vLLM and OpenAI's SDKs type it
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16  # n
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300
 
 
 def _valid_unicode(text: str) -> str:
@@ -112,32 +125,43 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[TokenId] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    min_tokens: int = Field(default=0, ge=0, lt=INT32_LIMIT)
+    ignore_eos: bool = False
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs spell tokens "token_id:17"
     user: str | None = None
-    logit_bias: Any = None  # not supported yet, as are the fields _not_supported_yet names
+    logit_bias: dict[str, float] | None = None
 
-    @field_validator("logit_bias", "logprobs", "top_logprobs", "echo", "suffix", "tools",
-                     mode="before", check_fields=False)
+    @field_validator("suffix", "tools", mode="before", check_fields=False)
     @classmethod
     def _not_supported_yet(cls, value: Any, info: ValidationInfo) -> Any:
         if not _absent(value):
             raise ValueError(f"`{info.field_name}` is not supported yet")
         return value
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"n={n}; this server returns exactly one choice (n=1)")
-        return n
+    def _logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if not bias:
+            return None
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"{len(bias)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+        for token, value in bias.items():
+            if not token.isdigit() or int(token) >= INT32_LIMIT:
+                raise ValueError(f"key {token!r} is not a token id (a non-negative integer)")
+            if not -100 <= value <= 100:
+                raise ValueError(f"token {token}: bias {value} is outside [-100, 100]")
+        return bias
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("min_tokens")
     @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError(f"{value}: penalties are not supported (only 0)")
+    def _min_tokens_within_max(cls, value: int, info: ValidationInfo) -> int:
+        limit = info.data.get("max_tokens")
+        if limit is not None and value > limit:
+            raise ValueError(f"min_tokens={value} is more than max_tokens={limit}")
         return value
 
     @field_validator("stop")
@@ -174,9 +198,14 @@ class CompletionRequest(_SamplingFields):
         Text | list[Text] | list[TokenId] | list[list[TokenId]],
         _one_of("a string, a list of token ids, or a list holding one of those"),
     ]
-    echo: Any = None
-    logprobs: Any = None
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: Any = None
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        """How many top logprobs each token gets (None: no logprobs at all)."""
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -212,9 +241,20 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: TokenCount | None = None
-    logprobs: Any = None
-    top_logprobs: Any = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Any = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _only_with_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("logprobs") is not True:
+            raise ValueError("top_logprobs is only allowed with logprobs: true")
+        return value
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -243,14 +283,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion(request_id: str, model: str, text: str, finish_reason: str | None,
-               usage_: dict | None, *, chunk: bool = False) -> dict:
+               usage_: dict | None, *, chunk: bool = False, index: int = 0,
+               logprobs: dict | None = None) -> dict:
     """A text_completion object (one choice), or one streamed chunk of it."""
     body = {
         "id": request_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                     "finish_reason": finish_reason}],
     }
     if usage_ is not None or not chunk:
         body["usage"] = usage_
@@ -258,16 +300,16 @@ def completion(request_id: str, model: str, text: str, finish_reason: str | None
 
 
 def chat_completion(request_id: str, model: str, text: str, finish_reason: str | None,
-                    usage_: dict) -> dict:
+                    usage_: dict, *, index: int = 0, logprobs: dict | None = None) -> dict:
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [{
-            "index": 0,
+            "index": index,
             "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish_reason,
         }],
         "usage": usage_,
@@ -275,7 +317,8 @@ def chat_completion(request_id: str, model: str, text: str, finish_reason: str |
 
 
 def chat_chunk(request_id: str, model: str, delta: dict | None, finish_reason: str | None,
-               usage_: dict | None = None) -> dict:
+               usage_: dict | None = None, *, index: int = 0,
+               logprobs: dict | None = None) -> dict:
     """A chat.completion.chunk; `delta=None` gives the usage-only chunk (no choices)."""
     body = {
         "id": request_id,
@@ -283,9 +326,44 @@ def chat_chunk(request_id: str, model: str, delta: dict | None, finish_reason: s
         "created": int(time.time()),
         "model": model,
         "choices": [] if delta is None else [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         ],
     }
     if usage_ is not None:
         body["usage"] = usage_
     return body
+
+
+# A token's logprob entry: (token id, its logprob or None (a prompt's first token), the top
+# (token id, logprob) pairs, most likely first).
+LogprobEntry = tuple[int, float | None, list[tuple[int, float]]]
+
+
+def completion_logprobs(entries: list[LogprobEntry], token_text, text_offset: int = 0) -> dict:
+    """The legacy completions `logprobs` object; `token_text(id)` spells a token. Each
+    top_logprobs dict holds the top tokens and the chosen one, as vLLM's does."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    for token, logprob, top in entries:
+        text = token_text(token)
+        offsets.append(text_offset)
+        text_offset += len(text)
+        tokens.append(text)
+        token_logprobs.append(logprob)
+        if logprob is None:
+            top_logprobs.append(None)
+            continue
+        top_logprobs.append({token_text(t): lp for t, lp in top} | {text: logprob})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[LogprobEntry], token_text) -> dict:
+    """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+
+    def spelled(token: int, logprob: float) -> dict:
+        text = token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**spelled(token, logprob),
+                         "top_logprobs": [spelled(t, lp) for t, lp in top]}
+                        for token, logprob, top in entries]}
