@@ -53,6 +53,7 @@ from pydantic import (
     ValidationInfo,
     WrapValidator,
     field_validator,
+    model_validator,
 )
 
 INT32_LIMIT = 2**31  # token ids and token counts end up in int32 arrays
@@ -259,6 +260,30 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize (vLLM's): a `prompt`, or chat `messages` rendered by the template."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: yes for a prompt, no for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of `prompt` and `messages`")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (vLLM's)."""
+
+    model: Text | None = None
+    tokens: list[TokenId]
 
 
 # -- responses --------------------------------------------------------------------------------

@@ -365,9 +365,12 @@ class Scheduler:
             return
         width = engine.decode_width(len(self._running))  # requests are packed from slot 0
         # The same program either way; logprobs come to the host only when asked for.
-        want = any(r.sampling.logprobs is not None for r in self._running.values())
-        self.state, tokens, *logprobs = engine.generate(self.state, self.pages.table, width,
-                                                        logprobs=want)
+        if any(r.sampling.logprobs is not None for r in self._running.values()):
+            self.state, tokens, *logprobs = engine.generate(self.state, self.pages.table, width,
+                                                            logprobs=True)
+        else:
+            (self.state, tokens), logprobs = engine.generate(self.state, self.pages.table,
+                                                             width), ()
         self.steps += 1
         now = time.perf_counter()
         for slot, request in list(self._running.items()):

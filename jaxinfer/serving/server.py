@@ -207,6 +207,30 @@ def create_app(state: ServerState) -> FastAPI:
             card["max_model_len"] = state.scheduler.context
         return {"object": "list", "data": [card]}
 
+    @app.post("/tokenize")
+    async def tokenize(body: protocol.TokenizeRequest) -> dict:
+        scheduler = _checked(state, body.model or state.model_name)
+        tokenizer = scheduler.tokenizer
+        if body.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            text = await asyncio.to_thread(_render_chat, tokenizer, messages,
+                                           body.add_generation_prompt)
+            add_bos = bool(body.add_special_tokens)
+        else:
+            text, add_bos = body.prompt, body.add_special_tokens
+        ids = await asyncio.to_thread(tokenizer.encode, text, None if add_bos else False)
+        answer = {"count": len(ids), "max_model_len": scheduler.context, "tokens": ids,
+                  "token_strs": None}
+        if body.return_token_strs:
+            answer["token_strs"] = [tokenizer.token_text(t) for t in ids]
+        return answer
+
+    @app.post("/detokenize")
+    async def detokenize(body: protocol.DetokenizeRequest) -> dict:
+        scheduler = _checked(state, body.model or state.model_name)
+        ids = _in_vocabulary(scheduler, body.tokens, "tokens")
+        return {"prompt": await asyncio.to_thread(scheduler.tokenizer.decode, ids)}
+
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, http: Request) -> Response:
         scheduler = _checked(state, body.model)
@@ -241,13 +265,18 @@ def _checked(state: ServerState, model: str) -> Scheduler:
     return scheduler
 
 
-def _chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """The prompt's token ids: the chat template rendered, then encoded (a worker thread's job)."""
+def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
     try:
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages,
+                                             add_generation_prompt=add_generation_prompt)
     except Exception as e:  # noqa: BLE001 - a template may raise anything on odd input
         raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
-    return tokenizer.encode(prompt, add_bos=False)  # the template places any BOS
+
+
+def _chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt's token ids: the chat template rendered, then encoded (a worker thread's job)."""
+    # The template places any BOS.
+    return tokenizer.encode(_render_chat(tokenizer, messages), add_bos=False)
 
 
 def _in_vocabulary(scheduler: Scheduler, ids: list[int], field: str) -> list[int]:

@@ -1,6 +1,9 @@
-"""Logprobs through the OpenAI API (issue 14): chat `logprobs`/`top_logprobs`, completions
-`logprobs: k` (streamed and not) and `echo` with the prompt's logprobs, on the real SmolLM2,
-against a log-softmax of transformers' logits on the same GGUF.
+"""The OpenAI API the clients send (issue 14), on the real SmolLM2 through the server.
+
+Logprobs: chat `logprobs`/`top_logprobs`, completions `logprobs: k` (streamed and not) and
+`echo` with the prompt's logprobs, against a log-softmax of transformers' logits on the same
+GGUF. Then `n` choices and their seeds, sampling controls through the API, and vLLM's
+/tokenize, /detokenize and /v1/models.
 
 Tolerance: 1e-3 in logprob (the issue's). Our logits match transformers' within 3e-5 of their
 range (tests/test_reference.py), i.e. about 1.5e-3 absolute on a range of ~47, and a logprob
@@ -198,3 +201,101 @@ def test_top_logprobs_without_logprobs_is_refused(url):
     response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400
     assert "only allowed with logprobs" in response.json()["error"]["message"]
+
+
+# -- n, seeds and sampling controls -----------------------------------------------------------
+
+
+def test_n_choices_are_reproducible_and_each_equals_its_seed_offset_alone(client):
+    """Choice i of a request with seed s samples as a single request with seed s + i."""
+    options = dict(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=1.0)
+    reply = client.completions.create(**options, n=4, seed=7)
+    texts = [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
+    assert [c.index for c in sorted(reply.choices, key=lambda c: c.index)] == [0, 1, 2, 3]
+    assert reply.usage.completion_tokens == 40
+    again = client.completions.create(**options, n=4, seed=7)
+    assert [c.text for c in sorted(again.choices, key=lambda c: c.index)] == texts
+    alone = [client.completions.create(**options, seed=7 + i).choices[0].text for i in range(4)]
+    assert alone == texts
+    assert len(set(texts)) > 1  # different seeds: (almost surely) different samples
+
+
+def test_streamed_n_choices_join_to_the_whole_ones(client):
+    options = dict(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=1.0, seed=3, n=3)
+    whole = client.chat.completions.create(**options)
+    parts = {}
+    for chunk in client.chat.completions.create(**options, stream=True):
+        for choice in chunk.choices:
+            parts[choice.index] = parts.get(choice.index, "") + (choice.delta.content or "")
+    assert parts == {c.index: c.message.content for c in whole.choices}
+
+
+def test_logit_bias_forces_a_token_and_min_tokens_holds_off_the_stop(client, smollm2):
+    token = smollm2.tokenizer.encode(" banana")[0]
+    reply = client.completions.create(model=MODEL, prompt="I like", max_tokens=5, temperature=0,
+                                      logit_bias={str(token): 100})
+    assert reply.choices[0].text == smollm2.tokenizer.decode([token] * 5)
+    eos = smollm2.tokenizer.stop_ids[0]
+    stopped = client.completions.create(model=MODEL, prompt="I like", max_tokens=8,
+                                        temperature=0, logit_bias={str(eos): 100})
+    assert stopped.usage.completion_tokens == 1 and stopped.choices[0].finish_reason == "stop"
+    held = client.completions.create(model=MODEL, prompt="I like", max_tokens=8, temperature=0,
+                                     logit_bias={str(eos): 100}, extra_body={"min_tokens": 3})
+    assert held.usage.completion_tokens == 4 and held.choices[0].finish_reason == "stop"
+    ignored = client.completions.create(model=MODEL, prompt="I like", max_tokens=5,
+                                        temperature=0, logit_bias={str(eos): 100},
+                                        extra_body={"ignore_eos": True})
+    assert ignored.usage.completion_tokens == 5 and ignored.choices[0].finish_reason == "length"
+
+
+def test_frequency_penalty_changes_a_repetitive_greedy_answer(client):
+    options = dict(model=MODEL, prompt="1, 1, 1, 1, 1, 1, 1,", max_tokens=12, temperature=0)
+    plain = client.completions.create(**options).choices[0].text
+    penalized = client.completions.create(**options, frequency_penalty=2.0).choices[0].text
+    assert plain.count("1") > penalized.count("1")
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("repetition_penalty", 0),
+    ("logit_bias", {"x": 1}), ("logit_bias", {"5": 101}), ("logit_bias", {"99999999": 1}),
+    ("min_tokens", -1), ("n", 0), ("n", 17), ("ignore_eos", "yes"),
+])
+def test_sampling_controls_out_of_range_get_a_400_naming_the_field(url, field, value):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, field: value}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and field in error["message"], error
+
+
+# -- tokenizer endpoints and the model list ---------------------------------------------------
+
+
+def test_tokenize_and_detokenize_round_trip_in_vllms_shapes(url, smollm2):
+    tokenizer = smollm2.tokenizer
+    answer = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": PROMPT,
+                                                 "return_token_strs": True}).json()
+    assert answer["tokens"] == tokenizer.encode(PROMPT)
+    assert answer["count"] == len(answer["tokens"]) and answer["max_model_len"] == 128
+    assert answer["token_strs"] == [tokenizer.token_text(t) for t in answer["tokens"]]
+    back = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": answer["tokens"]})
+    assert back.json() == {"prompt": tokenizer.decode(answer["tokens"])}
+    chat = httpx.post(f"{url}/tokenize", json={"messages": MESSAGES}).json()
+    assert chat["tokens"] == chat_prompt_ids(smollm2)
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("tokenize", {"prompt": "hi", "messages": MESSAGES}),
+    ("tokenize", {}),
+    ("tokenize", {"prompt": "hi", "model": "other"}),
+    ("detokenize", {"tokens": [10**8]}),
+    ("detokenize", {"tokens": ["a"]}),
+])
+def test_bad_tokenizer_requests_get_a_4xx(url, path, body):
+    response = httpx.post(f"{url}/{path}", json=body)
+    assert 400 <= response.status_code < 500 and response.json()["error"]["message"]
+
+
+def test_models_lists_max_model_len(client):
+    (card,) = client.models.list().data
+    assert card.id == MODEL and card.max_model_len == 128
