@@ -100,13 +100,15 @@ class DecodeState:
 
 def prefill(params, cache, tokens: jax.Array, lengths: jax.Array, sampling: SamplingArrays,
             count: jax.Array, max_tokens: jax.Array, stop_ids: jax.Array,
-            live: jax.Array | bool = True, *, cfg: ModelConfig):
+            live: jax.Array | bool = True, bitmask: jax.Array | None = None, *,
+            cfg: ModelConfig):
     """Runs prompts `tokens` [rows, seq] (row r's in its first lengths[r] places) through the
     model, writing their keys and values into `cache`, and samples each row's first token.
 
     `count` [rows]: tokens a row generated before (a resumed request: the last `count` of its
     tokens), which keys its draw and counts as output for the penalties. `max_tokens`,
-    `stop_ids` [rows, stops] and `live` start the DecodeState (see DecodeState.start).
+    `stop_ids` [rows, stops] and `live` start the DecodeState (see DecodeState.start);
+    `bitmask` [rows, ceil(vocab / 32)]: the tokens each row may draw (sampling.adjust_logits).
     Returns (DecodeState [rows], cache, the raw logits [rows, vocab] of the first tokens).
     """
     model = family(cfg.architecture)
@@ -116,13 +118,15 @@ def prefill(params, cache, tokens: jax.Array, lengths: jax.Array, sampling: Samp
     last_hidden = hidden[jnp.arange(rows), jnp.maximum(lengths - 1, 0)]
     logits = model.unembed(params, last_hidden, cfg)
     counts = TokenCounts.of(tokens, lengths, count, logits.shape[-1])
-    first = sample(adjust_logits(logits, sampling, counts, stop_ids, count), sampling, count)
+    adjusted = adjust_logits(logits, sampling, counts, stop_ids, count, bitmask)
+    first = sample(adjusted, sampling, count)
     state = DecodeState.start(first, lengths, count, max_tokens, stop_ids, sampling, live, counts)
     return state, cache, logits
 
 
-def step(params, cache, state: DecodeState, cfg: ModelConfig):
-    """One decode step for every row: feeds `last` at `position`, samples the next token.
+def step(params, cache, state: DecodeState, cfg: ModelConfig, bitmask: jax.Array | None = None):
+    """One decode step for every row: feeds `last` at `position`, samples the next token
+    (from the tokens `bitmask` [rows, ceil(vocab / 32)] allows, if given).
 
     Returns (cache, state, emitted tokens [rows] (NO_TOKEN where a row was done), the fp32
     logits [rows, vocab] the tokens were drawn from).
@@ -130,7 +134,8 @@ def step(params, cache, state: DecodeState, cfg: ModelConfig):
     logits, cache = family(cfg.architecture).forward(
         params, state.last[:, None], state.position[:, None], cache, cfg)
     logits = logits[:, 0]
-    adjusted = adjust_logits(logits, state.sampling, state.counts, state.stop_ids, state.count)
+    adjusted = adjust_logits(logits, state.sampling, state.counts, state.stop_ids, state.count,
+                             bitmask)
     state, token = state.record(sample(adjusted, state.sampling, state.count))
     return cache, state, token, logits
 

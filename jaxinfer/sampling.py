@@ -151,11 +151,14 @@ class TokenCounts:
 
 
 def adjust_logits(logits: jax.Array, params: SamplingArrays, counts: TokenCounts | None,
-                  stop_ids: jax.Array, count: jax.Array) -> jax.Array:
+                  stop_ids: jax.Array, count: jax.Array,
+                  bitmask: jax.Array | None = None) -> jax.Array:
     """logits [batch, vocab] -> the logits sampling draws from: penalties (with `counts`),
-    logit bias, and stop ids [batch, stops] masked while `count` < min_tokens. A row with
-    every control off keeps its logits bitwise (x - 0 == x, x * 1 == x), so free rows do not
-    depend on what runs beside them."""
+    logit bias, stop ids [batch, stops] masked while `count` < min_tokens, and tokens outside
+    `bitmask` [batch, ceil(vocab / 32)] int32 (bit t % 32 of word t // 32 allows token t; a
+    structured-output grammar's) masked. A row with every control off (and all bits set)
+    keeps its logits bitwise (x - 0 == x, x * 1 == x), so free rows do not depend on what
+    runs beside them."""
     batch, vocab = logits.shape
     rows = jnp.arange(batch)[:, None]
     logits = logits.astype(jnp.float32)
@@ -177,7 +180,12 @@ def adjust_logits(logits: jax.Array, params: SamplingArrays, counts: TokenCounts
     logits = logits.at[rows, in_vocab(params.bias_ids)].add(params.bias, mode="drop")
     early = jnp.broadcast_to(count, (batch,)) < params.min_tokens
     stops = jnp.where(early[:, None], in_vocab(stop_ids), vocab)
-    return logits.at[rows, stops].set(-jnp.inf, mode="drop")
+    logits = logits.at[rows, stops].set(-jnp.inf, mode="drop")
+    if bitmask is None:
+        return logits
+    token = jnp.arange(vocab)
+    allowed = (bitmask[:, token // 32] >> (token % 32)) & 1
+    return jnp.where(allowed == 1, logits, -jnp.inf)
 
 
 @jax.tree_util.register_dataclass

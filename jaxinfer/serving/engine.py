@@ -55,21 +55,22 @@ YNN_REDUCE_MIN_ELEMENTS = 4096  # XLA:CPU hands reductions this large to YNNPACK
 
 
 def _prefill(params, cache, tokens, lengths, page_rows, sampling, count, max_tokens, stop_ids,
-             *, cfg: ModelConfig):
+             bitmask, *, cfg: ModelConfig):
     """Prefills rows into the pages of `page_rows` [rows, pages_per_seq]; returns their
     DecodeState [rows] and the cache. Padding past a prompt lands past its last position,
     where masking by position hides it until decode overwrites it (or on scratch page 0)."""
     table = cache.page_table
     state, cache, logits = decode.prefill(
         params, dataclasses.replace(cache, page_table=page_rows), tokens, lengths, sampling,
-        count, max_tokens, stop_ids, cfg=cfg)
+        count, max_tokens, stop_ids, bitmask=bitmask, cfg=cfg)
     logprobs = token_logprobs(logits, state.last, sampling)
     return state, constrain_cache(dataclasses.replace(cache, page_table=table), cfg), logprobs
 
 
-def _decode(params, cache, state: DecodeState, page_table, *, cfg: ModelConfig, steps: int,
-            logits: bool = False):
-    """`steps` decode steps for the first `len(page_table)` rows of `state` (the width).
+def _decode(params, cache, state: DecodeState, page_table, bitmask, *, cfg: ModelConfig,
+            steps: int, logits: bool = False):
+    """`steps` decode steps for the first `len(page_table)` rows of `state` (the width), each
+    drawing from the tokens `bitmask` [width, ceil(vocab / 32)] allows (all bits set: any).
 
     Returns the new state, tokens [width, steps], the cache, the tokens' TokenLogprobs
     [width, steps, ...] (zeros unless a row asked for logprobs), and (with `logits`) the
@@ -82,7 +83,7 @@ def _decode(params, cache, state: DecodeState, page_table, *, cfg: ModelConfig, 
     def body(carry, _):
         cache, rows = carry
         sampling = rows.sampling
-        cache, rows, token, step_logits = decode.step(params, cache, rows, cfg)
+        cache, rows, token, step_logits = decode.step(params, cache, rows, cfg, bitmask)
         logprobs = token_logprobs(step_logits, token, sampling)
         return (cache, rows), (token, logprobs, step_logits if logits else None)
 
@@ -130,6 +131,7 @@ class PrefillRow:
     count: int = 0  # tokens this request generated before (a resumed, preempted request)
     max_tokens: int = 1  # the request's whole token budget (count included)
     stop_ids: Sequence[int] = ()
+    bitmask: np.ndarray | None = None  # [ceil(vocab / 32)] int32: tokens the first may be
 
 
 @dataclasses.dataclass
@@ -196,16 +198,19 @@ class Engine:
         count = np.zeros(width, np.int32)
         max_tokens = np.ones(width, np.int32)
         stop_ids = np.full((width, stops), NO_TOKEN, np.int32)
+        bitmask = self.any_token(width)
         for i, row in enumerate(rows):
             tokens[i, : len(row.tokens)] = row.tokens
             lengths[i] = len(row.tokens)
             page_rows[i, : len(row.pages)] = row.pages
             count[i], max_tokens[i] = row.count, row.max_tokens
             stop_ids[i, : len(row.stop_ids)] = list(row.stop_ids)
+            if row.bitmask is not None:
+                bitmask[i] = row.bitmask
         sampling = [r.sampling for r in rows] + [SamplingParams()] * (width - len(rows))
         state, logprobs = self._prefill(tokens, lengths, page_rows,
                                         SamplingArrays.stack(sampling), count, max_tokens,
-                                        stop_ids)
+                                        stop_ids, bitmask)
         logprobs = jax.tree.map(np.asarray, logprobs) if any(
             r.sampling.logprobs is not None for r in rows) else None
         return Prefix(np.asarray(state.last)[: len(rows)].tolist(), state, logprobs)
@@ -216,19 +221,25 @@ class Engine:
                          "insert")
 
     def generate(self, state: DecodeState, page_table: np.ndarray, width: int | None = None,
-                 *, logits: bool = False, logprobs: bool = False):
+                 *, logits: bool = False, logprobs: bool = False,
+                 bitmask: np.ndarray | None = None, steps: int | None = None):
         """decode_steps steps for slots [0, width) (default: all); `page_table` holds at least
         `width` rows. Returns (state, tokens [width, steps]), then with `logprobs` the tokens'
         TokenLogprobs [width, steps, ...] on the host (the same program: rows that asked for
         logprobs get them computed), and with `logits` the logits [width, steps, vocab] (a
-        program of its own, not compiled by warm-up)."""
+        program of its own, not compiled by warm-up). `bitmask` [width, ceil(vocab / 32)]:
+        the tokens each slot may draw (default: any); `steps`: 1 while a structured-output
+        request runs, whose mask holds for one token (compiled on first use)."""
         width = width or self.slots
         if width not in self.decode_widths:
             raise ValueError(f"decode width {width}; compiled widths are {self.decode_widths}")
-        args = (self.params, self.cache, state, np.asarray(page_table[:width], np.int32))
-        static = {"cfg": self.model_config, "steps": self.steps, "logits": logits}
+        bitmask = self.any_token(width) if bitmask is None else bitmask
+        args = (self.params, self.cache, state, np.asarray(page_table[:width], np.int32),
+                bitmask)
+        steps = steps or self.steps
+        static = {"cfg": self.model_config, "steps": steps, "logits": logits}
         state, tokens, self.cache, step_logprobs, all_logits = self._run(
-            _decode_jit, args, static, f"decode ({width} slots x {self.steps} steps)")
+            _decode_jit, args, static, f"decode ({width} slots x {steps} steps)")
         out = (state, np.asarray(tokens))
         if logprobs:
             out += (jax.tree.map(np.asarray, step_logprobs),)
@@ -253,6 +264,10 @@ class Engine:
         logprobs = self._run(_prompt_logprobs_jit, (self.params, padded),
                              {"cfg": self.model_config}, f"prompt logprobs (1 x {seq})")
         return jax.tree.map(lambda x: np.asarray(x)[0, : len(tokens) - 1], logprobs)
+
+    def any_token(self, rows: int) -> np.ndarray:
+        """A bitmask [rows, ceil(vocab / 32)] int32 allowing every token."""
+        return np.full((rows, -(-self.model_config.vocab_size // 32)), -1, np.int32)
 
     def decode_width(self, running: int) -> int:
         """The narrowest compiled width holding `running` requests packed from slot 0."""
@@ -285,7 +300,8 @@ class Engine:
                           np.zeros((width, self.pages_per_seq), np.int32),
                           SamplingArrays.stack([SamplingParams()] * width),
                           np.zeros(width, np.int32), np.ones(width, np.int32),
-                          np.full((width, stops), NO_TOKEN, np.int32), progress=progress)
+                          np.full((width, stops), NO_TOKEN, np.int32), self.any_token(width),
+                          progress=progress)
         # Rows of budget 1 are done at once: nothing below is emitted or written but scratch.
         state = self.insert(Prefix([0] * width, prefix), self.init_state(), 0)
         state = self.free(self.move(state, 0, self.slots - 1), self.slots - 1)

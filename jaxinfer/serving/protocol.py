@@ -40,6 +40,7 @@ JSON can carry a lone surrogate (`"\\ud800"`), which no tokenizer can encode.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -114,6 +115,33 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_json_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a `json_schema` object with a `schema`')
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` (its newer form of the guided_* fields): one of these."""
+
+    json_: dict[str, Any] | Text | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = Field(default=None, min_length=1)
+    grammar: Text | None = None
+
+
 class _SamplingFields(_Strict):
     model: Text
     max_tokens: TokenCount | None = None
@@ -135,6 +163,12 @@ class _SamplingFields(_Strict):
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs spell tokens "token_id:17"
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = Field(default=None, min_length=1)
+    guided_grammar: Text | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("suffix", "tools", mode="before", check_fields=False)
     @classmethod
@@ -182,6 +216,38 @@ class _SamplingFields(_Strict):
         if options is not None and info.data.get("stream") is not True:
             raise ValueError("stream_options is only allowed with stream: true")
         return options
+
+    @property
+    def constraint(self) -> tuple[str, str, Any] | None:
+        """(field, kind, spec) of the one structured-output constraint asked for, if any;
+        kind is json_schema, json_object, regex, choice or grammar (serving.structured)."""
+        found = []
+        if self.response_format is not None and self.response_format.type != "text":
+            form = self.response_format
+            found.append(("response_format", form.type,
+                          form.json_schema.schema_ if form.json_schema else None))
+        outputs = self.structured_outputs
+        for field, kind, spec in [
+            ("guided_json", "json_schema", self.guided_json),
+            ("guided_regex", "regex", self.guided_regex),
+            ("guided_choice", "choice", self.guided_choice),
+            ("guided_grammar", "grammar", self.guided_grammar),
+            *[("structured_outputs", kind, getattr(outputs, name, None)) for name, kind in
+              [("json_", "json_schema"), ("regex", "regex"), ("choice", "choice"),
+               ("grammar", "grammar")]],
+        ]:
+            if spec is not None:
+                found.append((field, kind, spec))
+        if len(found) > 1:
+            raise ValueError(f"{len(found)} structured-output constraints "
+                             f"({', '.join(f for f, _, _ in found)}); give at most one")
+        field, kind, spec = found[0] if found else (None, None, None)
+        if kind == "json_schema" and isinstance(spec, str):
+            try:
+                spec = json.loads(spec)
+            except ValueError as e:
+                raise ValueError(f"{field}: the schema is not valid JSON: {e}") from None
+        return (field, kind, spec) if found else None
 
     @property
     def stop_strings(self) -> list[str]:

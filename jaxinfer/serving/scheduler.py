@@ -24,11 +24,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from jaxinfer.sampling import SamplingParams
+from jaxinfer.serving import structured
 from jaxinfer.serving.engine import NO_TOKEN, Engine, PrefillRow
 from jaxinfer.serving.pages import PageTable
 from jaxinfer.tokenizer import IncrementalDetokenizer
@@ -77,6 +79,7 @@ class Request:
     stop: tuple[str, ...] = ()  # stop strings: output ends before the first one
     stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's own stop ids
     sink: Callable[[Output], None] = lambda output: None  # called on the engine thread
+    matcher: Any = None  # an llguidance LLMatcher: structured output (see serving.structured)
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
     arrival: float = 0.0
@@ -299,7 +302,8 @@ class Scheduler:
                 rows.append(PrefillRow(sequence, pages, request.sampling,
                                        count=len(request.output_ids),
                                        max_tokens=request.max_tokens,
-                                       stop_ids=sorted(request.stop_id_set)))
+                                       stop_ids=sorted(request.stop_id_set),
+                                       bitmask=self._mask(request)))
                 taken.append(request)
                 self._waiting.remove(request)
         if not taken:
@@ -365,9 +369,16 @@ class Scheduler:
             return
         width = engine.decode_width(len(self._running))  # requests are packed from slot 0
         # The same program either way; logprobs come to the host only when asked for.
-        if any(r.sampling.logprobs is not None for r in self._running.values()):
-            self.state, tokens, *logprobs = engine.generate(self.state, self.pages.table, width,
-                                                            logprobs=True)
+        constrained = [r for r in self._running.values() if r.matcher is not None]
+        wants_logprobs = any(r.sampling.logprobs is not None for r in self._running.values())
+        if constrained or wants_logprobs:
+            # A grammar's mask holds for one token: one step per call while one runs.
+            bitmask = engine.any_token(width)
+            for request in constrained:
+                bitmask[request.slot] = self._mask(request)
+            self.state, tokens, *logprobs = engine.generate(
+                self.state, self.pages.table, width, logprobs=wants_logprobs,
+                bitmask=bitmask, steps=1 if constrained else None)
         else:
             (self.state, tokens), logprobs = engine.generate(self.state, self.pages.table,
                                                              width), ()
@@ -378,6 +389,12 @@ class Scheduler:
             if new:
                 row = logprobs[0].row(slot) if logprobs else None
                 self._emit(request, new, now, _token_logprobs(request, new, row))
+
+    def _mask(self, request: Request):
+        """The request's next-token bitmask [words] (None: unconstrained)."""
+        if request.matcher is None:
+            return None
+        return structured.next_token_mask(request.matcher, self.vocab_size)
 
     def _preempt(self, request: Request) -> None:
         """Frees the request's slot and pages; it resumes from the head of the queue."""
@@ -419,6 +436,8 @@ class Scheduler:
         for token in tokens:
             request.output_ids.append(token)
             taken += 1
+            if request.matcher is not None:
+                request.matcher.consume_token(token)
             if token in request.stop_id_set:
                 reason = "stop"
             else:

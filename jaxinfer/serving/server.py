@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jaxinfer.sampling import SamplingParams
-from jaxinfer.serving import protocol
+from jaxinfer.serving import protocol, structured
 from jaxinfer.serving.engine import Engine
 from jaxinfer.serving.metrics import Metrics
 from jaxinfer.serving.scheduler import EngineUnavailable, Output, QueueFull, Scheduler
@@ -345,6 +345,24 @@ def _sampling(body, scheduler: Scheduler) -> SamplingParams:
         raise APIError(400, str(e)) from e
 
 
+async def _matchers(scheduler: Scheduler, body) -> list:
+    """One llguidance matcher per choice for the request's structured-output constraint
+    (Nones without one); a constraint llguidance refuses is a 400 naming the problem."""
+    try:
+        found = body.constraint
+    except ValueError as e:
+        raise APIError(400, str(e)) from e
+    if found is None:
+        return [None] * body.n
+    field, kind, spec = found
+    constraint = structured.Constraint(kind, spec)
+    try:
+        return [await asyncio.to_thread(structured.matcher, constraint, scheduler.tokenizer,
+                                        scheduler.vocab_size) for _ in range(body.n)]
+    except structured.ConstraintError as e:
+        raise APIError(400, f"{field}: {e}", param=field) from e
+
+
 def choice_seed(seed: int, index: int) -> int:
     """The engine seed of choice `index` of a request whose engine seed is `seed`: choice i
     of an `n`-choice request draws what a single request with seed (seed + i) mod 2**32 does."""
@@ -379,6 +397,7 @@ async def _serve(state: ServerState, scheduler: Scheduler, http: Request, body, 
                  max_tokens: int, *, chat: bool) -> Response:
     """Submits the request's `n` choices and answers them whole, or as server-sent events."""
     sampling = _sampling(body, scheduler)
+    matchers = await _matchers(scheduler, body)
     echo = await _echo(scheduler, body, prompt_ids)
     loop = asyncio.get_running_loop()
     outputs: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
@@ -398,6 +417,7 @@ async def _serve(state: ServerState, scheduler: Scheduler, http: Request, body, 
         stop=tuple(body.stop_strings),
         stop_token_ids=stop_token_ids,
         sink=sink_of(index),
+        matcher=matchers[index],
     ) for index in range(body.n)]
     state.require_ready()  # tokenizing took a while: the server may be draining by now
     try:
