@@ -15,6 +15,7 @@ token outside them beats the k-th by more than the tolerance (never the order of
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import numpy as np
@@ -299,3 +300,111 @@ def test_bad_tokenizer_requests_get_a_4xx(url, path, body):
 def test_models_lists_max_model_len(client):
     (card,) = client.models.list().data
     assert card.id == MODEL and card.max_model_len == 128
+
+
+# -- structured output ------------------------------------------------------------------------
+
+PET_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+        "kind": {"enum": ["cat", "dog", "bird", "fish"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
+        "owner": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12},
+                           "verified": {"type": "boolean"}},
+            "required": ["city", "verified"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "age", "kind", "tags", "owner"],
+    "additionalProperties": False,
+}
+PETS = ["a cat", "an old dog", "a parrot", "a goldfish", "a kitten", "a puppy", "a hamster",
+        "a canary", "a shy cat", "a loud dog", "a tiny fish", "a clever crow", "a lazy cat",
+        "a police dog", "a blue budgie", "a koi", "a stray cat", "a sheepdog", "an owl",
+        "a betta fish"]
+
+
+def pet_request(pet: str) -> dict:
+    return dict(model=MODEL, max_tokens=90, temperature=0,
+                messages=[{"role": "user", "content": f"Describe {pet} as JSON."}],
+                response_format={"type": "json_schema",
+                                 "json_schema": {"name": "pet", "schema": PET_SCHEMA,
+                                                 "strict": True}})
+
+
+def test_json_schema_output_validates_on_20_prompts_streamed_and_not(url, client):
+    """20 constrained chats at once, half streamed, beside 4 unconstrained greedy requests
+    that must give the text they give alone."""
+    jsonschema = pytest.importorskip("jsonschema")
+    free = [dict(model=MODEL, prompt=p, max_tokens=12, temperature=0)
+            for p in ("The capital of France is", "def fibonacci(n):", "List three colors:",
+                      "1, 2, 3, 4, 5,")]
+    alone = [client.completions.create(**f).choices[0].text for f in free]
+
+    def constrained(i: int) -> tuple[str, str]:
+        request = pet_request(PETS[i])
+        if i % 2:
+            chunks = client.chat.completions.create(**request, stream=True)
+            text, reason = "", None
+            for chunk in chunks:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                    reason = chunk.choices[0].finish_reason or reason
+            return text, reason
+        reply = client.chat.completions.create(**request)
+        return reply.choices[0].message.content, reply.choices[0].finish_reason
+
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(constrained, range(len(PETS))))
+        beside = list(pool.map(lambda f: client.completions.create(**f).choices[0].text, free))
+    for text, reason in answers:
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), PET_SCHEMA)
+    assert beside == alone
+    assert len({text for text, _ in answers}) > 5  # the prompts steer the content
+
+
+def test_json_object_regex_and_choice_constraints_hold(client):
+    copy = [{"role": "user", "content": 'Repeat this JSON object: {"planet": "Mars", "moons": 2}'}]
+    reply = client.chat.completions.create(model=MODEL, messages=copy, max_tokens=60,
+                                           temperature=0,
+                                           response_format={"type": "json_object"})
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    phone = client.completions.create(model=MODEL, prompt="Call me at", max_tokens=20,
+                                      temperature=0,
+                                      extra_body={"guided_regex": r"\d{3}-\d{4}"})
+    assert re.fullmatch(r"\d{3}-\d{4}", phone.choices[0].text)
+    for seed in range(4):
+        answer = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Is the sky blue?"}],
+            max_tokens=10, temperature=1.0, seed=seed,
+            extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe"]}})
+        assert answer.choices[0].message.content in ("yes", "no", "maybe")
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("response_format", {"type": "json_schema", "json_schema": {"schema": {"type": "objectx"}}},
+     "objectx"),
+    ("guided_regex", "a(b", "unclosed group"),
+    ("guided_grammar", "start: undefined_rule", "undefined_rule"),
+    ("response_format", {"type": "json_schema"}, "json_schema"),
+])
+def test_a_constraint_the_library_refuses_is_a_400_naming_the_problem(url, field, value, words):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, field: value}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and words in error["message"], error
+
+
+def test_two_constraints_at_once_are_refused(url):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "guided_regex": "a",
+            "guided_choice": ["a"]}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400 and "at most one" in response.json()["error"]["message"]
