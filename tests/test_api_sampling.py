@@ -179,3 +179,53 @@ def test_free_rows_stay_bitwise_beside_rows_using_every_control(wide_model, rng)
     tokens, logits = target_beside(True)
     assert tokens == plain_tokens
     np.testing.assert_array_equal(logits, plain_logits)
+
+
+def test_free_rows_stay_bitwise_beside_grammar_constrained_rows_at_one_step_a_call(
+        wide_model, rng):  # noqa: F811
+    """While a structured-output request runs the engine decodes one step per call with a
+    bitmask: TARGET (unconstrained, all bits set) gets the tokens and logits it gets in
+    decode_steps-step calls beside unconstrained rows."""
+    words = -(-WIDE_CFG.vocab_size // 32)
+
+    def target_beside(constrained: bool):
+        engine = Engine(wide_model, WIDE_CONFIG)
+        driver = Driver(engine)
+        for other in (1, 2, 3):
+            driver.start(other, rng.integers(0, WIDE_CFG.vocab_size, 20).tolist(), 30,
+                         SamplingParams(temperature=1.0, seed=other), stop_ids=[])
+        out, logits = [driver.start(0, TARGET, 12, TARGET_SAMPLING, stop_ids=[])], []
+        while len(out) < 12:
+            if constrained:
+                bitmask = engine.any_token(4)
+                bitmask[1:] = rng.integers(-2**31, 2**31, (3, words), dtype=np.int64).astype(
+                    np.int32)  # random allowed sets for the constrained rows
+                driver.state, tokens, step_logits = engine.generate(
+                    driver.state, driver.pages.table, 4, logits=True, bitmask=bitmask, steps=1)
+            else:
+                tokens, step_logits = driver.step(4, logits=True)
+            live = tokens[0] != NO_TOKEN
+            out += tokens[0][live].tolist()
+            logits.append(step_logits[0][live])
+        return out, np.concatenate(logits)[:11]
+
+    plain_tokens, plain_logits = target_beside(False)
+    tokens, logits = target_beside(True)
+    assert tokens == plain_tokens
+    np.testing.assert_array_equal(logits, plain_logits)
+
+
+def test_the_bitmask_confines_sampling_to_the_allowed_tokens(rng):
+    logits = jnp.asarray(rng.normal(0, 3, (3, 70)).astype(np.float32))
+    allowed = [[5], [0, 33, 69], list(range(70))]
+    bitmask = np.zeros((3, 3), np.int32)
+    for row, tokens in enumerate(allowed):
+        for t in tokens:
+            bitmask[row, t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+    sampling = SamplingArrays.stack([SamplingParams(temperature=1.0, seed=s) for s in range(3)])
+    got = adjust_logits(logits, sampling, None, jnp.full((3, 1), NO_TOKEN), jnp.array(0),
+                        jnp.asarray(bitmask))
+    for row, tokens in enumerate(allowed):
+        finite = np.flatnonzero(np.isfinite(np.asarray(got[row])))
+        assert finite.tolist() == tokens
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(logits[2]))
