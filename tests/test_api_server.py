@@ -408,3 +408,116 @@ def test_two_constraints_at_once_are_refused(url):
             "guided_choice": ["a"]}
     response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     assert response.status_code == 400 and "at most one" in response.json()["error"]["message"]
+
+
+# -- tool calling -----------------------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object",
+                   "properties": {"city": {"type": "string", "maxLength": 20},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object",
+                                       "properties": {"zone": {"type": "string",
+                                                               "maxLength": 10}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+QUESTIONS = ["What is the weather in Paris?", "Is it raining in Tokyo?",
+             "What time is it in London?", "How hot is it in Cairo today?"]
+
+
+def test_tool_choice_required_always_yields_parseable_arguments(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    schemas = {t["function"]["name"]: t["function"]["parameters"]
+               for t in (WEATHER_TOOL, TIME_TOOL)}
+    for question in QUESTIONS:
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=60,
+            temperature=0, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required")
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        (call,) = choice.message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_a_named_tool_choice_calls_that_function_streamed_as_deltas(client):
+    options = dict(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[0]}],
+                   max_tokens=60, temperature=0, tools=[WEATHER_TOOL, TIME_TOOL],
+                   tool_choice={"type": "function", "function": {"name": "get_time"}})
+    whole = client.chat.completions.create(**options).choices[0].message.tool_calls[0]
+    assert whole.function.name == "get_time"
+    name, arguments, reasons = "", "", []
+    for chunk in client.chat.completions.create(**options, stream=True):
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                name += delta.function.name or ""
+                arguments += delta.function.arguments or ""
+            reasons.append(choice.finish_reason)
+    assert name == "get_time" and json.loads(arguments) == json.loads(whole.function.arguments)
+    assert reasons[-1] == "tool_calls"
+
+
+def test_auto_tool_choice_parses_a_call_or_answers_in_text(client):
+    """With "auto" the model chooses; whatever it writes comes back as a parsed call (to an
+    offered function, arguments parsing) or as plain content, never as both lost."""
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=40,
+        temperature=0, tools=[WEATHER_TOOL])
+    message = reply.choices[0].message
+    if message.tool_calls:
+        assert reply.choices[0].finish_reason == "tool_calls"
+        assert message.tool_calls[0].function.name == "get_weather"
+        json.loads(message.tool_calls[0].function.arguments)
+    else:
+        assert message.content
+
+
+def test_a_tool_result_conversation_renders_and_answers(client):
+    messages = [
+        {"role": "user", "content": QUESTIONS[0]},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather",
+                         "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+    ]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20,
+                                           temperature=0, tools=[WEATHER_TOOL],
+                                           tool_choice="none")
+    assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize(("choice", "words"), [
+    ({"type": "function", "function": {"name": "nope"}}, "not among the tools"),
+    ("sometimes", "tool_choice"),
+])
+def test_a_bad_tool_choice_is_a_400(url, choice, words):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "tools": [WEATHER_TOOL],
+            "tool_choice": choice}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400 and words in response.json()["error"]["message"]
+
+
+# -- a third-party client, unchanged ----------------------------------------------------------
+
+
+def test_langchain_chat_openai_invokes_streams_structures_and_binds_tools(url):
+    """langchain-openai's ChatOpenAI, as a user points it at any OpenAI-compatible server."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    jsonschema = pytest.importorskip("jsonschema")
+    llm = langchain_openai.ChatOpenAI(model=MODEL, base_url=f"{url}/v1", api_key="unused",
+                                      temperature=0, max_tokens=12, max_retries=0, timeout=120)
+    answer = llm.invoke("Name a color.")
+    assert answer.content and answer.response_metadata["finish_reason"] in ("stop", "length")
+    assert "".join(chunk.content for chunk in llm.stream("Name a color.")) == answer.content
+
+    pet = llm.bind(max_tokens=90).with_structured_output(
+        {"title": "pet", "description": "A pet", **PET_SCHEMA}, method="json_schema",
+        strict=True)
+    jsonschema.validate(pet.invoke("Describe a cat."), PET_SCHEMA)
+
+    with_tools = llm.bind(max_tokens=60).bind_tools([WEATHER_TOOL], tool_choice="required")
+    (call,) = with_tools.invoke(QUESTIONS[0]).tool_calls
+    assert call["name"] == "get_weather"
+    jsonschema.validate(call["args"], WEATHER_TOOL["function"]["parameters"])

@@ -222,9 +222,8 @@ def test_a_type_error_says_what_was_sent(url):
     assert message == "max_tokens: Input should be a valid integer (got a string)"
 
 
-UNSUPPORTED = {  # logprobs, echo and logit_bias are served now (tests/test_api_*.py)
+UNSUPPORTED = {  # logprobs, echo, logit_bias and tools are served now (tests/test_api_*.py)
     "suffix": ("completions", {"suffix": "}"}, "suffix"),
-    "tools": ("chat/completions", {"tools": [{"type": "function"}]}, "tools"),
 }
 
 

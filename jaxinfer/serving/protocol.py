@@ -2,8 +2,8 @@
 
 Only what jaxinfer serves is accepted. Types are strict, as OpenAI's API is: a boolean must
 be a JSON boolean, an integer a JSON integer (`"10"` is refused). Unknown fields are ignored,
-as OpenAI's own server does; known fields this server does not implement yet (`suffix`,
-`tools`) are refused by name. `top_k`, `min_p`, `stop_token_ids`, `repetition_penalty`,
+as OpenAI's own server does; known fields this server does not implement yet (`suffix`)
+is refused by name. `top_k`, `min_p`, `stop_token_ids`, `repetition_penalty`,
 `min_tokens` and `ignore_eos` are extensions vLLM also accepts.
 
 Logprobs are those of the raw model logits (before temperature, penalties and logit bias),
@@ -170,7 +170,7 @@ class _SamplingFields(_Strict):
     guided_grammar: Text | None = None
     structured_outputs: StructuredOutputs | None = None
 
-    @field_validator("suffix", "tools", mode="before", check_fields=False)
+    @field_validator("suffix", mode="before", check_fields=False)
     @classmethod
     def _not_supported_yet(cls, value: Any, info: ValidationInfo) -> Any:
         if not _absent(value):
@@ -291,16 +291,59 @@ class ContentPart(_Strict):
     text: Text
 
 
+class FunctionCall(_Strict):
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[
         Text | list[ContentPart], _one_of('a string or a list of {"type": "text", "text": ...}')
     ] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool result's call
+    name: Text | None = None
+
+    def for_template(self) -> dict:
+        """The message as chat templates read it (tool calls as transformers passes them)."""
+        message = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+
+class Function(_Strict):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: Function
+
+
+class NamedToolChoice(_Strict):
+    class _Name(_Strict):
+        name: Text
+
+    type: Literal["function"]
+    function: _Name
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -310,7 +353,33 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools") or []
+        if isinstance(choice, NamedToolChoice):
+            names = [t.function.name for t in tools]
+            if choice.function.name not in names:
+                raise ValueError(f"function {choice.function.name!r} is not among the "
+                                 f"tools ({', '.join(names) or 'none given'})")
+        elif choice == "required" and not tools:
+            raise ValueError('"required" needs at least one tool in `tools`')
+        return choice
+
+    @property
+    def tool_dicts(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    @property
+    def forced_tool(self) -> tuple[bool, str | None]:
+        """(whether a tool call is forced, the function's name if one is named)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return True, self.tool_choice.function.name
+        return self.tool_choice == "required", None
 
     @field_validator("top_logprobs")
     @classmethod

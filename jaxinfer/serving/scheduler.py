@@ -374,8 +374,7 @@ class Scheduler:
         if constrained or wants_logprobs:
             # A grammar's mask holds for one token: one step per call while one runs.
             bitmask = engine.any_token(width)
-            for request in constrained:
-                bitmask[request.slot] = self._mask(request)
+            structured.fill_masks([(r.matcher, r.slot) for r in constrained], bitmask)
             self.state, tokens, *logprobs = engine.generate(
                 self.state, self.pages.table, width, logprobs=wants_logprobs,
                 bitmask=bitmask, steps=1 if constrained else None)

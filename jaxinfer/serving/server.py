@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving import protocol, structured
+from jaxinfer.serving import tools as tools_module
 from jaxinfer.serving.engine import Engine
 from jaxinfer.serving.metrics import Metrics
 from jaxinfer.serving.scheduler import EngineUnavailable, Output, QueueFull, Scheduler
@@ -247,8 +248,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: protocol.ChatCompletionRequest, http: Request) -> Response:
         scheduler = _checked(state, body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = await asyncio.to_thread(_chat_prompt, scheduler.tokenizer, messages)
+        messages = [m.for_template() for m in body.messages]
+        tools = body.tool_dicts if body.tool_choice != "none" else None
+        prompt_ids = await asyncio.to_thread(_chat_prompt, scheduler.tokenizer, messages, tools)
         max_tokens = body.token_limit
         if max_tokens is None:  # chat: up to the end of the context
             max_tokens = max(1, scheduler.context - len(prompt_ids))
@@ -265,18 +267,23 @@ def _checked(state: ServerState, model: str) -> Scheduler:
     return scheduler
 
 
-def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                 tools: list[dict] | None = None) -> str:
+    """The chat template rendered (tools in its `tools` variable, or written in Hermes style
+    where the template has none: serving.tools)."""
+    messages = tools_module.messages_for_template(messages, tools, tokenizer.chat_template)
     try:
         return tokenizer.apply_chat_template(messages,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt,
+                                             tools=tools)
     except Exception as e:  # noqa: BLE001 - a template may raise anything on odd input
         raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
 
 
-def _chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+def _chat_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """The prompt's token ids: the chat template rendered, then encoded (a worker thread's job)."""
     # The template places any BOS.
-    return tokenizer.encode(_render_chat(tokenizer, messages), add_bos=False)
+    return tokenizer.encode(_render_chat(tokenizer, messages, True, tools), add_bos=False)
 
 
 def _in_vocabulary(scheduler: Scheduler, ids: list[int], field: str) -> list[int]:
@@ -352,6 +359,13 @@ async def _matchers(scheduler: Scheduler, body) -> list:
         found = body.constraint
     except ValueError as e:
         raise APIError(400, str(e)) from e
+    forced, name = getattr(body, "forced_tool", (False, None))
+    if forced:  # tool_choice "required" or a named function: the call's JSON, enforced
+        if found is not None:
+            raise APIError(400, f"tool_choice {body.tool_choice!r} and {found[0]} both "
+                           "constrain the output; give one", param="tool_choice")
+        found = ("tool_choice", "json_schema",
+                 tools_module.call_schema(body.tool_dicts, name))
     if found is None:
         return [None] * body.n
     field, kind, spec = found
@@ -432,12 +446,15 @@ async def _serve(state: ServerState, scheduler: Scheduler, http: Request, body, 
             raise APIError(503, str(e), "service_unavailable") from e
         raise APIError(400, str(e), param="max_tokens" if "context" in str(e) else None) from e
     request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
+    tool_names = None  # the functions whose calls are parsed out of the text
+    if chat and body.tools and body.tool_choice != "none":
+        tool_names = {t.function.name for t in body.tools}
     if body.stream:
         events = _stream(state, requests, outputs, request_id, chat, body.include_usage, echo,
-                         body.return_tokens_as_token_ids)
+                         body.return_tokens_as_token_ids, tool_names)
         return StreamingResponse(events, media_type="text/event-stream")
     return await _whole(state, http, requests, outputs, request_id, chat, echo,
-                        body.return_tokens_as_token_ids)
+                        body.return_tokens_as_token_ids, tool_names)
 
 
 def _failure(state: ServerState, output: Output) -> APIError:
@@ -480,7 +497,7 @@ def _logprobs(state: ServerState, entries: list[protocol.LogprobEntry] | None, c
 
 async def _whole(state: ServerState, http: Request, requests: list[EngineRequest],
                  outputs: asyncio.Queue, request_id: str, chat: bool,
-                 echo: _Echo | None, as_ids: bool) -> Response:
+                 echo: _Echo | None, as_ids: bool, tool_names: set[str] | None) -> Response:
     scheduler, model = state.scheduler, state.model_name
     watcher = asyncio.ensure_future(_abort_on_disconnect(http, scheduler, requests))
     wants_logprobs = requests[0].sampling.logprobs is not None
@@ -517,8 +534,14 @@ async def _whole(state: ServerState, http: Request, requests: list[EngineRequest
         logprob_entries = entries[index] if wants_logprobs else None
         if chat:
             logprobs = _logprobs(state, logprob_entries, True, 0, as_ids)
-            body = protocol.chat_completion(request_id, model, text, reason, counts, index=index,
-                                            logprobs=logprobs)
+            content, calls = text, []
+            if tool_names is not None:
+                content, calls = tools_module.parse_tool_calls(text, tool_names)
+            body = protocol.chat_completion(request_id, model, content, reason, counts,
+                                            index=index, logprobs=logprobs)
+            if calls:
+                body["choices"][0]["message"]["tool_calls"] = calls
+                body["choices"][0]["finish_reason"] = "tool_calls"
         else:
             offset = 0
             if echo is not None:
@@ -535,18 +558,35 @@ async def _whole(state: ServerState, http: Request, requests: list[EngineRequest
     return JSONResponse(body)
 
 
+def _tool_deltas(text: str, tool_names: set[str], finish_reason: str):
+    """(delta, finish_reason) chunks of a finished choice with tools: its content, then each
+    tool call as OpenAI streams them (id, type and name first, then the arguments)."""
+    content, calls = tools_module.parse_tool_calls(text, tool_names)
+    if content:
+        yield {"content": content}, None
+    for i, call in enumerate(calls):
+        function = call["function"]
+        yield {"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                               "function": {"name": function["name"], "arguments": ""}}]}, None
+        yield {"tool_calls": [{"index": i, "function": {"arguments": function["arguments"]}}]}, None
+    yield {}, "tool_calls" if calls else finish_reason
+
+
 def _sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
 async def _stream(state: ServerState, requests: list[EngineRequest], outputs: asyncio.Queue,
                   request_id: str, chat: bool, include_usage: bool,
-                  echo: _Echo | None, as_ids: bool) -> AsyncIterator[str]:
+                  echo: _Echo | None, as_ids: bool,
+                  tool_names: set[str] | None) -> AsyncIterator[str]:
     scheduler, model = state.scheduler, state.model_name
     wants_logprobs = requests[0].sampling.logprobs is not None
     finished: dict[int, Output] = {}
     failed = False
     offsets = [0] * len(requests)  # text_offset of each choice's next token
+    # With tools, a choice's text is held to its end, then sent as content or tool calls.
+    held = [""] * len(requests)
     try:
         for index in range(len(requests)):
             if chat:
@@ -582,7 +622,16 @@ async def _stream(state: ServerState, requests: list[EngineRequest], outputs: as
             logprobs = _logprobs(state, entries, chat, offsets[index], as_ids)
             if logprobs is not None and not chat:
                 offsets[index] += sum(map(len, logprobs["tokens"]))
-            if chat:
+            if chat and tool_names is not None:
+                held[index] += output.text
+                if output.finish_reason is None:
+                    continue
+                for delta, reason in _tool_deltas(held[index], tool_names,
+                                                  output.finish_reason):
+                    yield _sse(protocol.chat_chunk(request_id, model, delta, reason,
+                                                   index=index, logprobs=logprobs))
+                    logprobs = None
+            elif chat:
                 delta = {"content": output.text} if output.text else {}
                 yield _sse(protocol.chat_chunk(request_id, model, delta, output.finish_reason,
                                                index=index, logprobs=logprobs))

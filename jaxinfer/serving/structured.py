@@ -28,6 +28,7 @@ import numpy as np
 _JSON_OPTIONS = {"whitespace_flexible": False}
 _tokenizers: dict[int, llguidance.LLTokenizer] = {}
 _lock = threading.Lock()
+_executor: llguidance.LLExecutor | None = None
 
 
 class ConstraintError(ValueError):
@@ -97,6 +98,16 @@ def next_token_mask(found: llguidance.LLMatcher, vocab_size: int) -> np.ndarray:
     mask = np.zeros((1, words(vocab_size)), np.int32)
     llnumpy.fill_next_token_bitmask(found, mask)
     return mask[0]
+
+
+def fill_masks(rows: list[tuple[llguidance.LLMatcher, int]], bitmask: np.ndarray) -> None:
+    """Writes each (matcher, row)'s next-token mask into row `row` of `bitmask` [rows, words]
+    (int32, C-contiguous), the matchers in parallel on llguidance's thread pool."""
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = llguidance.LLExecutor()
+    llnumpy.fill_next_token_bitmask_par(_executor, rows, bitmask)
 
 
 def allows(mask: np.ndarray, token: int) -> bool:
