@@ -21,15 +21,19 @@ import httpx
 import numpy as np
 import pytest
 
+from jaxinfer.serving import EngineConfig
 from jaxinfer.serving.engine import Engine
 from jaxinfer.serving.server import ServerState
-from tests.test_serving import CONFIG, MODEL, serving
+from tests.test_serving import MODEL, serving
 
 openai = pytest.importorskip("openai")
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.numerics
 
 TOLERANCE = 1e-3
+# 384 tokens of context: a tools preamble (tool calling) takes ~200 tokens of the prompt.
+CONFIG = EngineConfig(max_batch_size=8, max_seq_len=384, page_size=16, num_pages=8 * 24 + 1,
+                      decode_steps=4, max_queue_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +281,8 @@ def test_tokenize_and_detokenize_round_trip_in_vllms_shapes(url, smollm2):
     answer = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": PROMPT,
                                                  "return_token_strs": True}).json()
     assert answer["tokens"] == tokenizer.encode(PROMPT)
-    assert answer["count"] == len(answer["tokens"]) and answer["max_model_len"] == 128
+    assert answer["count"] == len(answer["tokens"])
+    assert answer["max_model_len"] == CONFIG.max_seq_len
     assert answer["token_strs"] == [tokenizer.token_text(t) for t in answer["tokens"]]
     back = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": answer["tokens"]})
     assert back.json() == {"prompt": tokenizer.decode(answer["tokens"])}
@@ -299,7 +304,7 @@ def test_bad_tokenizer_requests_get_a_4xx(url, path, body):
 
 def test_models_lists_max_model_len(client):
     (card,) = client.models.list().data
-    assert card.id == MODEL and card.max_model_len == 128
+    assert card.id == MODEL and card.max_model_len == CONFIG.max_seq_len
 
 
 # -- structured output ------------------------------------------------------------------------
@@ -512,12 +517,13 @@ def test_langchain_chat_openai_invokes_streams_structures_and_binds_tools(url):
     assert answer.content and answer.response_metadata["finish_reason"] in ("stop", "length")
     assert "".join(chunk.content for chunk in llm.stream("Name a color.")) == answer.content
 
-    pet = llm.bind(max_tokens=90).with_structured_output(
+    pet = llm.model_copy(update={"max_tokens": 90}).with_structured_output(
         {"title": "pet", "description": "A pet", **PET_SCHEMA}, method="json_schema",
         strict=True)
     jsonschema.validate(pet.invoke("Describe a cat."), PET_SCHEMA)
 
-    with_tools = llm.bind(max_tokens=60).bind_tools([WEATHER_TOOL], tool_choice="required")
+    with_tools = llm.model_copy(update={"max_tokens": 60}).bind_tools([WEATHER_TOOL],
+                                                                     tool_choice="required")
     (call,) = with_tools.invoke(QUESTIONS[0]).tool_calls
     assert call["name"] == "get_weather"
     jsonschema.validate(call["args"], WEATHER_TOOL["function"]["parameters"])

@@ -104,6 +104,8 @@ def fill_masks(rows: list[tuple[llguidance.LLMatcher, int]], bitmask: np.ndarray
     """Writes each (matcher, row)'s next-token mask into row `row` of `bitmask` [rows, words]
     (int32, C-contiguous), the matchers in parallel on llguidance's thread pool."""
     global _executor
+    if not rows:
+        return  # llguidance refuses an empty batch
     with _lock:
         if _executor is None:
             _executor = llguidance.LLExecutor()
