@@ -28,7 +28,6 @@ from tests.test_serving import MODEL, serving
 
 openai = pytest.importorskip("openai")
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.numerics
 
 TOLERANCE = 1e-3
 # 384 tokens of context: a tools preamble (tool calling) takes ~200 tokens of the prompt.
@@ -96,6 +95,7 @@ def chat_prompt_ids(smollm2) -> list[int]:
                             add_bos=False)
 
 
+@pytest.mark.numerics
 def test_chat_logprobs_equal_transformers_log_softmax(client, smollm2, hf_smollm2):
     reply = client.chat.completions.create(
         model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True,
@@ -105,6 +105,7 @@ def test_chat_logprobs_equal_transformers_log_softmax(client, smollm2, hf_smollm
     check_generated(hf_smollm2, chat_prompt_ids(smollm2), chat_entries(content), 5)
 
 
+@pytest.mark.numerics
 def test_streamed_chat_logprobs_equal_the_whole_answers(client, smollm2, hf_smollm2):
     options = dict(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True,
                    top_logprobs=3, extra_body={"return_tokens_as_token_ids": True})
@@ -139,6 +140,7 @@ def completion_entries(logprobs: dict) -> list:
 PROMPT = "The three primary colors are"
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("stream", [False, True])
 def test_completion_logprobs_k_equal_transformers_log_softmax(url, smollm2, hf_smollm2, stream):
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "temperature": 0,
@@ -168,6 +170,7 @@ def test_completion_logprobs_k_equal_transformers_log_softmax(url, smollm2, hf_s
         assert len(top) in (4, 5) and np.sort(row)[-4] <= top[3][1] + TOLERANCE
 
 
+@pytest.mark.numerics
 def test_echo_returns_the_prompt_and_its_logprobs(url, smollm2, hf_smollm2):
     """What lm-evaluation-harness's loglikelihood requests send: echo, logprobs, 1 token."""
     prompt_ids = smollm2.tokenizer.encode(PROMPT)
