@@ -5,9 +5,12 @@
 keyed on (request seed, tokens generated so far), so a seeded request gives the same tokens
 through either, in any row.
 
-    first, cache = prefill(params, cache, tokens, lengths, sampling, count, cfg=cfg)
-    state = DecodeState.start(first, lengths, count, max_tokens, stop_ids, sampling)
+    state, cache, logits = prefill(params, cache, tokens, lengths, sampling, count, max_tokens,
+                                   stop_ids, cfg=cfg)
     cache, state, token, logits = step(params, cache, state, cfg)  # until all(state.done)
+
+Sampling draws from `sampling.adjust_logits` of the model's logits (penalties over the row's
+`TokenCounts`, logit bias, min_tokens); `step` returns the raw logits, which logprobs use.
 """
 
 from __future__ import annotations
@@ -17,9 +20,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.cache import KVCache
 from jaxinfer.config import ModelConfig
 from jaxinfer.models import family
-from jaxinfer.sampling import SamplingArrays, SamplingParams, sample
+from jaxinfer.sampling import (
+    MAX_TOP_LOGPROBS,
+    SamplingArrays,
+    SamplingParams,
+    TokenCounts,
+    TokenLogprobs,
+    adjust_logits,
+    sample,
+)
 
 NO_TOKEN = -1  # what a finished (or free) row emits
 
@@ -37,27 +49,35 @@ class DecodeState:
     stopped: jax.Array  # bool: finished on a stop id (else on its budget)
     stop_ids: jax.Array  # int32 [rows, stops], NO_TOKEN where unused
     sampling: SamplingArrays
+    counts: TokenCounts | None = None  # [rows, vocab]: what the penalties look at
 
     @classmethod
     def start(cls, first: jax.Array, position: jax.Array, count: jax.Array,
               max_tokens: jax.Array, stop_ids: jax.Array, sampling: SamplingArrays,
-              live: jax.Array | bool = True) -> DecodeState:
+              live: jax.Array | bool = True, counts: TokenCounts | None = None) -> DecodeState:
         """Rows that just sampled `first` at `position` (the prompt length) after `count`
-        earlier tokens; rows where `live` is False start done (padding, free slots)."""
+        earlier tokens; rows where `live` is False start done (padding, free slots).
+        `counts`: the tokens seen before `first` (None: no penalties in this state)."""
+        live = jnp.asarray(live)
         hit_stop = jnp.any(first[:, None] == stop_ids, axis=-1)
+        if counts is not None:
+            counts = counts.add(first, jnp.broadcast_to(live, first.shape))
         count = count + 1
         return cls(last=first, position=position, count=count, max_tokens=max_tokens,
-                   done=hit_stop | (count >= max_tokens) | ~jnp.asarray(live),
-                   stopped=hit_stop, stop_ids=stop_ids, sampling=sampling)
+                   done=hit_stop | (count >= max_tokens) | ~live,
+                   stopped=hit_stop, stop_ids=stop_ids, sampling=sampling, counts=counts)
 
     @classmethod
-    def empty(cls, rows: int, stops: int) -> DecodeState:
-        """`rows` free rows (all done), with room for `stops` stop ids each."""
+    def empty(cls, rows: int, stops: int, vocab: int | None = None) -> DecodeState:
+        """`rows` free rows (all done), with room for `stops` stop ids each (and token counts
+        over `vocab` tokens, if given)."""
         zeros = lambda: jnp.zeros(rows, jnp.int32)  # noqa: E731 - distinct (donatable) buffers
         sampling = jax.tree.map(jnp.asarray, SamplingArrays.stack([SamplingParams()] * rows))
+        counts = None if vocab is None else TokenCounts.empty(rows, vocab)
         return cls(last=zeros(), position=zeros(), count=zeros(), max_tokens=zeros(),
                    done=jnp.ones(rows, bool), stopped=jnp.zeros(rows, bool),
-                   stop_ids=jnp.full((rows, stops), NO_TOKEN, jnp.int32), sampling=sampling)
+                   stop_ids=jnp.full((rows, stops), NO_TOKEN, jnp.int32), sampling=sampling,
+                   counts=counts)
 
     def record(self, token: jax.Array) -> tuple[DecodeState, jax.Array]:
         """Appends `token` [rows] to every unfinished row; returns the new state and what each
@@ -73,17 +93,23 @@ class DecodeState:
             count=count,
             done=self.done | hit_stop | (count >= self.max_tokens),
             stopped=self.stopped | hit_stop,
+            counts=None if self.counts is None else self.counts.add(token, live),
         )
         return state, token
 
 
 def prefill(params, cache, tokens: jax.Array, lengths: jax.Array, sampling: SamplingArrays,
-            count: jax.Array, *, cfg: ModelConfig):
+            count: jax.Array, max_tokens: jax.Array, stop_ids: jax.Array,
+            live: jax.Array | bool = True, bitmask: jax.Array | None = None, *,
+            cfg: ModelConfig):
     """Runs prompts `tokens` [rows, seq] (row r's in its first lengths[r] places) through the
     model, writing their keys and values into `cache`, and samples each row's first token.
 
-    `count` [rows]: tokens a row generated before (a resumed request), which keys its draw.
-    Returns (first tokens [rows], cache).
+    `count` [rows]: tokens a row generated before (a resumed request: the last `count` of its
+    tokens), which keys its draw and counts as output for the penalties. `max_tokens`,
+    `stop_ids` [rows, stops] and `live` start the DecodeState (see DecodeState.start);
+    `bitmask` [rows, ceil(vocab / 32)]: the tokens each row may draw (sampling.adjust_logits).
+    Returns (DecodeState [rows], cache, the raw logits [rows, vocab] of the first tokens).
     """
     model = family(cfg.architecture)
     rows, seq = tokens.shape
@@ -91,11 +117,16 @@ def prefill(params, cache, tokens: jax.Array, lengths: jax.Array, sampling: Samp
     hidden, cache = model.transformer(params, tokens, positions, cache, cfg)
     last_hidden = hidden[jnp.arange(rows), jnp.maximum(lengths - 1, 0)]
     logits = model.unembed(params, last_hidden, cfg)
-    return sample(logits, sampling, count), cache
+    counts = TokenCounts.of(tokens, lengths, count, logits.shape[-1])
+    adjusted = adjust_logits(logits, sampling, counts, stop_ids, count, bitmask)
+    first = sample(adjusted, sampling, count)
+    state = DecodeState.start(first, lengths, count, max_tokens, stop_ids, sampling, live, counts)
+    return state, cache, logits
 
 
-def step(params, cache, state: DecodeState, cfg: ModelConfig):
-    """One decode step for every row: feeds `last` at `position`, samples the next token.
+def step(params, cache, state: DecodeState, cfg: ModelConfig, bitmask: jax.Array | None = None):
+    """One decode step for every row: feeds `last` at `position`, samples the next token
+    (from the tokens `bitmask` [rows, ceil(vocab / 32)] allows, if given).
 
     Returns (cache, state, emitted tokens [rows] (NO_TOKEN where a row was done), the fp32
     logits [rows, vocab] the tokens were drawn from).
@@ -103,5 +134,21 @@ def step(params, cache, state: DecodeState, cfg: ModelConfig):
     logits, cache = family(cfg.architecture).forward(
         params, state.last[:, None], state.position[:, None], cache, cfg)
     logits = logits[:, 0]
-    state, token = state.record(sample(logits, state.sampling, state.count))
+    adjusted = adjust_logits(logits, state.sampling, state.counts, state.stop_ids, state.count,
+                             bitmask)
+    state, token = state.record(sample(adjusted, state.sampling, state.count))
     return cache, state, token, logits
+
+
+def prompt_logprobs(params, tokens: jax.Array, *, cfg: ModelConfig) -> TokenLogprobs:
+    """Logprobs of a prompt's own tokens (what `echo` with `logprobs` returns): tokens
+    [rows, seq] -> TokenLogprobs [rows, seq - 1] of tokens[:, 1:], each under the raw logits
+    after the tokens before it. Padding at a row's end changes nothing before it (causal)."""
+    rows, seq = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (rows, seq))
+    logits, _ = family(cfg.architecture).forward(params, tokens, positions,
+                                                 KVCache.init(cfg, rows, seq), cfg)
+    logprobs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
+    top, ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)
+    return TokenLogprobs(chosen, ids.astype(jnp.int32), top)

@@ -43,11 +43,9 @@ def _prefill(params, tokens, prompt_lens, sampling, stop_ids, max_new, *, cfg, c
     batch = tokens.shape[0]
     cache = sharding_rules.constrain_cache(KVCache.init(cfg, batch, cache_len), cfg)
     count = jnp.zeros(batch, jnp.int32)
-    first, cache = decode.prefill(params, cache, tokens, prompt_lens, sampling, count, cfg=cfg)
-    stop_ids = jnp.broadcast_to(stop_ids, (batch, stop_ids.shape[0]))
     max_tokens = jnp.full(batch, max_new, jnp.int32)
-    state = DecodeState.start(first, prompt_lens, count, max_tokens, stop_ids, sampling,
-                              live=prompt_lens > 0)
+    state, cache, _ = decode.prefill(params, cache, tokens, prompt_lens, sampling, count,
+                                     max_tokens, stop_ids, prompt_lens > 0, cfg=cfg)
     return state, cache
 
 
@@ -93,9 +91,9 @@ def generate(
 ) -> GenerateResult:
     """Generates up to `max_new_tokens` tokens after each prompt in `tokens` (a list of id lists).
 
-    A row ends at the first token in `stop_token_ids` (pass the tokenizer's `stop_ids`) or
-    after `max_new_tokens` tokens. `sampling` is one SamplingParams for every row or one per
-    row; the default is greedy.
+    A row ends at the first token in `stop_token_ids` (pass the tokenizer's `stop_ids`; a row
+    whose SamplingParams say `ignore_eos` ignores them) or after `max_new_tokens` tokens.
+    `sampling` is one SamplingParams for every row or one per row; the default is greedy.
 
     `mesh`: run sharded over this mesh (default: the mesh `params` are placed on, e.g. by
     `load_model(mesh=...)`); params are moved onto their shardings if they are not there.
@@ -129,8 +127,10 @@ def generate(
         prompt_lens[i] = len(prompt)
     sampling_arrays = SamplingArrays.stack(list(sampling) + [SamplingParams()] * (batch - rows))
     # A fixed-size stop list keeps the compiled program independent of how many are given.
-    stop_ids = np.full(bucket(len(stop_token_ids), 8), NO_TOKEN, np.int32)
-    stop_ids[: len(stop_token_ids)] = list(stop_token_ids)
+    stop_ids = np.full((batch, bucket(len(stop_token_ids), 8)), NO_TOKEN, np.int32)
+    for i, row in enumerate(sampling):
+        if not row.ignore_eos:
+            stop_ids[i, : len(stop_token_ids)] = list(stop_token_ids)
     max_new = np.int32(max_new_tokens)
 
     timings: dict[str, float] = {"compile": 0.0}

@@ -155,12 +155,14 @@ class Tokenizer:
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
         **template_vars: Any,
     ) -> str:
         """Render `messages` ([{"role": ..., "content": ...}, ...]) into a prompt string.
 
-        Renders as transformers' `apply_chat_template(..., tokenize=False)` does; `template_vars`
-        are passed to the template (e.g. `enable_thinking=False`).
+        Renders as transformers' `apply_chat_template(..., tokenize=False)` does; `tools`
+        (OpenAI tool dicts) become the template's `tools` variable; `template_vars` are passed
+        to the template (e.g. `enable_thinking=False`).
         """
         if self.chat_template is None:
             raise ValueError(
@@ -173,7 +175,7 @@ class Tokenizer:
         return _compile_chat_template(self.chat_template).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
-            tools=None,
+            tools=tools,
             documents=None,
             bos_token=token(self.bos_id) if self.bos_id is not None else "",
             eos_token=token(self.eos_id) if self.eos_id is not None else "",

@@ -332,7 +332,7 @@ BAD_REQUESTS = {
     "empty messages": ("chat/completions", {"model": MODEL, "messages": []}),
     "unknown role": ("chat/completions", {
         "model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}),
-    "n above one": ("completions", {"model": MODEL, "prompt": "hi", "n": 2}),
+    "n above 16": ("completions", {"model": MODEL, "prompt": "hi", "n": 17}),
     "empty prompt": ("completions", {"model": MODEL, "prompt": ""}),
     "token id outside vocabulary": ("completions", {"model": MODEL, "prompt": [1, 10**7]}),
 }

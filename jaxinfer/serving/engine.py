@@ -47,7 +47,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.decode import NO_TOKEN, DecodeState
 from jaxinfer.pallas.blocked import KV_BLOCK
 from jaxinfer.runtime import bucket
-from jaxinfer.sampling import SamplingArrays, SamplingParams
+from jaxinfer.sampling import SamplingArrays, SamplingParams, TokenLogprobs, token_logprobs
 from jaxinfer.serving.config import EngineConfig
 from jaxinfer.sharding.rules import cache_specs, constrain_cache, model_rules
 
@@ -55,23 +55,26 @@ YNN_REDUCE_MIN_ELEMENTS = 4096  # XLA:CPU hands reductions this large to YNNPACK
 
 
 def _prefill(params, cache, tokens, lengths, page_rows, sampling, count, max_tokens, stop_ids,
-             *, cfg: ModelConfig):
+             bitmask, *, cfg: ModelConfig):
     """Prefills rows into the pages of `page_rows` [rows, pages_per_seq]; returns their
     DecodeState [rows] and the cache. Padding past a prompt lands past its last position,
     where masking by position hides it until decode overwrites it (or on scratch page 0)."""
     table = cache.page_table
-    first, cache = decode.prefill(params, dataclasses.replace(cache, page_table=page_rows),
-                                  tokens, lengths, sampling, count, cfg=cfg)
-    state = DecodeState.start(first, lengths, count, max_tokens, stop_ids, sampling)
-    return state, constrain_cache(dataclasses.replace(cache, page_table=table), cfg)
+    state, cache, logits = decode.prefill(
+        params, dataclasses.replace(cache, page_table=page_rows), tokens, lengths, sampling,
+        count, max_tokens, stop_ids, bitmask=bitmask, cfg=cfg)
+    logprobs = token_logprobs(logits, state.last, sampling)
+    return state, constrain_cache(dataclasses.replace(cache, page_table=table), cfg), logprobs
 
 
-def _decode(params, cache, state: DecodeState, page_table, *, cfg: ModelConfig, steps: int,
-            logits: bool = False):
-    """`steps` decode steps for the first `len(page_table)` rows of `state` (the width).
+def _decode(params, cache, state: DecodeState, page_table, bitmask, *, cfg: ModelConfig,
+            steps: int, logits: bool = False):
+    """`steps` decode steps for the first `len(page_table)` rows of `state` (the width), each
+    drawing from the tokens `bitmask` [width, ceil(vocab / 32)] allows (all bits set: any).
 
-    Returns the new state, tokens [width, steps], the cache, and (with `logits`) the logits
-    [width, steps, vocab] each token was drawn from.
+    Returns the new state, tokens [width, steps], the cache, the tokens' TokenLogprobs
+    [width, steps, ...] (zeros unless a row asked for logprobs), and (with `logits`) the
+    logits [width, steps, vocab] each token was drawn from.
     """
     width = page_table.shape[0]
     rows = jax.tree.map(lambda x: x[:width], state)
@@ -79,14 +82,18 @@ def _decode(params, cache, state: DecodeState, page_table, *, cfg: ModelConfig, 
 
     def body(carry, _):
         cache, rows = carry
-        cache, rows, token, step_logits = decode.step(params, cache, rows, cfg)
-        return (cache, rows), (token, step_logits if logits else None)
+        sampling = rows.sampling
+        cache, rows, token, step_logits = decode.step(params, cache, rows, cfg, bitmask)
+        logprobs = token_logprobs(step_logits, token, sampling)
+        return (cache, rows), (token, logprobs, step_logits if logits else None)
 
     carry = (dataclasses.replace(cache, page_table=page_table), rows)
-    (cache, rows), (tokens, all_logits) = jax.lax.scan(body, carry, None, length=steps)
+    (cache, rows), (tokens, logprobs, all_logits) = jax.lax.scan(body, carry, None, length=steps)
     state = jax.tree.map(lambda x, r: x.at[:width].set(r), state, rows)
     cache = constrain_cache(dataclasses.replace(cache, page_table=table), cfg)
-    return state, tokens.T, cache, None if all_logits is None else all_logits.swapaxes(0, 1)
+    logprobs = jax.tree.map(lambda x: x.swapaxes(0, 1), logprobs)
+    return (state, tokens.T, cache, logprobs,
+            None if all_logits is None else all_logits.swapaxes(0, 1))
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -103,6 +110,7 @@ def _move_row(state: DecodeState, source, target, free: DecodeState):
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("cfg",), donate_argnames=("cache",))
+_prompt_logprobs_jit = jax.jit(decode.prompt_logprobs, static_argnames=("cfg",))
 _decode_jit = jax.jit(_decode, static_argnames=("cfg", "steps", "logits"),
                       donate_argnames=("cache", "state"))
 
@@ -123,6 +131,7 @@ class PrefillRow:
     count: int = 0  # tokens this request generated before (a resumed, preempted request)
     max_tokens: int = 1  # the request's whole token budget (count included)
     stop_ids: Sequence[int] = ()
+    bitmask: np.ndarray | None = None  # [ceil(vocab / 32)] int32: tokens the first may be
 
 
 @dataclasses.dataclass
@@ -131,6 +140,7 @@ class Prefix:
 
     tokens: list[int]
     state: DecodeState  # [prefill_batch_size] rows; rows past len(tokens) are padding
+    logprobs: TokenLogprobs | None = None  # of `tokens`, on the host (zeros unless asked)
 
 
 class Engine:
@@ -166,7 +176,8 @@ class Engine:
 
     def init_state(self) -> DecodeState:
         """The decode state of `slots` free slots."""
-        return DecodeState.empty(self.slots, self.config.max_stop_token_ids)
+        return DecodeState.empty(self.slots, self.config.max_stop_token_ids,
+                                 self.model_config.vocab_size)
 
     def prefill(self, rows: Sequence[PrefillRow]) -> Prefix:
         """Runs the prompts (at most prefill_batch_size) into their pages; see the module doc."""
@@ -187,16 +198,22 @@ class Engine:
         count = np.zeros(width, np.int32)
         max_tokens = np.ones(width, np.int32)
         stop_ids = np.full((width, stops), NO_TOKEN, np.int32)
+        bitmask = self.any_token(width)
         for i, row in enumerate(rows):
             tokens[i, : len(row.tokens)] = row.tokens
             lengths[i] = len(row.tokens)
             page_rows[i, : len(row.pages)] = row.pages
             count[i], max_tokens[i] = row.count, row.max_tokens
             stop_ids[i, : len(row.stop_ids)] = list(row.stop_ids)
+            if row.bitmask is not None:
+                bitmask[i] = row.bitmask
         sampling = [r.sampling for r in rows] + [SamplingParams()] * (width - len(rows))
-        state = self._prefill(tokens, lengths, page_rows, SamplingArrays.stack(sampling), count,
-                              max_tokens, stop_ids)
-        return Prefix(np.asarray(state.last)[: len(rows)].tolist(), state)
+        state, logprobs = self._prefill(tokens, lengths, page_rows,
+                                        SamplingArrays.stack(sampling), count, max_tokens,
+                                        stop_ids, bitmask)
+        logprobs = jax.tree.map(np.asarray, logprobs) if any(
+            r.sampling.logprobs is not None for r in rows) else None
+        return Prefix(np.asarray(state.last)[: len(rows)].tolist(), state, logprobs)
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int, row: int = 0) -> DecodeState:
         """Row `row` of `prefix` becomes slot `slot` of `state`."""
@@ -204,19 +221,29 @@ class Engine:
                          "insert")
 
     def generate(self, state: DecodeState, page_table: np.ndarray, width: int | None = None,
-                 *, logits: bool = False):
+                 *, logits: bool = False, logprobs: bool = False,
+                 bitmask: np.ndarray | None = None, steps: int | None = None):
         """decode_steps steps for slots [0, width) (default: all); `page_table` holds at least
-        `width` rows. Returns (state, tokens [width, steps]) and, with `logits`, the logits
-        [width, steps, vocab] too (a program of its own, not compiled by warm-up)."""
+        `width` rows. Returns (state, tokens [width, steps]), then with `logprobs` the tokens'
+        TokenLogprobs [width, steps, ...] on the host (the same program: rows that asked for
+        logprobs get them computed), and with `logits` the logits [width, steps, vocab] (a
+        program of its own, not compiled by warm-up). `bitmask` [width, ceil(vocab / 32)]:
+        the tokens each slot may draw (default: any); `steps`: 1 while a structured-output
+        request runs, whose mask holds for one token (compiled on first use)."""
         width = width or self.slots
         if width not in self.decode_widths:
             raise ValueError(f"decode width {width}; compiled widths are {self.decode_widths}")
-        args = (self.params, self.cache, state, np.asarray(page_table[:width], np.int32))
-        static = {"cfg": self.model_config, "steps": self.steps, "logits": logits}
-        state, tokens, self.cache, all_logits = self._run(
-            _decode_jit, args, static, f"decode ({width} slots x {self.steps} steps)")
-        tokens = np.asarray(tokens)
-        return (state, tokens, np.asarray(all_logits)) if logits else (state, tokens)
+        bitmask = self.any_token(width) if bitmask is None else bitmask
+        args = (self.params, self.cache, state, np.asarray(page_table[:width], np.int32),
+                bitmask)
+        steps = steps or self.steps
+        static = {"cfg": self.model_config, "steps": steps, "logits": logits}
+        state, tokens, self.cache, step_logprobs, all_logits = self._run(
+            _decode_jit, args, static, f"decode ({width} slots x {steps} steps)")
+        out = (state, np.asarray(tokens))
+        if logprobs:
+            out += (jax.tree.map(np.asarray, step_logprobs),)
+        return (*out, np.asarray(all_logits)) if logits else out
 
     def free(self, state: DecodeState, slot: int) -> DecodeState:
         """Empties `slot`: it stops emitting (its pages are the scheduler's to release)."""
@@ -226,6 +253,21 @@ class Engine:
         """Slot `target` takes over slot `source`'s request; `source` becomes free."""
         args = (state, np.int32(source), np.int32(target), self._free_row.state)
         return self._run(_move_row, args, {}, "move")
+
+    def prompt_logprobs(self, tokens: Sequence[int]) -> TokenLogprobs:
+        """TokenLogprobs [len(tokens) - 1] (host) of tokens[1:], each after those before it:
+        one forward over a dense cache of the prompt's bucket, outside the slots (thread-safe;
+        a program per bucket, compiled on first use, not by warm-up)."""
+        seq = self.bucket(len(tokens))
+        padded = np.zeros((1, seq), np.int32)
+        padded[0, : len(tokens)] = tokens
+        logprobs = self._run(_prompt_logprobs_jit, (self.params, padded),
+                             {"cfg": self.model_config}, f"prompt logprobs (1 x {seq})")
+        return jax.tree.map(lambda x: np.asarray(x)[0, : len(tokens) - 1], logprobs)
+
+    def any_token(self, rows: int) -> np.ndarray:
+        """A bitmask [rows, ceil(vocab / 32)] int32 allowing every token."""
+        return np.full((rows, -(-self.model_config.vocab_size // 32)), -1, np.int32)
 
     def decode_width(self, running: int) -> int:
         """The narrowest compiled width holding `running` requests packed from slot 0."""
@@ -254,11 +296,12 @@ class Engine:
         width = self.config.prefill_batch_size
         stops = self.config.max_stop_token_ids
         for seq in self.buckets:
-            prefix = self._prefill(np.zeros((width, seq), np.int32), np.ones(width, np.int32),
+            prefix, _ = self._prefill(np.zeros((width, seq), np.int32), np.ones(width, np.int32),
                           np.zeros((width, self.pages_per_seq), np.int32),
                           SamplingArrays.stack([SamplingParams()] * width),
                           np.zeros(width, np.int32), np.ones(width, np.int32),
-                          np.full((width, stops), NO_TOKEN, np.int32), progress=progress)
+                          np.full((width, stops), NO_TOKEN, np.int32), self.any_token(width),
+                          progress=progress)
         # Rows of budget 1 are done at once: nothing below is emitted or written but scratch.
         state = self.insert(Prefix([0] * width, prefix), self.init_state(), 0)
         state = self.free(self.move(state, 0, self.slots - 1), self.slots - 1)
@@ -269,14 +312,15 @@ class Engine:
 
     @functools.cached_property
     def _free_row(self) -> Prefix:
-        return Prefix([], DecodeState.empty(1, self.config.max_stop_token_ids))
+        return Prefix([], DecodeState.empty(1, self.config.max_stop_token_ids,
+                                            self.model_config.vocab_size))
 
-    def _prefill(self, *inputs, progress: bool = False) -> DecodeState:
+    def _prefill(self, *inputs, progress: bool = False) -> tuple[DecodeState, TokenLogprobs]:
         seq = inputs[0].shape[1]
-        state, self.cache = self._run(_prefill_jit, (self.params, self.cache, *inputs),
-                                      {"cfg": self.model_config},
-                                      f"prefill ({inputs[0].shape[0]} x {seq})", progress)
-        return state
+        state, self.cache, logprobs = self._run(
+            _prefill_jit, (self.params, self.cache, *inputs), {"cfg": self.model_config},
+            f"prefill ({inputs[0].shape[0]} x {seq})", progress)
+        return state, logprobs
 
     def _run(self, jitted, args, static, what, progress=False):
         return runtime.run(jitted, args, static, what, mesh=self.mesh, progress=progress,

@@ -24,10 +24,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import jax
+import numpy as np
 
 from jaxinfer.sampling import SamplingParams
+from jaxinfer.serving import structured
 from jaxinfer.serving.engine import NO_TOKEN, Engine, PrefillRow
 from jaxinfer.serving.pages import PageTable
 from jaxinfer.tokenizer import IncrementalDetokenizer
@@ -53,6 +56,17 @@ class Output:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None  # why the request failed or was cut; finish_reason is "abort" then
+    # For requests that asked for logprobs: one TokenLogprob per token of `token_ids`.
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """A generated token's logprob under the raw model logits, and the top `k` tokens'."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
 @dataclasses.dataclass(eq=False)
@@ -65,6 +79,7 @@ class Request:
     stop: tuple[str, ...] = ()  # stop strings: output ends before the first one
     stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's own stop ids
     sink: Callable[[Output], None] = lambda output: None  # called on the engine thread
+    matcher: Any = None  # an llguidance LLMatcher: structured output (see serving.structured)
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
     arrival: float = 0.0
@@ -182,9 +197,8 @@ class Scheduler:
         self.check(len(request.prompt_ids), request.max_tokens, len(request.stop_token_ids))
         request.arrival = time.perf_counter()
         request.detokenizer = IncrementalDetokenizer(self.engine.tokenizer)
-        request.stop_id_set = frozenset(self.engine.tokenizer.stop_ids) | set(
-            request.stop_token_ids
-        )
+        eos = () if request.sampling.ignore_eos else self.engine.tokenizer.stop_ids
+        request.stop_id_set = frozenset(eos) | set(request.stop_token_ids)
         with self._cond:
             if not self.alive or self._stopping:
                 raise EngineUnavailable(self.why_unavailable())
@@ -288,7 +302,8 @@ class Scheduler:
                 rows.append(PrefillRow(sequence, pages, request.sampling,
                                        count=len(request.output_ids),
                                        max_tokens=request.max_tokens,
-                                       stop_ids=sorted(request.stop_id_set)))
+                                       stop_ids=sorted(request.stop_id_set),
+                                       bitmask=self._mask(request)))
                 taken.append(request)
                 self._waiting.remove(request)
         if not taken:
@@ -311,9 +326,10 @@ class Scheduler:
             request.slot, request.admitted = slot, now
             self._running[slot] = request
             self.pages.assign(slot, row.pages)
-            admitted.append((request, prefix.tokens[i]))
-        for request, token in admitted:
-            self._emit(request, [token], now)
+            admitted.append((request, prefix.tokens[i],
+                             None if prefix.logprobs is None else prefix.logprobs.row(i)))
+        for request, token, logprobs in admitted:
+            self._emit(request, [token], now, _token_logprobs(request, [token], logprobs))
         return True
 
     def _prefill(self, requests: list[Request], rows: list[PrefillRow]) -> list[tuple]:
@@ -352,13 +368,32 @@ class Scheduler:
         if not self._running:
             return
         width = engine.decode_width(len(self._running))  # requests are packed from slot 0
-        self.state, tokens = engine.generate(self.state, self.pages.table, width)
+        # The same program either way; logprobs come to the host only when asked for.
+        constrained = [r for r in self._running.values() if r.matcher is not None]
+        wants_logprobs = any(r.sampling.logprobs is not None for r in self._running.values())
+        if constrained or wants_logprobs:
+            # A grammar's mask holds for one token: one step per call while one runs.
+            bitmask = engine.any_token(width)
+            structured.fill_masks([(r.matcher, r.slot) for r in constrained], bitmask)
+            self.state, tokens, *logprobs = engine.generate(
+                self.state, self.pages.table, width, logprobs=wants_logprobs,
+                bitmask=bitmask, steps=1 if constrained else None)
+        else:
+            (self.state, tokens), logprobs = engine.generate(self.state, self.pages.table,
+                                                             width), ()
         self.steps += 1
         now = time.perf_counter()
         for slot, request in list(self._running.items()):
             new = [int(t) for t in tokens[slot] if t != NO_TOKEN]
             if new:
-                self._emit(request, new, now)
+                row = logprobs[0].row(slot) if logprobs else None
+                self._emit(request, new, now, _token_logprobs(request, new, row))
+
+    def _mask(self, request: Request):
+        """The request's next-token bitmask [words] (None: unconstrained)."""
+        if request.matcher is None:
+            return None
+        return structured.next_token_mask(request.matcher, self.vocab_size)
 
     def _preempt(self, request: Request) -> None:
         """Frees the request's slot and pages; it resumes from the head of the queue."""
@@ -389,14 +424,19 @@ class Scheduler:
 
     # -- output -------------------------------------------------------------------------------
 
-    def _emit(self, request: Request, tokens: list[int], now: float) -> None:
+    def _emit(self, request: Request, tokens: list[int], now: float,
+              logprobs: list[TokenLogprob] | None = None) -> None:
         """Appends generated tokens, detects the end, and hands new text to the sink."""
         if request.finish_reason is not None:
             return
         reason = None
         longest_stop = max(map(len, request.stop), default=0)
+        taken = 0
         for token in tokens:
             request.output_ids.append(token)
+            taken += 1
+            if request.matcher is not None:
+                request.matcher.consume_token(token)
             if token in request.stop_id_set:
                 reason = "stop"
             else:
@@ -416,8 +456,9 @@ class Scheduler:
             end = len(request.text)
         text = request.text[request.sent : end] if end > request.sent else ""
         request.sent = max(request.sent, end)
-        request.sink(Output(text, tokens, reason if reason else None,
-                            len(request.prompt_ids), len(request.output_ids)))
+        request.sink(Output(text, tokens[:taken], reason if reason else None,
+                            len(request.prompt_ids), len(request.output_ids),
+                            logprobs=None if logprobs is None else logprobs[:taken]))
         if reason is not None:
             if request.slot is not None:
                 self._release_slot(request)
@@ -470,3 +511,17 @@ class Scheduler:
             requests = list(self._requests.values())
         for request in requests:
             self._finish(request, reason, error=error)
+
+
+def _token_logprobs(request: Request, tokens: list[int], logprobs) -> list[TokenLogprob] | None:
+    """TokenLogprobs of `tokens` (a slot's new tokens, in order) from the engine's host arrays
+    for that slot ([steps, ...] or, after prefill, [...]); None if the request wants none."""
+    k = request.sampling.logprobs
+    if k is None or logprobs is None:
+        return None
+    chosen = np.reshape(logprobs.chosen, -1)
+    top_ids = np.reshape(logprobs.top_ids, (len(chosen), -1))
+    top = np.reshape(logprobs.top, (len(chosen), -1))
+    return [TokenLogprob(token, float(chosen[i]),
+                         list(zip(top_ids[i, :k].tolist(), top[i, :k].tolist(), strict=True)))
+            for i, token in enumerate(tokens)]

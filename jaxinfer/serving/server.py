@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jaxinfer.sampling import SamplingParams
-from jaxinfer.serving import protocol
+from jaxinfer.serving import protocol, structured
+from jaxinfer.serving import tools as tools_module
 from jaxinfer.serving.engine import Engine
 from jaxinfer.serving.metrics import Metrics
 from jaxinfer.serving.scheduler import EngineUnavailable, Output, QueueFull, Scheduler
@@ -207,6 +208,30 @@ def create_app(state: ServerState) -> FastAPI:
             card["max_model_len"] = state.scheduler.context
         return {"object": "list", "data": [card]}
 
+    @app.post("/tokenize")
+    async def tokenize(body: protocol.TokenizeRequest) -> dict:
+        scheduler = _checked(state, body.model or state.model_name)
+        tokenizer = scheduler.tokenizer
+        if body.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            text = await asyncio.to_thread(_render_chat, tokenizer, messages,
+                                           body.add_generation_prompt)
+            add_bos = bool(body.add_special_tokens)
+        else:
+            text, add_bos = body.prompt, body.add_special_tokens
+        ids = await asyncio.to_thread(tokenizer.encode, text, None if add_bos else False)
+        answer = {"count": len(ids), "max_model_len": scheduler.context, "tokens": ids,
+                  "token_strs": None}
+        if body.return_token_strs:
+            answer["token_strs"] = [tokenizer.token_text(t) for t in ids]
+        return answer
+
+    @app.post("/detokenize")
+    async def detokenize(body: protocol.DetokenizeRequest) -> dict:
+        scheduler = _checked(state, body.model or state.model_name)
+        ids = _in_vocabulary(scheduler, body.tokens, "tokens")
+        return {"prompt": await asyncio.to_thread(scheduler.tokenizer.decode, ids)}
+
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, http: Request) -> Response:
         scheduler = _checked(state, body.model)
@@ -223,8 +248,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: protocol.ChatCompletionRequest, http: Request) -> Response:
         scheduler = _checked(state, body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = await asyncio.to_thread(_chat_prompt, scheduler.tokenizer, messages)
+        messages = [m.for_template() for m in body.messages]
+        tools = body.tool_dicts if body.tool_choice != "none" else None
+        prompt_ids = await asyncio.to_thread(_chat_prompt, scheduler.tokenizer, messages, tools)
         max_tokens = body.token_limit
         if max_tokens is None:  # chat: up to the end of the context
             max_tokens = max(1, scheduler.context - len(prompt_ids))
@@ -241,13 +267,23 @@ def _checked(state: ServerState, model: str) -> Scheduler:
     return scheduler
 
 
-def _chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """The prompt's token ids: the chat template rendered, then encoded (a worker thread's job)."""
+def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                 tools: list[dict] | None = None) -> str:
+    """The chat template rendered (tools in its `tools` variable, or written in Hermes style
+    where the template has none: serving.tools)."""
+    messages = tools_module.messages_for_template(messages, tools, tokenizer.chat_template)
     try:
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages,
+                                             add_generation_prompt=add_generation_prompt,
+                                             tools=tools)
     except Exception as e:  # noqa: BLE001 - a template may raise anything on odd input
         raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
-    return tokenizer.encode(prompt, add_bos=False)  # the template places any BOS
+
+
+def _chat_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The prompt's token ids: the chat template rendered, then encoded (a worker thread's job)."""
+    # The template places any BOS.
+    return tokenizer.encode(_render_chat(tokenizer, messages, True, tools), add_bos=False)
 
 
 def _in_vocabulary(scheduler: Scheduler, ids: list[int], field: str) -> list[int]:
@@ -296,46 +332,129 @@ def _json_type(value) -> str:
     return next((name for kind, name in kinds if isinstance(value, kind)), "null")
 
 
-async def _serve(state: ServerState, scheduler: Scheduler, http: Request, body, prompt_ids,
-                 max_tokens: int, *, chat: bool) -> Response:
-    """Submits the request and answers it whole, or as server-sent events."""
+def _sampling(body, scheduler: Scheduler) -> SamplingParams:
+    """The request's SamplingParams (choice 0's seed); errors are 400s naming the field."""
     vocab = scheduler.vocab_size
     top_k = body.top_k if 0 < body.top_k < vocab else 0  # 0: all tokens
+    bias = {int(t): v for t, v in (body.logit_bias or {}).items()}
+    if outside := [t for t in bias if t >= vocab]:
+        raise APIError(400, f"logit_bias: token id {outside[0]} is outside the vocabulary "
+                       f"[0, {vocab})", param="logit_bias")
     try:
-        sampling = SamplingParams(temperature=body.temperature, top_k=top_k, top_p=body.top_p,
-                                  min_p=body.min_p, seed=_engine_seed(body.seed))
+        return SamplingParams(
+            temperature=body.temperature, top_k=top_k, top_p=body.top_p, min_p=body.min_p,
+            seed=_engine_seed(body.seed), presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty, logit_bias=tuple(sorted(bias.items())),
+            min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+            logprobs=body.top_logprobs_wanted)
     except ValueError as e:
         raise APIError(400, str(e)) from e
+
+
+async def _matchers(scheduler: Scheduler, body) -> list:
+    """One llguidance matcher per choice for the request's structured-output constraint
+    (Nones without one); a constraint llguidance refuses is a 400 naming the problem."""
+    try:
+        found = body.constraint
+    except ValueError as e:
+        raise APIError(400, str(e)) from e
+    forced, name = getattr(body, "forced_tool", (False, None))
+    if forced:  # tool_choice "required" or a named function: the call's JSON, enforced
+        if found is not None:
+            raise APIError(400, f"tool_choice {body.tool_choice!r} and {found[0]} both "
+                           "constrain the output; give one", param="tool_choice")
+        found = ("tool_choice", "json_schema",
+                 tools_module.call_schema(body.tool_dicts, name))
+    if found is None:
+        return [None] * body.n
+    field, kind, spec = found
+    constraint = structured.Constraint(kind, spec)
+    try:
+        return [await asyncio.to_thread(structured.matcher, constraint, scheduler.tokenizer,
+                                        scheduler.vocab_size) for _ in range(body.n)]
+    except structured.ConstraintError as e:
+        raise APIError(400, f"{field}: {e}", param=field) from e
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The engine seed of choice `index` of a request whose engine seed is `seed`: choice i
+    of an `n`-choice request draws what a single request with seed (seed + i) mod 2**32 does."""
+    return (seed + index) % 2**32
+
+
+@dataclasses.dataclass
+class _Echo:
+    """What `echo` puts before each choice: the prompt's text and (with logprobs) entries."""
+
+    text: str
+    logprobs: list[protocol.LogprobEntry] | None
+
+
+async def _echo(scheduler: Scheduler, body, prompt_ids: list[int]) -> _Echo | None:
+    if not getattr(body, "echo", False):
+        return None
+    tokenizer = scheduler.tokenizer
+    text = body.prompt if isinstance(body.prompt, str) else tokenizer.decode(prompt_ids)
+    if body.logprobs is None:
+        return _Echo(text, None)
+    k = body.logprobs
+    scored = await asyncio.to_thread(scheduler.engine.prompt_logprobs, prompt_ids)
+    entries = [(prompt_ids[0], None, [])] + [
+        (token, float(scored.chosen[i]),
+         list(zip(scored.top_ids[i, :k].tolist(), scored.top[i, :k].tolist(), strict=True)))
+        for i, token in enumerate(prompt_ids[1:])]
+    return _Echo(text, entries)
+
+
+async def _serve(state: ServerState, scheduler: Scheduler, http: Request, body, prompt_ids,
+                 max_tokens: int, *, chat: bool) -> Response:
+    """Submits the request's `n` choices and answers them whole, or as server-sent events."""
+    sampling = _sampling(body, scheduler)
+    matchers = await _matchers(scheduler, body)
+    echo = await _echo(scheduler, body, prompt_ids)
     loop = asyncio.get_running_loop()
-    outputs: asyncio.Queue[Output] = asyncio.Queue()
+    outputs: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
 
-    def sink(output: Output) -> None:  # on the engine thread, which must outlive any client
-        with contextlib.suppress(RuntimeError):  # this handler's event loop has closed
-            loop.call_soon_threadsafe(outputs.put_nowait, output)
+    def sink_of(index: int):
+        def sink(output: Output) -> None:  # on the engine thread, which must outlive any client
+            with contextlib.suppress(RuntimeError):  # this handler's event loop has closed
+                loop.call_soon_threadsafe(outputs.put_nowait, (index, output))
+        return sink
 
-    request = EngineRequest(
+    stop_token_ids = tuple(_in_vocabulary(scheduler, body.stop_token_ids or [],
+                                          "stop_token_ids"))
+    requests = [EngineRequest(
         prompt_ids=prompt_ids,
         max_tokens=max_tokens,
-        sampling=sampling,
+        sampling=dataclasses.replace(sampling, seed=choice_seed(sampling.seed, index)),
         stop=tuple(body.stop_strings),
-        stop_token_ids=tuple(_in_vocabulary(scheduler, body.stop_token_ids or [],
-                                            "stop_token_ids")),
-        sink=sink,
-    )
+        stop_token_ids=stop_token_ids,
+        sink=sink_of(index),
+        matcher=matchers[index],
+    ) for index in range(body.n)]
     state.require_ready()  # tokenizing took a while: the server may be draining by now
     try:
-        scheduler.submit(request)
-    except QueueFull as e:
-        raise APIError(429, str(e), "rate_limit_exceeded", code="queue_full") from e
-    except EngineUnavailable as e:
-        raise APIError(503, str(e), "service_unavailable") from e
-    except ValueError as e:
+        for request in requests:
+            scheduler.submit(request)
+    except (QueueFull, EngineUnavailable, ValueError) as e:
+        for request in requests:  # the choices submitted already (the rest are unknown ids)
+            scheduler.abort(request.id)
+        if isinstance(e, QueueFull):
+            raise APIError(429, str(e), "rate_limit_exceeded", code="queue_full") from e
+        if isinstance(e, EngineUnavailable):
+            raise APIError(503, str(e), "service_unavailable") from e
         raise APIError(400, str(e), param="max_tokens" if "context" in str(e) else None) from e
     request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
+    tool_names = None  # the functions whose calls are parsed out of the text
+    if chat and body.tools and body.tool_choice != "none":
+        tool_names = {t.function.name for t in body.tools}
     if body.stream:
-        events = _stream(state, request, outputs, request_id, chat, body.include_usage)
+        events = _stream(state, requests, outputs, request_id, chat, body.include_usage, echo,
+                         body.return_tokens_as_token_ids, tool_names)
         return StreamingResponse(events, media_type="text/event-stream")
-    return await _whole(state, http, request, outputs, request_id, chat)
+    return await _whole(state, http, requests, outputs, request_id, chat, echo,
+                        body.return_tokens_as_token_ids, tool_names)
 
 
 def _failure(state: ServerState, output: Output) -> APIError:
@@ -346,75 +465,183 @@ def _failure(state: ServerState, output: Output) -> APIError:
     return APIError(500, output.error, "server_error")
 
 
-async def _abort_on_disconnect(http: Request, scheduler: Scheduler, request_id: str) -> None:
+async def _abort_on_disconnect(http: Request, scheduler: Scheduler,
+                               requests: list[EngineRequest]) -> None:
     while (await http.receive())["type"] != "http.disconnect":
         pass
-    scheduler.abort(request_id)
-
-
-async def _whole(state: ServerState, http: Request, request: EngineRequest,
-                 outputs: asyncio.Queue, request_id: str, chat: bool) -> Response:
-    scheduler, model = state.scheduler, state.model_name
-    watcher = asyncio.ensure_future(_abort_on_disconnect(http, scheduler, request.id))
-    pieces: list[str] = []
-    try:
-        while True:
-            output = await outputs.get()
-            if output.error:
-                raise _failure(state, output)
-            pieces.append(output.text)
-            if output.finish_reason:
-                break
-    except asyncio.CancelledError:
+    for request in requests:
         scheduler.abort(request.id)
+
+
+def _entries(output: Output) -> list[protocol.LogprobEntry]:
+    return [(t.token, t.logprob, t.top) for t in output.logprobs or []]
+
+
+def _logprobs(state: ServerState, entries: list[protocol.LogprobEntry] | None, chat: bool,
+              text_offset: int = 0, as_ids: bool = False) -> dict | None:
+    """The choice's `logprobs` object of `entries` (None when the request asked for none);
+    `as_ids` spells each token "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
+    if entries is None:
+        return None
+    tokenizer = state.scheduler.tokenizer
+
+    def token_text(token: int) -> str:
+        if as_ids:
+            return f"token_id:{token}"
+        return tokenizer.decode([token], skip_special_tokens=False)
+
+    if chat:
+        return protocol.chat_logprobs(entries, token_text)
+    return protocol.completion_logprobs(entries, token_text, text_offset)
+
+
+async def _whole(state: ServerState, http: Request, requests: list[EngineRequest],
+                 outputs: asyncio.Queue, request_id: str, chat: bool,
+                 echo: _Echo | None, as_ids: bool, tool_names: set[str] | None) -> Response:
+    scheduler, model = state.scheduler, state.model_name
+    watcher = asyncio.ensure_future(_abort_on_disconnect(http, scheduler, requests))
+    wants_logprobs = requests[0].sampling.logprobs is not None
+    pieces: list[list[str]] = [[] for _ in requests]
+    entries: list[list] = [[] for _ in requests]
+    last: dict[int, Output] = {}
+    try:
+        while len(last) < len(requests):
+            index, output = await outputs.get()
+            if output.error:
+                for request in requests:
+                    scheduler.abort(request.id)
+                raise _failure(state, output)
+            pieces[index].append(output.text)
+            entries[index] += _entries(output)
+            if output.finish_reason:
+                last[index] = output
+    except asyncio.CancelledError:
+        for request in requests:
+            scheduler.abort(request.id)
         raise
     finally:
         watcher.cancel()
-    if output.finish_reason == "abort":  # the client went away: nobody reads this
+    if any(o.finish_reason == "abort" for o in last.values()):  # the client went away
         return Response(status_code=499)
-    text = "".join(pieces)
-    counts = protocol.usage(output.prompt_tokens, output.completion_tokens)
-    if chat:
-        body = protocol.chat_completion(request_id, model, text, output.finish_reason, counts)
-    else:
-        body = protocol.completion(request_id, model, text, output.finish_reason, counts)
+    counts = protocol.usage(last[0].prompt_tokens,
+                            sum(o.completion_tokens for o in last.values()))
+    prompt_logprobs = None  # echo: the prompt's logprobs lead every choice's
+    if echo is not None and echo.logprobs is not None:
+        prompt_logprobs = _logprobs(state, echo.logprobs, False, 0, as_ids)
+    choices = []
+    for index in range(len(requests)):
+        text, reason = "".join(pieces[index]), last[index].finish_reason
+        logprob_entries = entries[index] if wants_logprobs else None
+        if chat:
+            logprobs = _logprobs(state, logprob_entries, True, 0, as_ids)
+            content, calls = text, []
+            if tool_names is not None:
+                content, calls = tools_module.parse_tool_calls(text, tool_names)
+            body = protocol.chat_completion(request_id, model, content, reason, counts,
+                                            index=index, logprobs=logprobs)
+            if calls:
+                body["choices"][0]["message"]["tool_calls"] = calls
+                body["choices"][0]["finish_reason"] = "tool_calls"
+        else:
+            offset = 0
+            if echo is not None:
+                text = echo.text + text
+                offset = (sum(map(len, prompt_logprobs["tokens"])) if prompt_logprobs
+                          else len(echo.text))
+            logprobs = _logprobs(state, logprob_entries, False, offset, as_ids)
+            if prompt_logprobs is not None:
+                logprobs = {key: prompt_logprobs[key] + logprobs[key] for key in logprobs}
+            body = protocol.completion(request_id, model, text, reason, counts, index=index,
+                                       logprobs=logprobs)
+        choices += body["choices"]
+    body["choices"] = choices
     return JSONResponse(body)
+
+
+def _tool_deltas(text: str, tool_names: set[str], finish_reason: str):
+    """(delta, finish_reason) chunks of a finished choice with tools: its content, then each
+    tool call as OpenAI streams them (id, type and name first, then the arguments)."""
+    content, calls = tools_module.parse_tool_calls(text, tool_names)
+    if content:
+        yield {"content": content}, None
+    for i, call in enumerate(calls):
+        function = call["function"]
+        yield {"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                               "function": {"name": function["name"], "arguments": ""}}]}, None
+        yield {"tool_calls": [{"index": i, "function": {"arguments": function["arguments"]}}]}, None
+    yield {}, "tool_calls" if calls else finish_reason
 
 
 def _sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def _stream(state: ServerState, request: EngineRequest, outputs: asyncio.Queue,
-                  request_id: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(state: ServerState, requests: list[EngineRequest], outputs: asyncio.Queue,
+                  request_id: str, chat: bool, include_usage: bool,
+                  echo: _Echo | None, as_ids: bool,
+                  tool_names: set[str] | None) -> AsyncIterator[str]:
     scheduler, model = state.scheduler, state.model_name
-    finished = False
+    wants_logprobs = requests[0].sampling.logprobs is not None
+    finished: dict[int, Output] = {}
+    failed = False
+    offsets = [0] * len(requests)  # text_offset of each choice's next token
+    # With tools, a choice's text is held to its end, then sent as content or tool calls.
+    held = [""] * len(requests)
     try:
-        if chat:
-            yield _sse(protocol.chat_chunk(request_id, model, {"role": "assistant",
-                                                               "content": ""}, None))
-        while not finished:
-            output: Output = await outputs.get()
-            finished = output.finish_reason is not None
+        for index in range(len(requests)):
+            if chat:
+                yield _sse(protocol.chat_chunk(request_id, model, {"role": "assistant",
+                                                                   "content": ""}, None,
+                                               index=index))
+            elif echo is not None:
+                logprobs = None
+                if echo.logprobs is not None:
+                    logprobs = _logprobs(state, echo.logprobs, False, 0, as_ids)
+                    offsets[index] = sum(map(len, logprobs["tokens"]))
+                else:
+                    offsets[index] = len(echo.text)
+                yield _sse(protocol.completion(request_id, model, echo.text, None, None,
+                                               chunk=True, index=index, logprobs=logprobs))
+        while len(finished) < len(requests):
+            index, output = await outputs.get()
+            if output.finish_reason is not None:
+                finished[index] = output
             if output.error:  # the last chunk says "abort", then the error itself
+                failed = True
                 if chat:
-                    yield _sse(protocol.chat_chunk(request_id, model, {}, "abort"))
+                    yield _sse(protocol.chat_chunk(request_id, model, {}, "abort", index=index))
                 else:
                     yield _sse(protocol.completion(request_id, model, "", "abort", None,
-                                                   chunk=True))
+                                                   chunk=True, index=index))
                 error = _failure(state, output)
                 yield _sse(protocol.error_body(error.message, error.kind))
                 break
-            if not output.text and not finished:
+            entries = _entries(output) if wants_logprobs else None
+            if not output.text and not entries and output.finish_reason is None:
                 continue
-            if chat:
+            logprobs = _logprobs(state, entries, chat, offsets[index], as_ids)
+            if logprobs is not None and not chat:
+                offsets[index] += sum(map(len, logprobs["tokens"]))
+            if chat and tool_names is not None:
+                held[index] += output.text
+                if output.finish_reason is None:
+                    continue
+                for delta, reason in _tool_deltas(held[index], tool_names,
+                                                  output.finish_reason):
+                    yield _sse(protocol.chat_chunk(request_id, model, delta, reason,
+                                                   index=index, logprobs=logprobs))
+                    logprobs = None
+            elif chat:
                 delta = {"content": output.text} if output.text else {}
-                yield _sse(protocol.chat_chunk(request_id, model, delta, output.finish_reason))
+                yield _sse(protocol.chat_chunk(request_id, model, delta, output.finish_reason,
+                                               index=index, logprobs=logprobs))
             else:
                 yield _sse(protocol.completion(request_id, model, output.text,
-                                               output.finish_reason, None, chunk=True))
-        if include_usage and not output.error:
-            counts = protocol.usage(output.prompt_tokens, output.completion_tokens)
+                                               output.finish_reason, None, chunk=True,
+                                               index=index, logprobs=logprobs))
+        if include_usage and not failed:
+            counts = protocol.usage(finished[0].prompt_tokens,
+                                    sum(o.completion_tokens for o in finished.values()))
             if chat:
                 yield _sse(protocol.chat_chunk(request_id, model, None, None, counts))
             else:
@@ -423,5 +650,6 @@ async def _stream(state: ServerState, request: EngineRequest, outputs: asyncio.Q
                 yield _sse(body)
         yield "data: [DONE]\n\n"
     finally:
-        if not finished:  # the client went away (or the server is stopping): free the slot
-            scheduler.abort(request.id)
+        if len(finished) < len(requests):  # the client went away (or the server is stopping)
+            for request in requests:
+                scheduler.abort(request.id)
