@@ -29,6 +29,13 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 _FAMILIES: weakref.WeakKeyDictionary[CollectorRegistry, dict] = weakref.WeakKeyDictionary()
 
 
+def count_error(registry: CollectorRegistry, status: int) -> None:
+    """Counts an error answered before any model was chosen (an unknown model, a bad body):
+    model_name and model_version are empty. Needs a Metrics on `registry` first."""
+    errors = _FAMILIES[registry]["request_errors"]
+    errors.labels(model_name="", model_version="", code=str(status)).inc()
+
+
 class Metrics:
     """Counters, gauges and histograms of one model version, every series labelled with
     `model_name` and `model_version`. Several models (and the versions a weight update
@@ -106,7 +113,8 @@ class Metrics:
     def retire(self) -> None:
         """Drops this version's gauges (their callables hold its engine); its counters and
         histograms stay, as Prometheus expects of counters."""
-        for name in self._gauges:
+        for name, gauge in self._gauges.items():
+            gauge.set_function(lambda: 0.0)  # whoever still holds these Metrics
             _FAMILIES[self.registry][name].remove(*self._labels.values())
 
     def watch(self, running: Callable[[], float], waiting: Callable[[], float],
