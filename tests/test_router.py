@@ -15,8 +15,10 @@ import gc
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -354,3 +356,45 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(url, t
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# -- the launcher ---------------------------------------------------------------------------
+
+def test_the_launcher_serves_a_models_file_and_drains_on_sigterm(checkpoints, references,
+                                                                  tmp_path):
+    models_file = tmp_path / "models.toml"
+    models_file.write_text(
+        f'[models.tiny-a]\npath = "{checkpoints["v1"]}"\n\n'
+        f'[models.tiny-b]\npath = "{checkpoints["v2"]}"\n\n'
+        '[routes]\nchat = { tiny-a = 1, tiny-b = 1 }\n')
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jaxinfer.launch.serve", f"--port={port}",
+         f"--models_file={models_file}", f"--api_key={KEY}", "--dtype=float32",
+         "--max_batch_size=4", "--max_seq_len=64", "--page_size=8", "--num_pages=40",
+         "--decode_steps=3", "--drain_timeout_s=5"],
+        stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the server never became healthy"
+            time.sleep(0.25)
+        cards = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert [c["id"] for c in cards.json()["data"]] == ["tiny-a", "tiny-b", "chat"]
+        for name, version in (("tiny-a", "v1"), ("tiny-b", "v2")):
+            response = complete(url, name, PROMPTS[0])
+            assert response.json()["choices"][0]["text"] == references[version][0]
+        assert {complete(url, "chat", PROMPTS[0], max_tokens=1).headers["x-jaxinfer-model"]
+                for _ in range(2)} == {"tiny-a", "tiny-b"}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
