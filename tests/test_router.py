@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import itertools
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ from jaxinfer.checkpoints import gguf_vocab, orbax
 from jaxinfer.serving import EngineConfig
 from jaxinfer.serving.engine import Engine
 from jaxinfer.serving.router import Route, Router
+from jaxinfer.serving.server import ServerState, create_app
 from tests.test_serving_engine import reference
 
 uvicorn = pytest.importorskip("uvicorn")
@@ -398,3 +400,47 @@ def test_the_launcher_serves_a_models_file_and_drains_on_sigterm(checkpoints, re
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# -- behind a round-robin balancer ----------------------------------------------------------
+
+def test_a_draining_server_behind_round_robin_loses_no_request(checkpoints, references):
+    """Two servers behind a round-robin balancer that health-checks /health and retries a 503
+    elsewhere (what nginx, HAProxy or a Service do): one server drains mid-traffic; requests
+    it had finish there, new ones go to the other, none fails."""
+    states = [ServerState("tiny-a") for _ in range(2)]
+    for state in states:
+        state.attach(start_engine("tiny-a", load_model("tiny-a", checkpoints["v1"])))
+    expected = dict(zip(map(tuple, PROMPTS), references["v1"], strict=True))
+    with serving(create_app(states[0])) as first, serving(create_app(states[1])) as second:
+        backends, turn, served = [first, second], itertools.count(), []
+
+        async def balanced(client, prompt):
+            while True:  # round robin over the healthy backends; a 503 is retried elsewhere
+                url = backends[next(turn) % 2]
+                if (await client.get(f"{url}/health")).status_code != 200:
+                    continue
+                body = {"model": "tiny-a", "prompt": prompt, "max_tokens": TOKENS,
+                        "temperature": 0}
+                response = await client.post(f"{url}/v1/completions", json=body)
+                if response.status_code == 503:
+                    continue
+                assert response.status_code == 200, response.text
+                served.append(url)
+                return tuple(prompt), response.json()["choices"][0]["text"]
+
+        async def run():
+            async with httpx.AsyncClient(timeout=120) as client:
+                early = [asyncio.ensure_future(balanced(client, PROMPTS[i % 3]))
+                         for i in range(8)]
+                await asyncio.sleep(0.2)
+                drain = asyncio.ensure_future(states[0].drain(60))
+                late = [asyncio.ensure_future(balanced(client, PROMPTS[i % 3]))
+                        for i in range(8)]
+                return await drain, await asyncio.gather(*early, *late)
+
+        aborted, answers = asyncio.run(run())
+    assert aborted == 0  # the draining server finished what it had
+    assert all(text == expected[prompt] for prompt, text in answers)
+    assert served.count(first) >= 1 and served.count(second) >= 8
+    states[1].scheduler.stop(timeout=30)
