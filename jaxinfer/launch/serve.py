@@ -3,12 +3,15 @@
 The port opens at once; /health answers 503 while the model loads and compiles, then 200.
 SIGTERM (or Ctrl-C) stops accepting connections and lets in-flight requests finish for up to
 --drain_timeout_s; requests still unfinished then end with an abort (a 503 JSON body, or a
-last chunk with finish_reason "abort", an error event and `[DONE]` for a stream). The exit
+last chunk with finish_reason "abort", an error event and `[DONE]` for a stream). With --models_file
+several models share the server (and A/B routes split a name between them; see
+jaxinfer.serving.router, which also serves POST /v1/admin/models/NAME/weights). The exit
 status is 0 when every request in flight finished, EXIT_ABORTED (3) when some had to be cut,
 and 1 when the model could not be loaded. Flags left unset take their values from the preset
 (`--preset`, a file in configs/). Progress and logs go to stderr.
 
     python -m jaxinfer.launch.serve --port=8000 --max_batch_size=16
+    python -m jaxinfer.launch.serve --models_file=deploy/models.toml --api_key=KEY
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
       -d '{"model": "smollm2-135m-instruct", "prompt": "The capital of France is"}'
 """
@@ -16,6 +19,7 @@ and 1 when the model could not be loaded. Flags left unset take their values fro
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -51,6 +55,9 @@ flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): e
                      "one by one, for stepping through the model in a debugger. Slow.")
 flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer KEY` ('' = open).")
 flags.DEFINE_float("max_body_mb", None, "Largest request body in MiB; larger ones get 413.")
+flags.DEFINE_string("models_file", None, "A TOML file of several models to serve and A/B "
+                    "routes between them (deploy/models.toml shows the format); replaces "
+                    "--model and --served_model_name.")
 
 SETTINGS = ("model", "served_model_name", "host", "port", "dtype", "attention",
             "max_batch_size", "max_seq_len", "page_size", "kv_cache_gb", "num_pages",
@@ -84,16 +91,27 @@ def engine_config(opts: dict):
 
 def load_and_attach(opts: dict, config, state) -> None:
     """Loads the model, compiles every serving program, then starts the engine loop."""
-    import jaxinfer
-    from jaxinfer.serving.engine import Engine
-
     mesh = distributed.setup()
     if mesh is not None:
         from jaxinfer.sharding import describe
 
         print(f"mesh: {describe(mesh)}", file=sys.stderr, flush=True)
-    model = jaxinfer.load_model(opts["model"], dtype=opts["dtype"], attention=opts["attention"],
-                                mesh=mesh, cpu_kernels=FLAGS.cpu_kernels, progress=True)
+    model = load_weights(opts["model"], opts, mesh)
+    state.attach(start_engine(model, config, mesh))
+
+
+def load_weights(path: str, opts: dict, mesh, quant: str | None = None):
+    import jaxinfer
+
+    return jaxinfer.load_model(path, dtype=opts["dtype"], attention=opts["attention"],
+                               mesh=mesh, quant=quant, cpu_kernels=FLAGS.cpu_kernels,
+                               progress=True)
+
+
+def start_engine(model, config, mesh):
+    """The engine of `model`, every serving program compiled."""
+    from jaxinfer.serving.engine import Engine
+
     cfg = model.config
     engine = Engine(model, config, mesh=mesh)
     print(f"KV cache: {engine.num_pages - 1} pages of {engine.page_size} tokens "
@@ -105,7 +123,64 @@ def load_and_attach(opts: dict, config, state) -> None:
     if not config.eager:
         engine.warmup(progress=True)
     print(f"warm-up took {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-    state.attach(engine)
+    return engine
+
+
+def read_models_file(path: str) -> tuple[dict[str, dict], dict[str, dict[str, float]]]:
+    """{name: {"path", "quant", "kv_cache_gb"}} and {routed name: {model: weight}} from a
+    models file; a usage error says what is wrong."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise app.UsageError(f"--models_file={path}: {e}") from e
+    models, routes = data.get("models", {}), data.get("routes", {})
+    allowed = {"path", "quant", "kv_cache_gb"}
+    for name, entry in models.items():
+        if not isinstance(entry, dict) or "path" not in entry or set(entry) - allowed:
+            raise app.UsageError(f"--models_file={path}: [models.{name}] needs `path` and "
+                                 f"may have {sorted(allowed - {'path'})}; got {entry}")
+    if not models:
+        raise app.UsageError(f"--models_file={path}: no [models.NAME] tables")
+    return models, routes
+
+
+class MultiModel:
+    """Loads every model of a models file into one Router (see jaxinfer.serving.router)."""
+
+    def __init__(self, opts: dict, config, path: str):
+        from jaxinfer.serving.router import Router
+
+        self.opts, self.config = opts, config
+        self.models, routes = read_models_file(path)
+        self.mesh = None
+        self.router = Router(self.load_model, self.start_engine, api_key=opts["api_key"] or None,
+                             max_body_bytes=int(opts["max_body_mb"] * 2**20),
+                             drain_timeout_s=opts["drain_timeout_s"])
+        for name in self.models:
+            self.router.add(name)  # /health 503 until every model is attached
+        try:
+            for name, weights in routes.items():
+                self.router.route(name, weights)
+        except ValueError as e:
+            raise app.UsageError(f"--models_file={path}: {e}") from e
+
+    def load_model(self, name: str, path: str):
+        return load_weights(path, self.opts, self.mesh, self.models[name].get("quant"))
+
+    def start_engine(self, name: str, model):
+        share = self.models[name].get("kv_cache_gb")  # this model's part of the memory
+        config = self.config if share is None else dataclasses.replace(
+            self.config, kv_cache_gb=share, num_pages=None)
+        return start_engine(model, config, self.mesh)
+
+    def load_all(self) -> None:
+        self.mesh = distributed.setup()
+        for name, entry in self.models.items():
+            model = self.load_model(name, entry["path"])
+            self.router.states[name].attach(self.start_engine(name, model))
 
 
 def main(argv: list[str]) -> None:
@@ -124,8 +199,20 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    state = ServerState(opts["served_model_name"] or opts["model"], api_key=opts["api_key"] or None,
-                        max_body_bytes=int(opts["max_body_mb"] * 2**20))
+    if FLAGS.models_file:  # several models: the router is the app, and drains them all
+        models = MultiModel(opts, config, FLAGS.models_file)
+        state, asgi, name = models.router, models.router.app(), sorted(models.models)
+
+        def load_and_start() -> None:
+            models.load_all()
+    else:
+        state = ServerState(opts["served_model_name"] or opts["model"],
+                            api_key=opts["api_key"] or None,
+                            max_body_bytes=int(opts["max_body_mb"] * 2**20))
+        asgi, name = create_app(state), state.model_name
+
+        def load_and_start() -> None:
+            load_and_attach(opts, config, state)
     aborted: list[int] = []
 
     class Server(uvicorn.Server):
@@ -141,15 +228,15 @@ def main(argv: list[str]) -> None:
             aborted.append(await drain)
 
     server = Server(uvicorn.Config(
-        create_app(state), host=opts["host"], port=opts["port"], log_level="warning",
+        asgi, host=opts["host"], port=opts["port"], log_level="warning",
         timeout_graceful_shutdown=opts["drain_timeout_s"] + 30,  # a backstop past the drain
     ))
     failure: list[BaseException] = []
 
     def load() -> None:
         try:
-            load_and_attach(opts, config, state)
-            print(f"serving {state.model_name!r} on http://{opts['host']}:{opts['port']}/v1",
+            load_and_start()
+            print(f"serving {name!r} on http://{opts['host']}:{opts['port']}/v1",
                   file=sys.stderr, flush=True)
         except BaseException as e:  # noqa: BLE001 - any failure must stop the server
             log.exception("could not start the engine")
@@ -161,7 +248,9 @@ def main(argv: list[str]) -> None:
         signal.signal(sig, lambda *_: None)
     threading.Thread(target=load, name="jaxinfer-load", daemon=True).start()
     server.run()
-    if state.scheduler is not None:
+    if FLAGS.models_file:
+        state.stop(timeout=10)
+    elif state.scheduler is not None:
         state.scheduler.stop(timeout=10)
     if failure:
         sys.exit(1)

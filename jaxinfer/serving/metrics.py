@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -24,20 +25,40 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 60.0, 120.0, 240.0, 480.0, 960.0)
 
 
-class Metrics:
-    """Counters, gauges and histograms in their own registry (one per server)."""
+# The metric families of each registry, by name (prometheus_client refuses a name twice).
+_FAMILIES: weakref.WeakKeyDictionary[CollectorRegistry, dict] = weakref.WeakKeyDictionary()
 
-    def __init__(self, model_name: str):
-        self.registry = registry = CollectorRegistry()
-        labels = {"model_name": model_name}
+
+def count_error(registry: CollectorRegistry, status: int) -> None:
+    """Counts an error answered before any model was chosen (an unknown model, a bad body):
+    model_name and model_version are empty. Needs a Metrics on `registry` first."""
+    errors = _FAMILIES[registry]["request_errors"]
+    errors.labels(model_name="", model_version="", code=str(status)).inc()
+
+
+class Metrics:
+    """Counters, gauges and histograms of one model version, every series labelled with
+    `model_name` and `model_version`. Several models (and the versions a weight update
+    brings) share one registry, so one /metrics page shows them all: pass `registry`."""
+
+    def __init__(self, model_name: str, model_version: str = "1",
+                 registry: CollectorRegistry | None = None):
+        self.registry = registry = registry if registry is not None else CollectorRegistry()
+        labels = {"model_name": model_name, "model_version": model_version}
+        families = _FAMILIES.setdefault(registry, {})
+
+        def family(kind, name, doc, labelnames, **kwargs):
+            # One family per name and registry; each Metrics adds its own labelled children.
+            if name not in families:
+                families[name] = kind(f"jaxinfer:{name}", doc, labelnames, registry=registry,
+                                      **kwargs)
+            return families[name]
 
         def counter(name, doc, extra=()):
-            return Counter(f"jaxinfer:{name}", doc, [*labels, *extra], registry=registry)
+            return family(Counter, name, doc, [*labels, *extra])
 
         def histogram(name, doc, buckets):
-            metric = Histogram(f"jaxinfer:{name}", doc, list(labels), registry=registry,
-                               buckets=buckets)
-            return metric.labels(**labels)
+            return family(Histogram, name, doc, list(labels), buckets=buckets).labels(**labels)
 
         self.prompt_tokens = counter("prompt_tokens", "Prefilled prompt tokens.").labels(**labels)
         self.generation_tokens = counter(
@@ -46,6 +67,13 @@ class Metrics:
         self._request_success = counter(
             "request_success", "Finished requests by finish reason.", ["finished_reason"]
         )
+        # vLLM's prefix-cache counters, in tokens: looked up at admission, and found cached.
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        ).labels(**labels)
+        self.prefix_cache_hits = counter(
+            "prefix_cache_hits", "Prompt tokens whose KV pages came from the prefix cache."
+        ).labels(**labels)
         self.preemptions = counter(
             "num_preemptions", "Requests preempted because KV pages ran out."
         ).labels(**labels)
@@ -58,9 +86,15 @@ class Metrics:
         self.e2e_request_latency = histogram(
             "e2e_request_latency_seconds", "Arrival to finish.", _E2E_BUCKETS
         )
+        self.requests = counter(
+            "requests", "Requests received for this model (completions and chat)."
+        ).labels(**labels)
+        self._request_errors = counter(
+            "request_errors", "Error responses (4xx and 5xx) by HTTP status code.", ["code"]
+        )
         self._labels = labels
         self._gauges = {
-            name: Gauge(f"jaxinfer:{name}", doc, list(labels), registry=registry).labels(**labels)
+            name: family(Gauge, name, doc, list(labels)).labels(**labels)
             for name, doc in (
                 ("num_requests_running", "Requests in decode slots."),
                 ("num_requests_waiting", "Requests in the waiting queue."),
@@ -71,6 +105,17 @@ class Metrics:
     def finished(self, reason: str) -> None:
         """Counts one finished request ("stop", "length" or "abort")."""
         self._request_success.labels(**self._labels, finished_reason=reason).inc()
+
+    def error(self, status: int) -> None:
+        """Counts one error response with HTTP status `status`."""
+        self._request_errors.labels(**self._labels, code=str(status)).inc()
+
+    def retire(self) -> None:
+        """Drops this version's gauges (their callables hold its engine); its counters and
+        histograms stay, as Prometheus expects of counters."""
+        for name, gauge in self._gauges.items():
+            gauge.set_function(lambda: 0.0)  # whoever still holds these Metrics
+            _FAMILIES[self.registry][name].remove(*self._labels.values())
 
     def watch(self, running: Callable[[], float], waiting: Callable[[], float],
               kv_usage: Callable[[], float]) -> None:

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -66,15 +67,17 @@ class ServerState:
 
     model_name: str
     api_key: str | None = None
+    model_version: str = "1"  # in every metric's labels and the x-jaxinfer-model-version header
     max_body_bytes: int = 4 * 2**20  # larger request bodies get 413
     scheduler: Scheduler | None = None
     draining: bool = False  # set on SIGTERM: in-flight requests finish, new ones get 503
     metrics: Metrics = None  # type: ignore[assignment]
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    registry: CollectorRegistry | None = None  # shared by the models of one server (router)
 
     def __post_init__(self):
         if self.metrics is None:
-            self.metrics = Metrics(self.model_name)
+            self.metrics = Metrics(self.model_name, self.model_version, self.registry)
 
     def attach(self, engine: Engine) -> Scheduler:
         """Starts serving `engine` (warm it up first): /health turns 200."""
@@ -120,8 +123,8 @@ class ServerState:
 class _BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets a 413 before any of it is parsed."""
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics | None = None):
+        self.app, self.limit, self.metrics = app, limit, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -152,6 +155,8 @@ class _BodyLimit:
 
     async def _refuse(self, size: str, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"the request body has {size}; this server accepts at most {self.limit}"
+        if self.metrics is not None:
+            self.metrics.error(413)
         await APIError(413, message, code="request_too_large").response()(scope, receive, send)
 
 
@@ -159,21 +164,25 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="jaxinfer", docs_url=None, redoc_url=None)
     app.state.server = state
 
+    def answer(error: APIError) -> JSONResponse:
+        state.metrics.error(error.status)  # jaxinfer:request_errors_total{code}
+        return error.response()
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, error: APIError) -> JSONResponse:
-        return error.response()
+        return answer(error)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        return _validation_error(error).response()
+        return answer(_validation_error(error))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        return APIError(error.status_code, str(error.detail)).response()
+        return answer(APIError(error.status_code, str(error.detail)))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, error: Exception) -> JSONResponse:
-        return APIError(500, f"internal error: {error!r}", "server_error").response()
+        return answer(APIError(500, f"internal error: {error!r}", "server_error"))
 
     @app.middleware("http")
     async def _authorize(request: Request, call_next):
@@ -181,11 +190,14 @@ def create_app(state: ServerState) -> FastAPI:
             given = request.headers.get("authorization", "")
             expected = f"Bearer {state.api_key}"
             if not secrets.compare_digest(given.encode(), expected.encode()):
-                return APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                "authentication_error", code="invalid_api_key").response()
-        return await call_next(request)
+                return answer(APIError(401, "invalid or missing API key (Authorization: "
+                                       "Bearer ...)", "authentication_error",
+                                       code="invalid_api_key"))
+        response = await call_next(request)
+        response.headers["x-jaxinfer-model-version"] = state.model_version
+        return response
 
-    app.add_middleware(_BodyLimit, limit=state.max_body_bytes)
+    app.add_middleware(_BodyLimit, limit=state.max_body_bytes, metrics=state.metrics)
 
     @app.get("/health")
     async def health() -> Response:
@@ -264,6 +276,7 @@ def _checked(state: ServerState, model: str) -> Scheduler:
     if model != state.model_name:
         raise APIError(400, f"model {model!r} is not served here; this server serves "
                        f"{state.model_name!r}", param="model", code="model_not_found")
+    state.metrics.requests.inc()
     return scheduler
 
 
@@ -614,6 +627,7 @@ async def _stream(state: ServerState, requests: list[EngineRequest], outputs: as
                     yield _sse(protocol.completion(request_id, model, "", "abort", None,
                                                    chunk=True, index=index))
                 error = _failure(state, output)
+                state.metrics.error(error.status)  # the 200 was sent: count what it became
                 yield _sse(protocol.error_body(error.message, error.kind))
                 break
             entries = _entries(output) if wants_logprobs else None
