@@ -78,16 +78,20 @@ class DecodeState:
 
 
 def prefill(params, cache, tokens: jax.Array, lengths: jax.Array, sampling: SamplingArrays,
-            count: jax.Array, *, cfg: ModelConfig):
+            count: jax.Array, *, cfg: ModelConfig, start: jax.Array | None = None):
     """Runs prompts `tokens` [rows, seq] (row r's in its first lengths[r] places) through the
     model, writing their keys and values into `cache`, and samples each row's first token.
 
     `count` [rows]: tokens a row generated before (a resumed request), which keys its draw.
-    Returns (first tokens [rows], cache).
+    `start` [rows] (default 0): the position of each row's first token; the cache already
+    holds the row's earlier positions (a cached prefix, or earlier chunks), which the tokens
+    attend to. Returns (first tokens [rows], cache).
     """
     model = family(cfg.architecture)
     rows, seq = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (rows, seq))
+    if start is not None:
+        positions = positions + start[:, None]
     hidden, cache = model.transformer(params, tokens, positions, cache, cfg)
     last_hidden = hidden[jnp.arange(rows), jnp.maximum(lengths - 1, 0)]
     logits = model.unembed(params, last_hidden, cfg)

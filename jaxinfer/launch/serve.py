@@ -46,6 +46,8 @@ flags.DEFINE_integer("decode_steps", None, "Decode steps per device call.")
 flags.DEFINE_integer("prefill_batch_size", None, "Prompts per prefill call.")
 flags.DEFINE_integer("max_queue_size", None, "Waiting requests beyond which clients get 429.")
 flags.DEFINE_float("max_queue_delay_ms", None, "Hold a partial prefill batch this long.")
+flags.DEFINE_boolean("enable_prefix_caching", True, "Reuse the KV pages of cached prompt "
+                     "prefixes (--noenable_prefix_caching: prefill every prompt from token 0).")
 flags.DEFINE_float("drain_timeout_s", None, "On SIGTERM, wait this long for requests.")
 flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): every operation "
                      "one by one, for stepping through the model in a debugger. Slow.")
@@ -79,6 +81,7 @@ def engine_config(opts: dict):
         max_queue_size=opts["max_queue_size"],
         max_queue_delay_ms=opts["max_queue_delay_ms"],
         eager=FLAGS.eager,
+        enable_prefix_caching=FLAGS.enable_prefix_caching,
     )
 
 

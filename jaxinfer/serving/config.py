@@ -32,6 +32,7 @@ class EngineConfig:
     max_queue_delay_ms: float = 0.0  # how long to hold a partial prefill batch for more prompts
     max_stop_token_ids: int = 16  # per request, tokenizer stops included (a fixed-size array)
     eager: bool = False  # run the same code without jit (jax.disable_jit), for debugging
+    enable_prefix_caching: bool = True  # reuse the KV pages of cached prompt prefixes
 
     def __post_init__(self):
         positive = ("max_batch_size", "max_seq_len", "page_size", "decode_steps",

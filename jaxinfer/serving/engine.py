@@ -55,14 +55,16 @@ YNN_REDUCE_MIN_ELEMENTS = 4096  # XLA:CPU hands reductions this large to YNNPACK
 
 
 def _prefill(params, cache, tokens, lengths, page_rows, sampling, count, max_tokens, stop_ids,
-             *, cfg: ModelConfig):
-    """Prefills rows into the pages of `page_rows` [rows, pages_per_seq]; returns their
-    DecodeState [rows] and the cache. Padding past a prompt lands past its last position,
-    where masking by position hides it until decode overwrites it (or on scratch page 0)."""
+             start, *, cfg: ModelConfig):
+    """Prefills rows into the pages of `page_rows` [rows, pages_per_seq], row r's tokens from
+    position start[r] on (its pages hold the positions before: a cached prefix, read only);
+    returns their DecodeState [rows] and the cache. Padding past a prompt lands past its last
+    position, where masking by position hides it until decode overwrites it (or on scratch
+    page 0)."""
     table = cache.page_table
     first, cache = decode.prefill(params, dataclasses.replace(cache, page_table=page_rows),
-                                  tokens, lengths, sampling, count, cfg=cfg)
-    state = DecodeState.start(first, lengths, count, max_tokens, stop_ids, sampling)
+                                  tokens, lengths, sampling, count, cfg=cfg, start=start)
+    state = DecodeState.start(first, start + lengths, count, max_tokens, stop_ids, sampling)
     return state, constrain_cache(dataclasses.replace(cache, page_table=table), cfg)
 
 
@@ -115,7 +117,11 @@ def compiled_programs() -> int:
 
 @dataclasses.dataclass
 class PrefillRow:
-    """One prompt to prefill: its tokens, the pages that will hold them, how to sample and stop."""
+    """One prompt to prefill: its tokens, the pages that will hold them, how to sample and stop.
+
+    With `start` > 0, `tokens` are the sequence's tokens from position `start` on, and the
+    first start // page_size of `pages` already hold the positions before (a cached prefix).
+    """
 
     tokens: Sequence[int]
     pages: Sequence[int]
@@ -123,6 +129,7 @@ class PrefillRow:
     count: int = 0  # tokens this request generated before (a resumed, preempted request)
     max_tokens: int = 1  # the request's whole token budget (count included)
     stop_ids: Sequence[int] = ()
+    start: int = 0  # the position of tokens[0]
 
 
 @dataclasses.dataclass
@@ -174,9 +181,11 @@ class Engine:
         if not 0 < len(rows) <= width:
             raise ValueError(f"prefill takes 1 to {width} prompts; got {len(rows)}")
         longest = max(len(r.tokens) for r in rows)
-        if longest > self.context:
-            raise ValueError(f"prompt has {longest} tokens; this server's context is "
+        if (end := max(r.start + len(r.tokens) for r in rows)) > self.context:
+            raise ValueError(f"prompt has {end} tokens; this server's context is "
                              f"{self.context}")
+        if any(not r.tokens for r in rows):
+            raise ValueError("a prefill row has no tokens; it needs at least one")
         stops = self.config.max_stop_token_ids
         if too_many := [len(r.stop_ids) for r in rows if len(r.stop_ids) > stops]:
             raise ValueError(f"{too_many[0]} stop ids; at most {stops}")
@@ -187,15 +196,17 @@ class Engine:
         count = np.zeros(width, np.int32)
         max_tokens = np.ones(width, np.int32)
         stop_ids = np.full((width, stops), NO_TOKEN, np.int32)
+        start = np.zeros(width, np.int32)
         for i, row in enumerate(rows):
             tokens[i, : len(row.tokens)] = row.tokens
             lengths[i] = len(row.tokens)
             page_rows[i, : len(row.pages)] = row.pages
             count[i], max_tokens[i] = row.count, row.max_tokens
             stop_ids[i, : len(row.stop_ids)] = list(row.stop_ids)
+            start[i] = row.start
         sampling = [r.sampling for r in rows] + [SamplingParams()] * (width - len(rows))
         state = self._prefill(tokens, lengths, page_rows, SamplingArrays.stack(sampling), count,
-                              max_tokens, stop_ids)
+                              max_tokens, stop_ids, start)
         return Prefix(np.asarray(state.last)[: len(rows)].tolist(), state)
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int, row: int = 0) -> DecodeState:
@@ -258,7 +269,8 @@ class Engine:
                           np.zeros((width, self.pages_per_seq), np.int32),
                           SamplingArrays.stack([SamplingParams()] * width),
                           np.zeros(width, np.int32), np.ones(width, np.int32),
-                          np.full((width, stops), NO_TOKEN, np.int32), progress=progress)
+                          np.full((width, stops), NO_TOKEN, np.int32),
+                          np.zeros(width, np.int32), progress=progress)
         # Rows of budget 1 are done at once: nothing below is emitted or written but scratch.
         state = self.insert(Prefix([0] * width, prefix), self.init_state(), 0)
         state = self.free(self.move(state, 0, self.slots - 1), self.slots - 1)

@@ -46,6 +46,13 @@ class Metrics:
         self._request_success = counter(
             "request_success", "Finished requests by finish reason.", ["finished_reason"]
         )
+        # vLLM's prefix-cache counters, in tokens: looked up at admission, and found cached.
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        ).labels(**labels)
+        self.prefix_cache_hits = counter(
+            "prefix_cache_hits", "Prompt tokens whose KV pages came from the prefix cache."
+        ).labels(**labels)
         self.preemptions = counter(
             "num_preemptions", "Requests preempted because KV pages ran out."
         ).labels(**labels)

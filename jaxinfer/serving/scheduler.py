@@ -53,6 +53,7 @@ class Output:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None  # why the request failed or was cut; finish_reason is "abort" then
+    cached_tokens: int = 0  # prompt tokens whose KV pages came from the prefix cache
 
 
 @dataclasses.dataclass(eq=False)
@@ -77,6 +78,7 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float = 0.0
     preemptions: int = 0
+    cached_tokens: int = 0  # at its first admission: prompt tokens found in the prefix cache
     detokenizer: IncrementalDetokenizer | None = None
     stop_id_set: frozenset[int] = frozenset()
 
@@ -89,7 +91,8 @@ class Scheduler:
         self.config = engine.config
         self.metrics = metrics  # a serving.metrics.Metrics, or None
         self.pages = PageTable(engine.num_pages, engine.page_size, engine.slots,
-                               engine.pages_per_seq)
+                               engine.pages_per_seq, self.config.enable_prefix_caching,
+                               repr(engine.model_config).encode())
         self.state = engine.init_state()  # the decode state of every slot, on the device
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # slot -> request
@@ -278,17 +281,22 @@ class Scheduler:
             ][:target]
             if len(group) < target and self._hold_time() > 0:
                 return False
-            # Take pages for each prompt plus one decode call's worth, first come first served.
+            # Take pages for each prompt plus one decode call's worth, first come first served:
+            # the cached pages of its longest cached prefix, then new ones for the rest.
             rows, taken = [], []
             for request in group:
                 sequence = request.prompt_ids + request.output_ids
-                pages = self.pages.allocate(self.pages.pages_for(len(sequence) + engine.steps))
-                if pages is None:
+                cached = self.pages.lookup(sequence)
+                new = self.pages.allocate(
+                    self.pages.pages_for(len(sequence) + engine.steps) - len(cached))
+                if new is None:
+                    self.pages.release(cached)
                     break
-                rows.append(PrefillRow(sequence, pages, request.sampling,
+                start = len(cached) * engine.page_size
+                rows.append(PrefillRow(sequence[start:], cached + new, request.sampling,
                                        count=len(request.output_ids),
                                        max_tokens=request.max_tokens,
-                                       stop_ids=sorted(request.stop_id_set)))
+                                       stop_ids=sorted(request.stop_id_set), start=start))
                 taken.append(request)
                 self._waiting.remove(request)
         if not taken:
@@ -306,8 +314,15 @@ class Scheduler:
                 self._fail(request, e)
                 continue
             self.state = state
-            if request.preemptions == 0 and self.metrics:
-                self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+            sequence = request.prompt_ids + request.output_ids
+            self.pages.cache(row.pages, sequence)  # prefill wrote every position of it
+            if request.preemptions == 0:
+                request.cached_tokens = row.start
+            if self.metrics:
+                self.metrics.prefix_cache_queries.inc(len(sequence))
+                self.metrics.prefix_cache_hits.inc(row.start)
+                if request.preemptions == 0:
+                    self.metrics.prompt_tokens.inc(len(request.prompt_ids))
             request.slot, request.admitted = slot, now
             self._running[slot] = request
             self.pages.assign(slot, row.pages)
@@ -377,6 +392,9 @@ class Scheduler:
         the hole, so running requests stay packed into the lowest slots."""
         slot, engine = request.slot, self.engine
         self.state = engine.free(self.state, slot)
+        # Every position but the newest token's holds its K/V: keep the full pages findable.
+        written = request.prompt_ids + request.output_ids[:-1]
+        self.pages.cache(self.pages.slot_pages[slot], written)
         self.pages.free(slot)
         del self._running[slot]
         request.slot = None
@@ -417,7 +435,8 @@ class Scheduler:
         text = request.text[request.sent : end] if end > request.sent else ""
         request.sent = max(request.sent, end)
         request.sink(Output(text, tokens, reason if reason else None,
-                            len(request.prompt_ids), len(request.output_ids)))
+                            len(request.prompt_ids), len(request.output_ids),
+                            cached_tokens=request.cached_tokens))
         if reason is not None:
             if request.slot is not None:
                 self._release_slot(request)
@@ -458,7 +477,7 @@ class Scheduler:
         request.finish_reason = reason
         if notify:
             request.sink(Output("", [], reason, len(request.prompt_ids),
-                                len(request.output_ids), error))
+                                len(request.output_ids), error, request.cached_tokens))
         if self.metrics:
             self.metrics.finished(reason)
             self.metrics.e2e_request_latency.observe(time.perf_counter() - request.arrival)

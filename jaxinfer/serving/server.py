@@ -373,7 +373,8 @@ async def _whole(state: ServerState, http: Request, request: EngineRequest,
     if output.finish_reason == "abort":  # the client went away: nobody reads this
         return Response(status_code=499)
     text = "".join(pieces)
-    counts = protocol.usage(output.prompt_tokens, output.completion_tokens)
+    counts = protocol.usage(output.prompt_tokens, output.completion_tokens,
+                            output.cached_tokens)
     if chat:
         body = protocol.chat_completion(request_id, model, text, output.finish_reason, counts)
     else:
@@ -414,7 +415,8 @@ async def _stream(state: ServerState, request: EngineRequest, outputs: asyncio.Q
                 yield _sse(protocol.completion(request_id, model, output.text,
                                                output.finish_reason, None, chunk=True))
         if include_usage and not output.error:
-            counts = protocol.usage(output.prompt_tokens, output.completion_tokens)
+            counts = protocol.usage(output.prompt_tokens, output.completion_tokens,
+                                    output.cached_tokens)
             if chat:
                 yield _sse(protocol.chat_chunk(request_id, model, None, None, counts))
             else:
