@@ -23,13 +23,17 @@ from tests.numerics import assert_logits_close, assert_top1_agrees_where_decisiv
 from tests.test_serving_engine import CONFIG, ENGINE_ATOL, Collector, reference
 
 
+def scaled_model(cfg, params, smollm2_path) -> jaxinfer.Model:
+    """As in test_serving_engine: weights 8x their init scale make greedy continuations vary."""
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * 8, params
+    )
+    return jaxinfer.Model(cfg, params, gguf_vocab.build(smollm2_path))
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tiny_cfg, tiny_params, smollm2_path):
-    # As in test_serving_engine: weights 8x their init scale make greedy continuations vary.
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * 8, tiny_params
-    )
-    return jaxinfer.Model(tiny_cfg, params, gguf_vocab.build(smollm2_path))
+    return scaled_model(tiny_cfg, tiny_params, smollm2_path)
 
 
 DOCUMENT = [int(t) for t in np.random.default_rng(3).integers(1, 256, size=30)]

@@ -46,6 +46,8 @@ flags.DEFINE_integer("decode_steps", None, "Decode steps per device call.")
 flags.DEFINE_integer("prefill_batch_size", None, "Prompts per prefill call.")
 flags.DEFINE_integer("max_queue_size", None, "Waiting requests beyond which clients get 429.")
 flags.DEFINE_float("max_queue_delay_ms", None, "Hold a partial prefill batch this long.")
+flags.DEFINE_integer("max_num_batched_tokens", None, "Prompt tokens per prefill call: longer "
+                     "prompts are prefilled in chunks, running requests decoding between.")
 flags.DEFINE_boolean("enable_prefix_caching", True, "Reuse the KV pages of cached prompt "
                      "prefixes (--noenable_prefix_caching: prefill every prompt from token 0).")
 flags.DEFINE_float("drain_timeout_s", None, "On SIGTERM, wait this long for requests.")
@@ -57,7 +59,7 @@ flags.DEFINE_float("max_body_mb", None, "Largest request body in MiB; larger one
 SETTINGS = ("model", "served_model_name", "host", "port", "dtype", "attention",
             "max_batch_size", "max_seq_len", "page_size", "kv_cache_gb", "num_pages",
             "decode_steps", "prefill_batch_size", "max_queue_size", "max_queue_delay_ms",
-            "drain_timeout_s", "api_key", "max_body_mb")
+            "drain_timeout_s", "api_key", "max_body_mb", "max_num_batched_tokens")
 EXIT_ABORTED = 3  # SIGTERM came with more work in flight than --drain_timeout_s allowed
 log = logging.getLogger("jaxinfer.serve")
 
@@ -82,6 +84,7 @@ def engine_config(opts: dict):
         max_queue_delay_ms=opts["max_queue_delay_ms"],
         eager=FLAGS.eager,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
+        max_num_batched_tokens=opts["max_num_batched_tokens"],
     )
 
 

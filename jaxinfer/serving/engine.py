@@ -5,7 +5,10 @@ lives on the device and passes in and out of each call:
 
 - `prefill(rows) -> Prefix`: runs up to `prefill_batch_size` prompts through the model in one
   call (padded to that many rows and to the prompt-length bucket), writes their keys and
-  values into the pages each row brings, and samples each row's first token.
+  values into the pages each row brings, and samples each row's first token. A row may start
+  at a later position (`PrefillRow.start`) over pages that already hold the positions before:
+  a cached prefix, or the earlier chunks of a prompt longer than `chunk` tokens (the largest
+  bucket; the scheduler prefills such prompts a chunk per call, decoding between).
 - `insert(prefix, state, slot, row=0) -> state`: row `row` of the prefix becomes slot `slot`
   of the decode state (its last token, position, budget, stop ids and sampling parameters).
 - `generate(state, page_table, width) -> (state, tokens)`: `decode_steps` steps for slots
@@ -157,7 +160,8 @@ class Engine:
         self.page_size = config.page_size
         self.pages_per_seq = config.pages_per_seq(cfg)
         self.num_pages = config.pool_pages(cfg)
-        self.buckets = prefill_buckets(config.min_prefill_bucket, self.context)
+        self.chunk = config.prefill_chunk(cfg)  # the longest prefill row
+        self.buckets = prefill_buckets(config.min_prefill_bucket, self.chunk)
         self.cache = PagedKVCache.init(cfg, self.num_pages, self.page_size, self.slots,
                                        self.pages_per_seq)
         if mesh is not None:  # the pool is split like the model: over kv_heads or head_dim
@@ -186,6 +190,9 @@ class Engine:
                              f"{self.context}")
         if any(not r.tokens for r in rows):
             raise ValueError("a prefill row has no tokens; it needs at least one")
+        if longest > self.chunk:
+            raise ValueError(f"a prefill row has {longest} tokens; one call takes at most "
+                             f"{self.chunk} (max_num_batched_tokens): prefill it in chunks")
         stops = self.config.max_stop_token_ids
         if too_many := [len(r.stop_ids) for r in rows if len(r.stop_ids) > stops]:
             raise ValueError(f"{too_many[0]} stop ids; at most {stops}")
@@ -257,7 +264,7 @@ class Engine:
 
     def bucket(self, length: int) -> int:
         """The prompt-length bucket a prompt of `length` tokens is padded to."""
-        return bucket(length, self.config.min_prefill_bucket, self.context)
+        return bucket(length, self.config.min_prefill_bucket, self.chunk)
 
     def warmup(self, progress: bool = False) -> None:
         """Compiles every prefill bucket, every decode width and the row updates, so serving

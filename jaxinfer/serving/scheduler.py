@@ -10,6 +10,14 @@ pool runs dry mid-decode, the newest running request is preempted: its pages are
 it waits at the head of the queue, to be resumed later by prefilling its prompt plus what it
 has generated so far (recompute, as vLLM does).
 
+Prefix caching (`pages.PageTable`): an admitted request takes the cached pages of its longest
+cached prefix and prefills only the rest; its full pages are cached after prefill, and again
+(with what it generated) when it leaves its slot. Chunked prefill: each iteration prefills at
+most `max_num_batched_tokens` prompt tokens before its decode call. A prompt whose uncached
+part is longer than one prefill call (`engine.chunk`) is prefilled a chunk per call, one such
+prompt at a time, holding a slot in reserve and taking pages as its chunks need them; the
+running requests decode between its chunks.
+
 A request whose prefill or insert raises fails alone (its sink gets an Output with `error`)
 and the loop carries on; only a device failure (a `JaxRuntimeError`, or any error while
 decoding all slots) stops the loop, which then ends every request with that error.
@@ -98,6 +106,10 @@ class Scheduler:
         self._running: dict[int, Request] = {}  # slot -> request
         self._requests: dict[str, Request] = {}  # every live request by id
         self._aborts: set[str] = set()
+        self._partial: Request | None = None  # the prompt being prefilled in chunks
+        self._partial_pages: list[int] = []  # its pages so far (cached ones first)
+        self._partial_start = 0  # positions of it whose K/V are written
+        self._partial_hits = 0  # of those, found in the prefix cache
         self._cond = threading.Condition()
         self._stopping = False
         self._stop_error: str | None = None  # what requests still live at stop() are told
@@ -228,15 +240,20 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 return False
-            if not (self._running or self._waiting or self._aborts):
+            if not (self._running or self._waiting or self._aborts or self._partial):
                 self._cond.wait()
                 return True
             aborts, self._aborts = self._aborts, set()
         for request_id in aborts:
             self._abort(request_id)
-        admitted = False
-        while self._admit():
-            admitted = True
+        admitted, budget = False, self.config.max_num_batched_tokens
+        while budget > 0:  # prefill calls up to the token budget, then one decode call
+            if self._partial is None:
+                self._start_partial()
+            used = self._prefill_chunk() if self._partial is not None else self._admit()
+            if not used:
+                break
+            admitted, budget = True, budget - used
         if self._running:
             self._decode()
         elif not admitted:
@@ -254,6 +271,8 @@ class Scheduler:
                 self._waiting.remove(request)
         if request.slot is not None:
             self._release_slot(request)
+        if request is self._partial:
+            self._drop_partial(cache=True)
         self._finish(request, "abort")
 
     def _hold_time(self) -> float:
@@ -263,15 +282,82 @@ class Scheduler:
         delay = self.config.max_queue_delay_ms / 1e3
         return self._waiting[0].arrival + delay - time.perf_counter()
 
-    def _admit(self) -> bool:
-        """Prefills one group of waiting requests of one length bucket into free slots."""
+    def _free_slots(self) -> list[int]:
+        """Free slots, lowest first, less the one held in reserve for a chunked prompt."""
+        free = [s for s in range(self.engine.slots) if s not in self._running]
+        return free[:-1] if self._partial is not None else free
+
+    def _start_partial(self) -> None:
+        """Makes the head of the queue the chunked prompt if its uncached part needs more
+        than one prefill call (and a slot is free for it)."""
         engine = self.engine
-        free_slots = [s for s in range(engine.slots) if s not in self._running]
+        with self._cond:
+            if not self._waiting or not self._free_slots():
+                return
+            head = self._waiting[0]
+            sequence = head.prompt_ids + head.output_ids
+            if len(sequence) <= engine.chunk:
+                return
+            cached = self.pages.lookup(sequence)
+            if len(sequence) - len(cached) * engine.page_size <= engine.chunk:
+                self.pages.release(cached)  # one call does: the usual admission takes it
+                return
+            self._waiting.popleft()
+        self._partial, self._partial_pages = head, cached
+        self._partial_start = self._partial_hits = len(cached) * engine.page_size
+
+    def _drop_partial(self, cache: bool) -> None:
+        """Releases the chunked prompt's pages (caching those written, with `cache`)."""
+        request, pages = self._partial, self._partial_pages
+        if cache:
+            self.pages.cache(pages, (request.prompt_ids + request.output_ids)[
+                : self._partial_start])
+        self.pages.release(pages)
+        self._partial, self._partial_pages, self._partial_start = None, [], 0
+
+    def _prefill_chunk(self) -> int:
+        """Prefills the chunked prompt's next chunk; after its last, inserts it into a slot.
+        Returns the tokens prefilled (0: none, waiting for pages)."""
+        engine, request = self.engine, self._partial
+        sequence = request.prompt_ids + request.output_ids
+        start = self._partial_start
+        end = min(start + engine.chunk, len(sequence))
+        last = end == len(sequence)
+        need = self.pages.pages_for(end + engine.steps if last else end)
+        new = self.pages.allocate(need - len(self._partial_pages))
+        if new is None:
+            return 0  # running requests finish or get preempted, and give pages back
+        self._partial_pages += new
+        row = PrefillRow(sequence[start:end], list(self._partial_pages), request.sampling,
+                         count=len(request.output_ids), max_tokens=request.max_tokens,
+                         stop_ids=sorted(request.stop_id_set), start=start)
+        try:
+            prefix = engine.prefill([row])
+        except jax.errors.JaxRuntimeError:
+            raise  # the device failed: the loop stops
+        except Exception as e:  # noqa: BLE001 - this request fails, not the loop
+            self._drop_partial(cache=False)
+            self._fail(request, e)
+            return end - start
+        self._partial_start = end
+        if not last:
+            self.pages.cache(self._partial_pages, sequence[:end])
+            return end - start
+        self._partial, self._partial_pages, self._partial_start = None, [], 0
+        self._start_running([(request, row, prefix, 0)], [self._free_slots()[0]],
+                            self._partial_hits)
+        return end - start
+
+    def _admit(self) -> int:
+        """Prefills one group of waiting requests of one length bucket into free slots;
+        returns the tokens prefilled (0: none)."""
+        engine = self.engine
+        free_slots = self._free_slots()
         if not free_slots:
-            return False
+            return 0
         with self._cond:
             if not self._waiting:
-                return False
+                return 0
             head = self._waiting[0]
             seq_bucket = engine.bucket(len(head.prompt_ids) + len(head.output_ids))
             target = min(self.config.prefill_batch_size, len(free_slots))
@@ -280,13 +366,16 @@ class Scheduler:
                 if engine.bucket(len(r.prompt_ids) + len(r.output_ids)) == seq_bucket
             ][:target]
             if len(group) < target and self._hold_time() > 0:
-                return False
+                return 0
             # Take pages for each prompt plus one decode call's worth, first come first served:
             # the cached pages of its longest cached prefix, then new ones for the rest.
             rows, taken = [], []
             for request in group:
                 sequence = request.prompt_ids + request.output_ids
                 cached = self.pages.lookup(sequence)
+                if len(sequence) - len(cached) * engine.page_size > engine.chunk:
+                    self.pages.release(cached)
+                    break  # prefilled in chunks, once the one before it is done
                 new = self.pages.allocate(
                     self.pages.pages_for(len(sequence) + engine.steps) - len(cached))
                 if new is None:
@@ -300,10 +389,18 @@ class Scheduler:
                 taken.append(request)
                 self._waiting.remove(request)
         if not taken:
-            return False
+            return 0
+        self._start_running(self._prefill(taken, rows), free_slots)
+        return sum(len(row.tokens) for row in rows)
+
+    def _start_running(self, prefilled: list[tuple], free_slots: list[int],
+                       cached_tokens: int | None = None) -> None:
+        """Inserts each prefilled (request, row, prefix, i) into the next free slot and emits
+        its first token. `cached_tokens`: what a chunked prompt found cached (else row.start)."""
+        engine = self.engine
         now = time.perf_counter()
         admitted = []
-        for request, row, prefix, i in self._prefill(taken, rows):
+        for request, row, prefix, i in prefilled:
             slot = free_slots[len(admitted)]  # the lowest free slots: requests stay packed
             try:
                 state = engine.insert(prefix, self.state, slot, i)
@@ -316,11 +413,12 @@ class Scheduler:
             self.state = state
             sequence = request.prompt_ids + request.output_ids
             self.pages.cache(row.pages, sequence)  # prefill wrote every position of it
+            hits = row.start if cached_tokens is None else cached_tokens
             if request.preemptions == 0:
-                request.cached_tokens = row.start
+                request.cached_tokens = hits
             if self.metrics:
                 self.metrics.prefix_cache_queries.inc(len(sequence))
-                self.metrics.prefix_cache_hits.inc(row.start)
+                self.metrics.prefix_cache_hits.inc(hits)
                 if request.preemptions == 0:
                     self.metrics.prompt_tokens.inc(len(request.prompt_ids))
             request.slot, request.admitted = slot, now
@@ -329,7 +427,6 @@ class Scheduler:
             admitted.append((request, prefix.tokens[i]))
         for request, token in admitted:
             self._emit(request, [token], now)
-        return True
 
     def _prefill(self, requests: list[Request], rows: list[PrefillRow]) -> list[tuple]:
         """(request, row, prefix, its row in the prefix) for each request whose prefill
@@ -486,6 +583,7 @@ class Scheduler:
         with self._cond:
             self._waiting.clear()
             self._running.clear()
+            self._partial = None
             requests = list(self._requests.values())
         for request in requests:
             self._finish(request, reason, error=error)
