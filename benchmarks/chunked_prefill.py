@@ -112,6 +112,9 @@ def main() -> None:
                               enable_prefix_caching=False)
         scheduler = Scheduler(Engine(model, config))
         scheduler.start()
+        warm = Stream()  # compiles the short prompts' bucket and the decode widths
+        scheduler.submit(Request(model.tokenizer.encode("1, 2, 3,"), 8, sink=warm))
+        warm.done.wait(600)
         try:
             for _attempt in range(2):  # the first compiles
                 prompt = [int(t) for t in rng.integers(100, 20000, size=args.long_len)]

@@ -33,6 +33,9 @@ class EngineConfig:
     max_stop_token_ids: int = 16  # per request, tokenizer stops included (a fixed-size array)
     eager: bool = False  # run the same code without jit (jax.disable_jit), for debugging
     enable_prefix_caching: bool = True  # reuse the KV pages of cached prompt prefixes
+    # Host memory for cached pages evicted from the device pool (0: none; a no-op on CPU-only
+    # machines, where the pool is in host memory already).
+    host_kv_cache_gb: float = 0.0
     # Prompt tokens per prefill call, the largest prefill bucket: a longer prompt is prefilled
     # in chunks of this many, with the running requests decoding between chunks.
     max_num_batched_tokens: int = 512
@@ -47,6 +50,8 @@ class EngineConfig:
                 raise ValueError(f"{name}={value!r}; it must be an integer >= 1")
         if self.max_queue_delay_ms < 0:
             raise ValueError(f"max_queue_delay_ms={self.max_queue_delay_ms}; it must be >= 0")
+        if self.host_kv_cache_gb < 0:
+            raise ValueError(f"host_kv_cache_gb={self.host_kv_cache_gb}; it must be >= 0")
         if self.num_pages is None and self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb={self.kv_cache_gb}; it must be > 0")
         if self.num_pages is not None and self.num_pages < 2:

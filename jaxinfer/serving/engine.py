@@ -107,6 +107,16 @@ def _move_row(state: DecodeState, source, target, free: DecodeState):
     return jax.tree.map(lambda x, r: x.at[source].set(r[0]), state, free)
 
 
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _write_page(cache: PagedKVCache, page, data: tuple):
+    """Pool page `page` := `data`, one page of each of k, v (and their scales)."""
+    fields = [f for f in _PAGE_FIELDS if getattr(cache, f) is not None]
+    return dataclasses.replace(cache, **{
+        f: getattr(cache, f).at[:, :, page].set(x.astype(getattr(cache, f).dtype))
+        for f, x in zip(fields, data, strict=True)})
+
+
+_PAGE_FIELDS = ("k_pages", "v_pages", "k_scales", "v_scales")
 _prefill_jit = jax.jit(_prefill, static_argnames=("cfg",), donate_argnames=("cache",))
 _decode_jit = jax.jit(_decode, static_argnames=("cfg", "steps", "logits"),
                       donate_argnames=("cache", "state"))
@@ -244,6 +254,20 @@ class Engine:
         """Slot `target` takes over slot `source`'s request; `source` becomes free."""
         args = (state, np.int32(source), np.int32(target), self._free_row.state)
         return self._run(_move_row, args, {}, "move")
+
+    def read_pages(self, page: int, memory_kind: str = "pinned_host") -> tuple[jax.Array, ...]:
+        """Pool page `page` copied into `memory_kind` memory: k, v (and their scales), each
+        [layers, kv_heads, page_size, ...] (for the host tier of pages.HostTier)."""
+        pools = [getattr(self.cache, f) for f in _PAGE_FIELDS if getattr(self.cache, f) is not None]
+        pages = [pool[:, :, page] for pool in pools]
+        return tuple(jax.device_put(x, x.sharding.with_memory_kind(memory_kind)) for x in pages)
+
+    def write_pages(self, page: int, data: tuple[jax.Array, ...]) -> None:
+        """Pool page `page` := `data`, as `read_pages` returned it."""
+        kind = self.cache.k_pages.sharding.memory_kind  # the pool's own (device) memory
+        on_device = tuple(jax.device_put(x, x.sharding.with_memory_kind(kind)) for x in data)
+        self.cache = self._run(_write_page, (self.cache, np.int32(page), on_device), {},
+                               "write a KV page")
 
     def decode_width(self, running: int) -> int:
         """The narrowest compiled width holding `running` requests packed from slot 0."""

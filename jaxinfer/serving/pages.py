@@ -11,6 +11,11 @@ are reference counted; a page whose count drops to 0 keeps its K/V and its hash,
 evicted least-recently-released first only when `allocate` finds no never-cached page left.
 A request shares the cached pages of its longest cached prefix read-only: the engine writes
 only positions past them (prefill of the rest, then decode).
+
+Host tier (`HostTier`): a cached page evicted from the device pool can keep its K/V in host
+memory (a jax "pinned_host" array, within a byte budget); a lookup that runs past the device
+pages continues there, and each hit is copied back into a fresh device page instead of being
+recomputed.
 """
 
 from __future__ import annotations
@@ -18,9 +23,52 @@ from __future__ import annotations
 import collections
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+
+
+class HostTier:
+    """K/V of cached pages evicted from the device pool, by page hash, in host memory up to
+    `budget_bytes` (least recently stored out first).
+
+    `save(page) -> data` copies one device page out (a tuple of host arrays);
+    `load(page, data)` writes it back into a device page: the engine's `read_pages` and
+    `write_pages`.
+    """
+
+    def __init__(self, budget_bytes: int, save: Callable[[int], Any],
+                 load: Callable[[int, Any], None]):
+        self.budget_bytes, self.save, self.load = budget_bytes, save, load
+        self._pages: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
+        self.bytes = 0
+        self.restored = 0  # pages brought back so far
+
+    def __contains__(self, page_hash: bytes) -> bool:
+        return page_hash in self._pages
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+    def put(self, page_hash: bytes, page: int) -> None:
+        """Keeps device page `page`'s K/V (about to be reused) under `page_hash`."""
+        data = self.save(page)
+        size = sum(x.nbytes for x in data)
+        if size > self.budget_bytes:
+            return
+        while self.bytes + size > self.budget_bytes:
+            _, old = self._pages.popitem(last=False)
+            self.bytes -= sum(x.nbytes for x in old)
+        self._pages[page_hash] = data
+        self.bytes += size
+
+    def restore(self, page_hash: bytes, page: int) -> None:
+        """Writes the K/V kept under `page_hash` into device page `page` (and forgets them)."""
+        data = self._pages.pop(page_hash)
+        self.bytes -= sum(x.nbytes for x in data)
+        self.load(page, data)
+        self.restored += 1
 
 
 class PageTable:
@@ -29,12 +77,13 @@ class PageTable:
     `table` [slots, pages_per_seq]: slot s's position p lives in page table[s, p // page_size].
     `salt`: bytes naming everything besides tokens that makes two pages' K/V differ (pass the
     model config); with `prefix_caching` False, `lookup` finds nothing and `cache` keeps nothing.
+    `host`: where evicted cached pages go (None: they are dropped).
     """
 
     def __init__(self, num_pages: int, page_size: int, slots: int, pages_per_seq: int,
-                 prefix_caching: bool = False, salt: bytes = b""):
+                 prefix_caching: bool = False, salt: bytes = b"", host: HostTier | None = None):
         self.num_pages, self.page_size, self.pages_per_seq = num_pages, page_size, pages_per_seq
-        self.prefix_caching = prefix_caching
+        self.prefix_caching, self.host = prefix_caching, host
         self._free = list(range(num_pages - 1, 0, -1))  # never cached; pop() gives low ids first
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU
         self.refs = np.zeros(num_pages, np.int32)  # holders of each page (slots, prefills)
@@ -74,7 +123,10 @@ class PageTable:
                 page = self._free.pop()
             else:
                 page, _ = self._evictable.popitem(last=False)
-                del self._page_of[self._hash_of.pop(page)]
+                page_hash = self._hash_of.pop(page)
+                del self._page_of[page_hash]
+                if self.host is not None:
+                    self.host.put(page_hash, page)
             self.refs[page] = 1
             pages.append(page)
         return pages
@@ -111,8 +163,8 @@ class PageTable:
         each. The last token is never covered, since prefill must compute its logits."""
         if not self.prefix_caching:
             return []
-        pages = []
-        for h in self.page_hashes(tokens[: len(tokens) - 1]):
+        pages, hashes = [], self.page_hashes(tokens[: len(tokens) - 1])
+        for h in hashes:
             page = self._page_of.get(h)
             if page is None:
                 break
@@ -120,6 +172,12 @@ class PageTable:
         for page in pages:
             self.refs[page] += 1
             self._evictable.pop(page, None)
+        for h in hashes[len(pages):]:  # then what the host tier kept, copied back
+            if self.host is None or h not in self.host or not (new := self.allocate(1)):
+                break
+            self.host.restore(h, new[0])
+            self._page_of[h], self._hash_of[new[0]] = new[0], h
+            pages += new
         return pages
 
     def cache(self, pages: Sequence[int], tokens: Sequence[int]) -> None:

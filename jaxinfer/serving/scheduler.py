@@ -37,10 +37,23 @@ import jax
 
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving.engine import NO_TOKEN, Engine, PrefillRow
-from jaxinfer.serving.pages import PageTable
+from jaxinfer.serving.pages import HostTier, PageTable
 from jaxinfer.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
+
+
+def host_tier(engine: Engine, force: bool = False) -> HostTier | None:
+    """The host tier `engine.config.host_kv_cache_gb` asks for, or None: none asked, prefix
+    caching off, or (unless `force`) a CPU-only machine, where it would copy host to host."""
+    config = engine.config
+    if config.host_kv_cache_gb <= 0 or not config.enable_prefix_caching:
+        return None
+    if not force and all(d.platform == "cpu" for d in jax.devices()):
+        log.info("host_kv_cache_gb=%g is a no-op here: the KV pool is in host memory already",
+                 config.host_kv_cache_gb)
+        return None
+    return HostTier(int(config.host_kv_cache_gb * 2**30), engine.read_pages, engine.write_pages)
 
 
 class QueueFull(Exception):
@@ -100,7 +113,7 @@ class Scheduler:
         self.metrics = metrics  # a serving.metrics.Metrics, or None
         self.pages = PageTable(engine.num_pages, engine.page_size, engine.slots,
                                engine.pages_per_seq, self.config.enable_prefix_caching,
-                               repr(engine.model_config).encode())
+                               repr(engine.model_config).encode(), host_tier(engine))
         self.state = engine.init_state()  # the decode state of every slot, on the device
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # slot -> request
