@@ -42,12 +42,15 @@ class Stream:
         if output.finish_reason:
             self.done.set()
 
-    def gaps(self, start: float, end: float) -> list[float]:
-        """Per-token latencies of the deliveries that arrived in [start, end]."""
+    def gaps(self, start: float, end: float, one_more: bool = False) -> list[float]:
+        """Per-token latencies of the deliveries that arrived in [start, end] (`one_more`: and
+        of the first one after `end`)."""
         out = []
         for (t0, _), (t1, n) in zip(self.deliveries, self.deliveries[1:], strict=False):
-            if start <= t1 <= end:
+            if start <= t1 <= end or (one_more and t1 > end):
                 out += [(t1 - t0) / n] * n
+                if t1 > end:
+                    break
         return out
 
 
@@ -77,10 +80,9 @@ def scenario(scheduler: Scheduler, args, long_prompt: list[int]) -> dict:
     if any(s.deliveries[-1][0] < first for s in streams):
         raise RuntimeError("a stream ended before the long prompt's first token; raise "
                            "--stream_tokens")
-    # The gaps ending in [arrival, first token], and the delivery after it (it may span the
-    # end of the stall).
-    during = [g for s in streams for g in s.gaps(arrival, first)]
-    during += [g for s in streams for g in s.gaps(first, first + 1.0)[:args.decode_steps]]
+    # The gaps ending in [arrival, first token], and the delivery after it: the one that
+    # spans the end of an unchunked prefill.
+    during = [g for s in streams for g in s.gaps(arrival, first, one_more=True)]
     quiet = [g for s in streams for g in s.gaps(quiet_start, arrival)]
     ms = lambda xs, q: float(np.percentile(xs, q) * 1e3)  # noqa: E731
     return {"itl_p50_ms_without": ms(quiet, 50), "itl_p99_ms_without": ms(quiet, 99),
@@ -116,8 +118,9 @@ def main() -> None:
         scheduler.submit(Request(model.tokenizer.encode("1, 2, 3,"), 8, sink=warm))
         warm.done.wait(600)
         try:
-            for _attempt in range(2):  # the first compiles
-                prompt = [int(t) for t in rng.integers(100, 20000, size=args.long_len)]
+            # The first compiles (a prompt of two chunks and a bit needs every program).
+            for length in (min(args.long_len, 2 * chunk + 8), args.long_len):
+                prompt = [int(t) for t in rng.integers(100, 20000, size=length)]
                 load = os.getloadavg()[0]
                 result = scenario(scheduler, args, prompt)
             rows.append({"max_num_batched_tokens": chunk, "load_avg": load, **result})
