@@ -71,6 +71,25 @@ def test_prefill_over_cached_pages_gives_the_logits_of_a_full_prefill(tiny_model
     assert_top1_agrees_where_decisive(logits[0], logits[1], max(worst, 1e-6))
 
 
+@pytest.mark.numerics
+def test_sliding_window_layers_over_cached_pages_give_the_logits_of_a_full_prefill(tiny_model):
+    # Gemma 3's pattern on the tiny model: one sliding layer (window 8) and one global one.
+    # Cached pages keep every position, and attention masks by window, so reuse is exact.
+    cfg = dataclasses.replace(tiny_model.config, sliding_window=8,
+                              layer_types=("sliding_attention", "full_attention"))
+    engine = Engine(tiny_model._replace(config=cfg), CONFIG)
+    table = PageTable(engine.num_pages, engine.page_size, engine.slots, engine.pages_per_seq,
+                      prefix_caching=True)
+    state = engine.init_state()
+    _, state = prefill_into(engine, table, 2, DOCUMENT, state)
+    table.cache(table.slot_pages[2], DOCUMENT)
+    question = DOCUMENT[:21] + [7, 70, 170]
+    _, state = prefill_into(engine, table, 0, question, state, table.lookup(question))
+    _, state = prefill_into(engine, table, 1, question, state)
+    _, _, logits = engine.generate(state, table.table, 4, logits=True)
+    assert_logits_close(logits[0], logits[1], ENGINE_ATOL)
+
+
 def run(scheduler, prompts, max_tokens, abort_after=None):
     """Submits the prompts at once; returns their sinks when all finished."""
     sinks = []

@@ -48,6 +48,8 @@ flags.DEFINE_integer("max_queue_size", None, "Waiting requests beyond which clie
 flags.DEFINE_float("max_queue_delay_ms", None, "Hold a partial prefill batch this long.")
 flags.DEFINE_integer("max_num_batched_tokens", None, "Prompt tokens per prefill call: longer "
                      "prompts are prefilled in chunks, running requests decoding between.")
+flags.DEFINE_float("host_kv_cache_gb", 0.0, "Host memory (GiB) for cached KV pages evicted from "
+                   "the device pool, brought back on a prefix hit (a no-op on CPU-only machines).")
 flags.DEFINE_boolean("enable_prefix_caching", True, "Reuse the KV pages of cached prompt "
                      "prefixes (--noenable_prefix_caching: prefill every prompt from token 0).")
 flags.DEFINE_float("drain_timeout_s", None, "On SIGTERM, wait this long for requests.")
@@ -85,6 +87,7 @@ def engine_config(opts: dict):
         eager=FLAGS.eager,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         max_num_batched_tokens=opts["max_num_batched_tokens"],
+        host_kv_cache_gb=FLAGS.host_kv_cache_gb,
     )
 
 

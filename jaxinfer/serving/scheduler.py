@@ -115,6 +115,8 @@ class Scheduler:
                                engine.pages_per_seq, self.config.enable_prefix_caching,
                                repr(engine.model_config).encode(), host_tier(engine))
         self.state = engine.init_state()  # the decode state of every slot, on the device
+        if metrics and (host := self.pages.host) is not None:
+            metrics.watch_host_tier(lambda: len(host), lambda: host.bytes)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # slot -> request
         self._requests: dict[str, Request] = {}  # every live request by id
