@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--chunks", default="256,8192",
                         type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--streams", type=int, default=3)
-    parser.add_argument("--stream_tokens", type=int, default=480)
+    parser.add_argument("--stream_tokens", type=int, default=2000)
     parser.add_argument("--quiet_s", type=float, default=3.0)
     parser.add_argument("--decode_steps", type=int, default=4)
     parser.add_argument("--json_out", default=None)
