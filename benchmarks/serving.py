@@ -15,6 +15,17 @@ successive text chunks (jaxinfer streams the tokens of one decode call, --decode
 them, as one chunk, so its ITL mixes near-zero and full-call gaps; TPOT is the comparable
 per-token figure). Output tokens come from the `usage` the server reports when it honours
 `stream_options.include_usage`, else from the number of chunks.
+
+--dataset prefix_repetition (as vLLM's benchmark dataset of that name): every prompt is one
+of --num_prefixes shared prefixes of --prefix_len tokens followed by its own --input_len
+tokens, so a server with prefix caching prefills the prefix once. Before the load, two
+requests with a fresh prefix and different questions are sent one after the other: the
+second's TTFT against the first's is what reusing the prefix saves (rows "prefix: first" and
+"prefix: second", with the `cached_tokens` the server reported).
+
+    python benchmarks/serving.py --dataset prefix_repetition --prefix_len 1500 \
+        --input_len 64 --max_seq_len 2048 --concurrency 1,8 \
+        --launch "jaxinfer,jaxinfer:--noenable_prefix_caching"
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ class Result:
     e2e: float = 0.0
     output_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens, where reported
     itl: list[float] = dataclasses.field(default_factory=list)
     error: str = ""
 
@@ -103,6 +115,7 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str
     return Result(
         True, ttft=chunk_times[0] - start, e2e=end - start, output_tokens=tokens,
         prompt_tokens=usage["prompt_tokens"] if usage else 0,
+        cached_tokens=((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens", 0),
         itl=list(np.diff(chunk_times)),
     )
 
@@ -150,6 +163,7 @@ def summarize(results: list[Result], duration: float) -> dict:
         "output_tok_per_s": out_tokens / duration,
         "mean_prompt_tokens": float(np.mean([r.prompt_tokens for r in ok])) if ok else 0,
         "mean_output_tokens": out_tokens / max(len(ok), 1),
+        "mean_cached_tokens": float(np.mean([r.cached_tokens for r in ok])) if ok else 0,
         "ttft_mean_ms": mean(ttft), "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99),
         "tpot_mean_ms": mean(tpot), "tpot_p50_ms": ms(tpot, 50), "tpot_p99_ms": ms(tpot, 99),
         "itl_mean_ms": mean(itl), "itl_p50_ms": ms(itl, 50), "itl_p99_ms": ms(itl, 99),
@@ -229,11 +243,33 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
+def shared_prefix_prompts(n: int, args, seed: int) -> list[str]:
+    """n prompts: one of --num_prefixes prefixes of --prefix_len tokens, then --input_len
+    tokens of their own (words start with a space, so the prefix tokenizes the same)."""
+    prefixes = random_prompts(args.num_prefixes, args.prefix_len, seed + 1, args.model)
+    questions = random_prompts(n, args.input_len, seed, args.model)
+    return [prefixes[i % len(prefixes)] + " " + q for i, q in enumerate(questions)]
+
+
+def prefix_ttft(url: str, name: str, args) -> list[dict]:
+    """Two requests, one after the other, with a fresh shared prefix: their TTFTs."""
+    rows = []
+    for label, prompt in zip(("first", "second"), shared_prefix_prompts(2, args, 9_000),
+                             strict=True):
+        results, duration = asyncio.run(run_load(url, name, [prompt], 4, concurrency=1,
+                                                 rate=None, seed=0, api_key=args.api_key))
+        rows.append({"mode": f"prefix: {label}", **summarize(results, duration)})
+        log(json.dumps({k: v for k, v in rows[-1].items() if k != "errors"}))
+    return rows
+
+
 def bench_server(url: str, name: str, prompts: list[str], args) -> list[dict]:
     rows = []
     # One short request first: any lazy start-up cost stays out of the figures.
-    asyncio.run(run_load(url, name, prompts[:1], 4, concurrency=1, rate=None, seed=0,
-                         api_key=args.api_key))
+    asyncio.run(run_load(url, name, random_prompts(1, 16, 7_000, args.model), 4,
+                         concurrency=1, rate=None, seed=0, api_key=args.api_key))
+    if args.dataset == "prefix_repetition":
+        rows += prefix_ttft(url, name, args)
     modes = [("concurrency", c) for c in args.concurrency]
     modes += [("rate", r) for r in args.request_rate]
     for mode, value in modes:
@@ -250,7 +286,8 @@ def bench_server(url: str, name: str, prompts: list[str], args) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     columns = ["server", "mode", "requests", "failed", "request_per_s", "output_tok_per_s",
-               "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p50_ms", "tpot_p99_ms",
+               "mean_cached_tokens", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p50_ms",
+               "tpot_p99_ms",
                "itl_mean_ms", "itl_p50_ms", "itl_p99_ms"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -275,6 +312,11 @@ def main() -> None:
     parser.add_argument("--num_prompts", type=int, default=0,
                         help="Requests per mode (0: max(4, concurrency), 32 at a rate).")
     parser.add_argument("--input_len", type=int, default=128)
+    parser.add_argument("--dataset", default="random", choices=["random", "prefix_repetition"])
+    parser.add_argument("--prefix_len", type=int, default=1500,
+                        help="prefix_repetition: tokens of each shared prefix.")
+    parser.add_argument("--num_prefixes", type=int, default=1,
+                        help="prefix_repetition: how many shared prefixes the prompts cycle.")
     parser.add_argument("--output_len", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--api_key", default=None)
@@ -296,7 +338,10 @@ def main() -> None:
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]
-    prompts = random_prompts(16, args.input_len, args.seed, args.model)
+    if args.dataset == "prefix_repetition":
+        prompts = shared_prefix_prompts(16, args, args.seed)
+    else:
+        prompts = random_prompts(16, args.input_len, args.seed, args.model)
     rows: list[dict] = []
     if args.generate_peer:
         rows.append(generate_tpot(args.model, prompts[0], args.output_len))
@@ -315,7 +360,9 @@ def main() -> None:
         rows.append(generate_tpot(args.model, prompts[0], args.output_len))
         rows[-1]["mode"] = "batch 1, after the servers"
     print(table(rows))
-    print(f"\ninput {args.input_len} tokens, output up to {args.output_len}, greedy; "
+    shared = (f" after a shared {args.prefix_len}-token prefix ({args.num_prefixes} prefixes)"
+              if args.dataset == "prefix_repetition" else "")
+    print(f"\ninput {args.input_len} tokens{shared}, output up to {args.output_len}, greedy; "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -101,7 +101,7 @@ class DecodeState:
 def prefill(params, cache, tokens: jax.Array, lengths: jax.Array, sampling: SamplingArrays,
             count: jax.Array, max_tokens: jax.Array, stop_ids: jax.Array,
             live: jax.Array | bool = True, bitmask: jax.Array | None = None, *,
-            cfg: ModelConfig):
+            cfg: ModelConfig, start: jax.Array | None = None):
     """Runs prompts `tokens` [rows, seq] (row r's in its first lengths[r] places) through the
     model, writing their keys and values into `cache`, and samples each row's first token.
 
@@ -109,18 +109,25 @@ def prefill(params, cache, tokens: jax.Array, lengths: jax.Array, sampling: Samp
     tokens), which keys its draw and counts as output for the penalties. `max_tokens`,
     `stop_ids` [rows, stops] and `live` start the DecodeState (see DecodeState.start);
     `bitmask` [rows, ceil(vocab / 32)]: the tokens each row may draw (sampling.adjust_logits).
-    Returns (DecodeState [rows], cache, the raw logits [rows, vocab] of the first tokens).
+    `start` [rows] (default 0): the position of each row's first token; the cache already
+    holds the row's earlier positions (a cached prefix, or earlier chunks), which the tokens
+    attend to. Returns (DecodeState [rows], cache, the raw logits [rows, vocab] of the first
+    tokens).
     """
     model = family(cfg.architecture)
     rows, seq = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (rows, seq))
+    if start is not None:
+        positions = positions + start[:, None]
     hidden, cache = model.transformer(params, tokens, positions, cache, cfg)
     last_hidden = hidden[jnp.arange(rows), jnp.maximum(lengths - 1, 0)]
     logits = model.unembed(params, last_hidden, cfg)
     counts = TokenCounts.of(tokens, lengths, count, logits.shape[-1])
     adjusted = adjust_logits(logits, sampling, counts, stop_ids, count, bitmask)
     first = sample(adjusted, sampling, count)
-    state = DecodeState.start(first, lengths, count, max_tokens, stop_ids, sampling, live, counts)
+    position = lengths if start is None else start + lengths  # where the first token goes
+    state = DecodeState.start(first, position, count, max_tokens, stop_ids, sampling, live,
+                              counts)
     return state, cache, logits
 
 

@@ -50,6 +50,12 @@ flags.DEFINE_integer("decode_steps", None, "Decode steps per device call.")
 flags.DEFINE_integer("prefill_batch_size", None, "Prompts per prefill call.")
 flags.DEFINE_integer("max_queue_size", None, "Waiting requests beyond which clients get 429.")
 flags.DEFINE_float("max_queue_delay_ms", None, "Hold a partial prefill batch this long.")
+flags.DEFINE_integer("max_num_batched_tokens", None, "Prompt tokens per prefill call: longer "
+                     "prompts are prefilled in chunks, running requests decoding between.")
+flags.DEFINE_float("host_kv_cache_gb", 0.0, "Host memory (GiB) for cached KV pages evicted from "
+                   "the device pool, brought back on a prefix hit (a no-op on CPU-only machines).")
+flags.DEFINE_boolean("enable_prefix_caching", True, "Reuse the KV pages of cached prompt "
+                     "prefixes (--noenable_prefix_caching: prefill every prompt from token 0).")
 flags.DEFINE_float("drain_timeout_s", None, "On SIGTERM, wait this long for requests.")
 flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): every operation "
                      "one by one, for stepping through the model in a debugger. Slow.")
@@ -62,7 +68,7 @@ flags.DEFINE_string("models_file", None, "A TOML file of several models to serve
 SETTINGS = ("model", "served_model_name", "host", "port", "dtype", "attention",
             "max_batch_size", "max_seq_len", "page_size", "kv_cache_gb", "num_pages",
             "decode_steps", "prefill_batch_size", "max_queue_size", "max_queue_delay_ms",
-            "drain_timeout_s", "api_key", "max_body_mb")
+            "drain_timeout_s", "api_key", "max_body_mb", "max_num_batched_tokens")
 EXIT_ABORTED = 3  # SIGTERM came with more work in flight than --drain_timeout_s allowed
 log = logging.getLogger("jaxinfer.serve")
 
@@ -86,6 +92,9 @@ def engine_config(opts: dict):
         max_queue_size=opts["max_queue_size"],
         max_queue_delay_ms=opts["max_queue_delay_ms"],
         eager=FLAGS.eager,
+        enable_prefix_caching=FLAGS.enable_prefix_caching,
+        max_num_batched_tokens=opts["max_num_batched_tokens"],
+        host_kv_cache_gb=FLAGS.host_kv_cache_gb,
     )
 
 

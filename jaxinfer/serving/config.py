@@ -27,22 +27,31 @@ class EngineConfig:
     num_pages: int | None = None  # page pool size (page 0 is scratch), overrides kv_cache_gb
     decode_steps: int = 4  # decode steps per device call (K)
     prefill_batch_size: int = 1  # prompts per prefill call, always padded to this many
-    min_prefill_bucket: int = 16  # shortest prompt bucket; buckets double up to max_seq_len
+    min_prefill_bucket: int = 16  # shortest prompt bucket; buckets double up to the chunk
     max_queue_size: int = 256  # waiting requests; beyond it new ones get HTTP 429
     max_queue_delay_ms: float = 0.0  # how long to hold a partial prefill batch for more prompts
     max_stop_token_ids: int = 16  # per request, tokenizer stops included (a fixed-size array)
     eager: bool = False  # run the same code without jit (jax.disable_jit), for debugging
+    enable_prefix_caching: bool = True  # reuse the KV pages of cached prompt prefixes
+    # Host memory for cached pages evicted from the device pool (0: none; a no-op on CPU-only
+    # machines, where the pool is in host memory already).
+    host_kv_cache_gb: float = 0.0
+    # Prompt tokens per prefill call, the largest prefill bucket: a longer prompt is prefilled
+    # in chunks of this many, with the running requests decoding between chunks.
+    max_num_batched_tokens: int = 512
 
     def __post_init__(self):
         positive = ("max_batch_size", "max_seq_len", "page_size", "decode_steps",
                     "prefill_batch_size", "min_prefill_bucket", "max_queue_size",
-                    "max_stop_token_ids")
+                    "max_stop_token_ids", "max_num_batched_tokens")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; it must be an integer >= 1")
         if self.max_queue_delay_ms < 0:
             raise ValueError(f"max_queue_delay_ms={self.max_queue_delay_ms}; it must be >= 0")
+        if self.host_kv_cache_gb < 0:
+            raise ValueError(f"host_kv_cache_gb={self.host_kv_cache_gb}; it must be >= 0")
         if self.num_pages is None and self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb={self.kv_cache_gb}; it must be > 0")
         if self.num_pages is not None and self.num_pages < 2:
@@ -51,6 +60,10 @@ class EngineConfig:
     def context(self, cfg: ModelConfig) -> int:
         """The longest request (prompt + generated tokens) this server accepts."""
         return min(self.max_seq_len, cfg.max_seq_len)
+
+    def prefill_chunk(self, cfg: ModelConfig) -> int:
+        """The most prompt tokens one prefill call takes (one row's chunk)."""
+        return min(self.max_num_batched_tokens, self.context(cfg))
 
     def pages_per_seq(self, cfg: ModelConfig) -> int:
         return math.ceil(self.context(cfg) / self.page_size)

@@ -5,7 +5,10 @@ lives on the device and passes in and out of each call:
 
 - `prefill(rows) -> Prefix`: runs up to `prefill_batch_size` prompts through the model in one
   call (padded to that many rows and to the prompt-length bucket), writes their keys and
-  values into the pages each row brings, and samples each row's first token.
+  values into the pages each row brings, and samples each row's first token. A row may start
+  at a later position (`PrefillRow.start`) over pages that already hold the positions before:
+  a cached prefix, or the earlier chunks of a prompt longer than `chunk` tokens (the largest
+  bucket; the scheduler prefills such prompts a chunk per call, decoding between).
 - `insert(prefix, state, slot, row=0) -> state`: row `row` of the prefix becomes slot `slot`
   of the decode state (its last token, position, budget, stop ids and sampling parameters).
 - `generate(state, page_table, width) -> (state, tokens)`: `decode_steps` steps for slots
@@ -55,14 +58,16 @@ YNN_REDUCE_MIN_ELEMENTS = 4096  # XLA:CPU hands reductions this large to YNNPACK
 
 
 def _prefill(params, cache, tokens, lengths, page_rows, sampling, count, max_tokens, stop_ids,
-             bitmask, *, cfg: ModelConfig):
-    """Prefills rows into the pages of `page_rows` [rows, pages_per_seq]; returns their
-    DecodeState [rows] and the cache. Padding past a prompt lands past its last position,
-    where masking by position hides it until decode overwrites it (or on scratch page 0)."""
+             bitmask, start, *, cfg: ModelConfig):
+    """Prefills rows into the pages of `page_rows` [rows, pages_per_seq], row r's tokens from
+    position start[r] on (its pages hold the positions before: a cached prefix, read only);
+    returns their DecodeState [rows], the cache and the first tokens' logprobs. Padding past
+    a prompt lands past its last position, where masking by position hides it until decode
+    overwrites it (or on scratch page 0)."""
     table = cache.page_table
     state, cache, logits = decode.prefill(
         params, dataclasses.replace(cache, page_table=page_rows), tokens, lengths, sampling,
-        count, max_tokens, stop_ids, bitmask=bitmask, cfg=cfg)
+        count, max_tokens, stop_ids, bitmask=bitmask, cfg=cfg, start=start)
     logprobs = token_logprobs(logits, state.last, sampling)
     return state, constrain_cache(dataclasses.replace(cache, page_table=table), cfg), logprobs
 
@@ -109,6 +114,16 @@ def _move_row(state: DecodeState, source, target, free: DecodeState):
     return jax.tree.map(lambda x, r: x.at[source].set(r[0]), state, free)
 
 
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _write_page(cache: PagedKVCache, page, data: tuple):
+    """Pool page `page` := `data`, one page of each of k, v (and their scales)."""
+    fields = [f for f in _PAGE_FIELDS if getattr(cache, f) is not None]
+    return dataclasses.replace(cache, **{
+        f: getattr(cache, f).at[:, :, page].set(x.astype(getattr(cache, f).dtype))
+        for f, x in zip(fields, data, strict=True)})
+
+
+_PAGE_FIELDS = ("k_pages", "v_pages", "k_scales", "v_scales")
 _prefill_jit = jax.jit(_prefill, static_argnames=("cfg",), donate_argnames=("cache",))
 _prompt_logprobs_jit = jax.jit(decode.prompt_logprobs, static_argnames=("cfg",))
 _decode_jit = jax.jit(_decode, static_argnames=("cfg", "steps", "logits"),
@@ -123,7 +138,11 @@ def compiled_programs() -> int:
 
 @dataclasses.dataclass
 class PrefillRow:
-    """One prompt to prefill: its tokens, the pages that will hold them, how to sample and stop."""
+    """One prompt to prefill: its tokens, the pages that will hold them, how to sample and stop.
+
+    With `start` > 0, `tokens` are the sequence's tokens from position `start` on, and the
+    first start // page_size of `pages` already hold the positions before (a cached prefix).
+    """
 
     tokens: Sequence[int]
     pages: Sequence[int]
@@ -132,6 +151,7 @@ class PrefillRow:
     max_tokens: int = 1  # the request's whole token budget (count included)
     stop_ids: Sequence[int] = ()
     bitmask: np.ndarray | None = None  # [ceil(vocab / 32)] int32: tokens the first may be
+    start: int = 0  # the position of tokens[0]
 
 
 @dataclasses.dataclass
@@ -160,7 +180,8 @@ class Engine:
         self.page_size = config.page_size
         self.pages_per_seq = config.pages_per_seq(cfg)
         self.num_pages = config.pool_pages(cfg)
-        self.buckets = prefill_buckets(config.min_prefill_bucket, self.context)
+        self.chunk = config.prefill_chunk(cfg)  # the longest prefill row
+        self.buckets = prefill_buckets(config.min_prefill_bucket, self.chunk)
         self.cache = PagedKVCache.init(cfg, self.num_pages, self.page_size, self.slots,
                                        self.pages_per_seq)
         if mesh is not None:  # the pool is split like the model: over kv_heads or head_dim
@@ -185,9 +206,14 @@ class Engine:
         if not 0 < len(rows) <= width:
             raise ValueError(f"prefill takes 1 to {width} prompts; got {len(rows)}")
         longest = max(len(r.tokens) for r in rows)
-        if longest > self.context:
-            raise ValueError(f"prompt has {longest} tokens; this server's context is "
+        if (end := max(r.start + len(r.tokens) for r in rows)) > self.context:
+            raise ValueError(f"prompt has {end} tokens; this server's context is "
                              f"{self.context}")
+        if any(not r.tokens for r in rows):
+            raise ValueError("a prefill row has no tokens; it needs at least one")
+        if longest > self.chunk:
+            raise ValueError(f"a prefill row has {longest} tokens; one call takes at most "
+                             f"{self.chunk} (max_num_batched_tokens): prefill it in chunks")
         stops = self.config.max_stop_token_ids
         if too_many := [len(r.stop_ids) for r in rows if len(r.stop_ids) > stops]:
             raise ValueError(f"{too_many[0]} stop ids; at most {stops}")
@@ -199,6 +225,7 @@ class Engine:
         max_tokens = np.ones(width, np.int32)
         stop_ids = np.full((width, stops), NO_TOKEN, np.int32)
         bitmask = self.any_token(width)
+        start = np.zeros(width, np.int32)
         for i, row in enumerate(rows):
             tokens[i, : len(row.tokens)] = row.tokens
             lengths[i] = len(row.tokens)
@@ -207,10 +234,11 @@ class Engine:
             stop_ids[i, : len(row.stop_ids)] = list(row.stop_ids)
             if row.bitmask is not None:
                 bitmask[i] = row.bitmask
+            start[i] = row.start
         sampling = [r.sampling for r in rows] + [SamplingParams()] * (width - len(rows))
         state, logprobs = self._prefill(tokens, lengths, page_rows,
                                         SamplingArrays.stack(sampling), count, max_tokens,
-                                        stop_ids, bitmask)
+                                        stop_ids, bitmask, start)
         logprobs = jax.tree.map(np.asarray, logprobs) if any(
             r.sampling.logprobs is not None for r in rows) else None
         return Prefix(np.asarray(state.last)[: len(rows)].tolist(), state, logprobs)
@@ -269,6 +297,20 @@ class Engine:
         """A bitmask [rows, ceil(vocab / 32)] int32 allowing every token."""
         return np.full((rows, -(-self.model_config.vocab_size // 32)), -1, np.int32)
 
+    def read_pages(self, page: int, memory_kind: str = "pinned_host") -> tuple[jax.Array, ...]:
+        """Pool page `page` copied into `memory_kind` memory: k, v (and their scales), each
+        [layers, kv_heads, page_size, ...] (for the host tier of pages.HostTier)."""
+        pools = [getattr(self.cache, f) for f in _PAGE_FIELDS if getattr(self.cache, f) is not None]
+        pages = [pool[:, :, page] for pool in pools]
+        return tuple(jax.device_put(x, x.sharding.with_memory_kind(memory_kind)) for x in pages)
+
+    def write_pages(self, page: int, data: tuple[jax.Array, ...]) -> None:
+        """Pool page `page` := `data`, as `read_pages` returned it."""
+        kind = self.cache.k_pages.sharding.memory_kind  # the pool's own (device) memory
+        on_device = tuple(jax.device_put(x, x.sharding.with_memory_kind(kind)) for x in data)
+        self.cache = self._run(_write_page, (self.cache, np.int32(page), on_device), {},
+                               "write a KV page")
+
     def decode_width(self, running: int) -> int:
         """The narrowest compiled width holding `running` requests packed from slot 0."""
         return next(w for w in self.decode_widths if w >= running)
@@ -288,7 +330,7 @@ class Engine:
 
     def bucket(self, length: int) -> int:
         """The prompt-length bucket a prompt of `length` tokens is padded to."""
-        return bucket(length, self.config.min_prefill_bucket, self.context)
+        return bucket(length, self.config.min_prefill_bucket, self.chunk)
 
     def warmup(self, progress: bool = False) -> None:
         """Compiles every prefill bucket, every decode width and the row updates, so serving
@@ -301,7 +343,7 @@ class Engine:
                           SamplingArrays.stack([SamplingParams()] * width),
                           np.zeros(width, np.int32), np.ones(width, np.int32),
                           np.full((width, stops), NO_TOKEN, np.int32), self.any_token(width),
-                          progress=progress)
+                          np.zeros(width, np.int32), progress=progress)
         # Rows of budget 1 are done at once: nothing below is emitted or written but scratch.
         state = self.insert(Prefix([0] * width, prefix), self.init_state(), 0)
         state = self.free(self.move(state, 0, self.slots - 1), self.slots - 1)

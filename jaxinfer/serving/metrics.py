@@ -99,6 +99,8 @@ class Metrics:
                 ("num_requests_running", "Requests in decode slots."),
                 ("num_requests_waiting", "Requests in the waiting queue."),
                 ("kv_cache_usage_perc", "Fraction of KV cache pages in use (0 to 1)."),
+                ("host_kv_cache_pages", "Evicted KV pages kept in host memory."),
+                ("host_kv_cache_bytes", "Bytes of the evicted KV pages kept in host memory."),
             )
         }
 
@@ -123,6 +125,11 @@ class Metrics:
         self._gauges["num_requests_running"].set_function(running)
         self._gauges["num_requests_waiting"].set_function(waiting)
         self._gauges["kv_cache_usage_perc"].set_function(kv_usage)
+
+    def watch_host_tier(self, pages: Callable[[], float], nbytes: Callable[[], float]) -> None:
+        """The host tier's gauges read these callables at every scrape."""
+        self._gauges["host_kv_cache_pages"].set_function(pages)
+        self._gauges["host_kv_cache_bytes"].set_function(nbytes)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format."""

@@ -10,6 +10,14 @@ pool runs dry mid-decode, the newest running request is preempted: its pages are
 it waits at the head of the queue, to be resumed later by prefilling its prompt plus what it
 has generated so far (recompute, as vLLM does).
 
+Prefix caching (`pages.PageTable`): an admitted request takes the cached pages of its longest
+cached prefix and prefills only the rest; its full pages are cached after prefill, and again
+(with what it generated) when it leaves its slot. Chunked prefill: each iteration prefills at
+most `max_num_batched_tokens` prompt tokens before its decode call. A prompt whose uncached
+part is longer than one prefill call (`engine.chunk`) is prefilled a chunk per call, one such
+prompt at a time, holding a slot in reserve and taking pages as its chunks need them; the
+running requests decode between its chunks.
+
 A request whose prefill or insert raises fails alone (its sink gets an Output with `error`)
 and the loop carries on; only a device failure (a `JaxRuntimeError`, or any error while
 decoding all slots) stops the loop, which then ends every request with that error.
@@ -32,10 +40,23 @@ import numpy as np
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving import structured
 from jaxinfer.serving.engine import NO_TOKEN, Engine, PrefillRow
-from jaxinfer.serving.pages import PageTable
+from jaxinfer.serving.pages import HostTier, PageTable
 from jaxinfer.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
+
+
+def host_tier(engine: Engine, force: bool = False) -> HostTier | None:
+    """The host tier `engine.config.host_kv_cache_gb` asks for, or None: none asked, prefix
+    caching off, or (unless `force`) a CPU-only machine, where it would copy host to host."""
+    config = engine.config
+    if config.host_kv_cache_gb <= 0 or not config.enable_prefix_caching:
+        return None
+    if not force and all(d.platform == "cpu" for d in jax.devices()):
+        log.info("host_kv_cache_gb=%g is a no-op here: the KV pool is in host memory already",
+                 config.host_kv_cache_gb)
+        return None
+    return HostTier(int(config.host_kv_cache_gb * 2**30), engine.read_pages, engine.write_pages)
 
 
 class QueueFull(Exception):
@@ -56,6 +77,7 @@ class Output:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None  # why the request failed or was cut; finish_reason is "abort" then
+    cached_tokens: int = 0  # prompt tokens whose KV pages came from the prefix cache
     # For requests that asked for logprobs: one TokenLogprob per token of `token_ids`.
     logprobs: list[TokenLogprob] | None = None
 
@@ -92,6 +114,7 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float = 0.0
     preemptions: int = 0
+    cached_tokens: int = 0  # at its first admission: prompt tokens found in the prefix cache
     detokenizer: IncrementalDetokenizer | None = None
     stop_id_set: frozenset[int] = frozenset()
 
@@ -104,12 +127,19 @@ class Scheduler:
         self.config = engine.config
         self.metrics = metrics  # a serving.metrics.Metrics, or None
         self.pages = PageTable(engine.num_pages, engine.page_size, engine.slots,
-                               engine.pages_per_seq)
+                               engine.pages_per_seq, self.config.enable_prefix_caching,
+                               repr(engine.model_config).encode(), host_tier(engine))
         self.state = engine.init_state()  # the decode state of every slot, on the device
+        if metrics and (host := self.pages.host) is not None:
+            metrics.watch_host_tier(lambda: len(host), lambda: host.bytes)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # slot -> request
         self._requests: dict[str, Request] = {}  # every live request by id
         self._aborts: set[str] = set()
+        self._partial: Request | None = None  # the prompt being prefilled in chunks
+        self._partial_pages: list[int] = []  # its pages so far (cached ones first)
+        self._partial_start = 0  # positions of it whose K/V are written
+        self._partial_hits = 0  # of those, found in the prefix cache
         self._cond = threading.Condition()
         self._stopping = False
         self._stop_error: str | None = None  # what requests still live at stop() are told
@@ -239,15 +269,20 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 return False
-            if not (self._running or self._waiting or self._aborts):
+            if not (self._running or self._waiting or self._aborts or self._partial):
                 self._cond.wait()
                 return True
             aborts, self._aborts = self._aborts, set()
         for request_id in aborts:
             self._abort(request_id)
-        admitted = False
-        while self._admit():
-            admitted = True
+        admitted, budget = False, self.config.max_num_batched_tokens
+        while budget > 0:  # prefill calls up to the token budget, then one decode call
+            if self._partial is None:
+                self._start_partial()
+            used = self._prefill_chunk() if self._partial is not None else self._admit()
+            if not used:
+                break
+            admitted, budget = True, budget - used
         if self._running:
             self._decode()
         elif not admitted:
@@ -265,6 +300,8 @@ class Scheduler:
                 self._waiting.remove(request)
         if request.slot is not None:
             self._release_slot(request)
+        if request is self._partial:
+            self._drop_partial(cache=True)
         self._finish(request, "abort")
 
     def _hold_time(self) -> float:
@@ -274,15 +311,83 @@ class Scheduler:
         delay = self.config.max_queue_delay_ms / 1e3
         return self._waiting[0].arrival + delay - time.perf_counter()
 
-    def _admit(self) -> bool:
-        """Prefills one group of waiting requests of one length bucket into free slots."""
+    def _free_slots(self) -> list[int]:
+        """Free slots, lowest first, less the one held in reserve for a chunked prompt."""
+        free = [s for s in range(self.engine.slots) if s not in self._running]
+        return free[:-1] if self._partial is not None else free
+
+    def _start_partial(self) -> None:
+        """Makes the head of the queue the chunked prompt if its uncached part needs more
+        than one prefill call (and a slot is free for it)."""
         engine = self.engine
-        free_slots = [s for s in range(engine.slots) if s not in self._running]
+        with self._cond:
+            if not self._waiting or not self._free_slots():
+                return
+            head = self._waiting[0]
+            sequence = head.prompt_ids + head.output_ids
+            if len(sequence) <= engine.chunk:
+                return
+            cached = self.pages.lookup(sequence)
+            if len(sequence) - len(cached) * engine.page_size <= engine.chunk:
+                self.pages.release(cached)  # one call does: the usual admission takes it
+                return
+            self._waiting.popleft()
+        self._partial, self._partial_pages = head, cached
+        self._partial_start = self._partial_hits = len(cached) * engine.page_size
+
+    def _drop_partial(self, cache: bool) -> None:
+        """Releases the chunked prompt's pages (caching those written, with `cache`)."""
+        request, pages = self._partial, self._partial_pages
+        if cache:
+            self.pages.cache(pages, (request.prompt_ids + request.output_ids)[
+                : self._partial_start])
+        self.pages.release(pages)
+        self._partial, self._partial_pages, self._partial_start = None, [], 0
+
+    def _prefill_chunk(self) -> int:
+        """Prefills the chunked prompt's next chunk; after its last, inserts it into a slot.
+        Returns the tokens prefilled (0: none, waiting for pages)."""
+        engine, request = self.engine, self._partial
+        sequence = request.prompt_ids + request.output_ids
+        start = self._partial_start
+        end = min(start + engine.chunk, len(sequence))
+        last = end == len(sequence)
+        need = self.pages.pages_for(end + engine.steps if last else end)
+        new = self.pages.allocate(need - len(self._partial_pages))
+        if new is None:
+            return 0  # running requests finish or get preempted, and give pages back
+        self._partial_pages += new
+        row = PrefillRow(sequence[start:end], list(self._partial_pages), request.sampling,
+                         count=len(request.output_ids), max_tokens=request.max_tokens,
+                         stop_ids=sorted(request.stop_id_set), bitmask=self._mask(request),
+                         start=start)
+        try:
+            prefix = engine.prefill([row])
+        except jax.errors.JaxRuntimeError:
+            raise  # the device failed: the loop stops
+        except Exception as e:  # noqa: BLE001 - this request fails, not the loop
+            self._drop_partial(cache=False)
+            self._fail(request, e)
+            return end - start
+        self._partial_start = end
+        if not last:
+            self.pages.cache(self._partial_pages, sequence[:end])
+            return end - start
+        self._partial, self._partial_pages, self._partial_start = None, [], 0
+        self._start_running([(request, row, prefix, 0)], [self._free_slots()[0]],
+                            self._partial_hits)
+        return end - start
+
+    def _admit(self) -> int:
+        """Prefills one group of waiting requests of one length bucket into free slots;
+        returns the tokens prefilled (0: none)."""
+        engine = self.engine
+        free_slots = self._free_slots()
         if not free_slots:
-            return False
+            return 0
         with self._cond:
             if not self._waiting:
-                return False
+                return 0
             head = self._waiting[0]
             seq_bucket = engine.bucket(len(head.prompt_ids) + len(head.output_ids))
             target = min(self.config.prefill_batch_size, len(free_slots))
@@ -291,26 +396,42 @@ class Scheduler:
                 if engine.bucket(len(r.prompt_ids) + len(r.output_ids)) == seq_bucket
             ][:target]
             if len(group) < target and self._hold_time() > 0:
-                return False
-            # Take pages for each prompt plus one decode call's worth, first come first served.
+                return 0
+            # Take pages for each prompt plus one decode call's worth, first come first served:
+            # the cached pages of its longest cached prefix, then new ones for the rest.
             rows, taken = [], []
             for request in group:
                 sequence = request.prompt_ids + request.output_ids
-                pages = self.pages.allocate(self.pages.pages_for(len(sequence) + engine.steps))
-                if pages is None:
+                cached = self.pages.lookup(sequence)
+                if len(sequence) - len(cached) * engine.page_size > engine.chunk:
+                    self.pages.release(cached)
+                    break  # prefilled in chunks, once the one before it is done
+                new = self.pages.allocate(
+                    self.pages.pages_for(len(sequence) + engine.steps) - len(cached))
+                if new is None:
+                    self.pages.release(cached)
                     break
-                rows.append(PrefillRow(sequence, pages, request.sampling,
+                start = len(cached) * engine.page_size
+                rows.append(PrefillRow(sequence[start:], cached + new, request.sampling,
                                        count=len(request.output_ids),
                                        max_tokens=request.max_tokens,
                                        stop_ids=sorted(request.stop_id_set),
-                                       bitmask=self._mask(request)))
+                                       bitmask=self._mask(request), start=start))
                 taken.append(request)
                 self._waiting.remove(request)
         if not taken:
-            return False
+            return 0
+        self._start_running(self._prefill(taken, rows), free_slots)
+        return sum(len(row.tokens) for row in rows)
+
+    def _start_running(self, prefilled: list[tuple], free_slots: list[int],
+                       cached_tokens: int | None = None) -> None:
+        """Inserts each prefilled (request, row, prefix, i) into the next free slot and emits
+        its first token. `cached_tokens`: what a chunked prompt found cached (else row.start)."""
+        engine = self.engine
         now = time.perf_counter()
         admitted = []
-        for request, row, prefix, i in self._prefill(taken, rows):
+        for request, row, prefix, i in prefilled:
             slot = free_slots[len(admitted)]  # the lowest free slots: requests stay packed
             try:
                 state = engine.insert(prefix, self.state, slot, i)
@@ -321,8 +442,16 @@ class Scheduler:
                 self._fail(request, e)
                 continue
             self.state = state
-            if request.preemptions == 0 and self.metrics:
-                self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+            sequence = request.prompt_ids + request.output_ids
+            self.pages.cache(row.pages, sequence)  # prefill wrote every position of it
+            hits = row.start if cached_tokens is None else cached_tokens
+            if request.preemptions == 0:
+                request.cached_tokens = hits
+            if self.metrics:
+                self.metrics.prefix_cache_queries.inc(len(sequence))
+                self.metrics.prefix_cache_hits.inc(hits)
+                if request.preemptions == 0:
+                    self.metrics.prompt_tokens.inc(len(request.prompt_ids))
             request.slot, request.admitted = slot, now
             self._running[slot] = request
             self.pages.assign(slot, row.pages)
@@ -330,7 +459,6 @@ class Scheduler:
                              None if prefix.logprobs is None else prefix.logprobs.row(i)))
         for request, token, logprobs in admitted:
             self._emit(request, [token], now, _token_logprobs(request, [token], logprobs))
-        return True
 
     def _prefill(self, requests: list[Request], rows: list[PrefillRow]) -> list[tuple]:
         """(request, row, prefix, its row in the prefix) for each request whose prefill
@@ -412,6 +540,9 @@ class Scheduler:
         the hole, so running requests stay packed into the lowest slots."""
         slot, engine = request.slot, self.engine
         self.state = engine.free(self.state, slot)
+        # Every position but the newest token's holds its K/V: keep the full pages findable.
+        written = request.prompt_ids + request.output_ids[:-1]
+        self.pages.cache(self.pages.slot_pages[slot], written)
         self.pages.free(slot)
         del self._running[slot]
         request.slot = None
@@ -458,7 +589,8 @@ class Scheduler:
         request.sent = max(request.sent, end)
         request.sink(Output(text, tokens[:taken], reason if reason else None,
                             len(request.prompt_ids), len(request.output_ids),
-                            logprobs=None if logprobs is None else logprobs[:taken]))
+                            logprobs=None if logprobs is None else logprobs[:taken],
+                            cached_tokens=request.cached_tokens))
         if reason is not None:
             if request.slot is not None:
                 self._release_slot(request)
@@ -499,7 +631,7 @@ class Scheduler:
         request.finish_reason = reason
         if notify:
             request.sink(Output("", [], reason, len(request.prompt_ids),
-                                len(request.output_ids), error))
+                                len(request.output_ids), error, request.cached_tokens))
         if self.metrics:
             self.metrics.finished(reason)
             self.metrics.e2e_request_latency.observe(time.perf_counter() - request.arrival)
@@ -508,6 +640,7 @@ class Scheduler:
         with self._cond:
             self._waiting.clear()
             self._running.clear()
+            self._partial = None
             requests = list(self._requests.values())
         for request in requests:
             self._finish(request, reason, error=error)

@@ -537,7 +537,8 @@ async def _whole(state: ServerState, http: Request, requests: list[EngineRequest
     if any(o.finish_reason == "abort" for o in last.values()):  # the client went away
         return Response(status_code=499)
     counts = protocol.usage(last[0].prompt_tokens,
-                            sum(o.completion_tokens for o in last.values()))
+                            sum(o.completion_tokens for o in last.values()),
+                            last[0].cached_tokens)
     prompt_logprobs = None  # echo: the prompt's logprobs lead every choice's
     if echo is not None and echo.logprobs is not None:
         prompt_logprobs = _logprobs(state, echo.logprobs, False, 0, as_ids)
@@ -655,7 +656,8 @@ async def _stream(state: ServerState, requests: list[EngineRequest], outputs: as
                                                index=index, logprobs=logprobs))
         if include_usage and not failed:
             counts = protocol.usage(finished[0].prompt_tokens,
-                                    sum(o.completion_tokens for o in finished.values()))
+                                    sum(o.completion_tokens for o in finished.values()),
+                                    finished[0].cached_tokens)
             if chat:
                 yield _sse(protocol.chat_chunk(request_id, model, None, None, counts))
             else:
