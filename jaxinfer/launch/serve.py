@@ -34,10 +34,12 @@ flags.DEFINE_string("host", None, "Address to listen on.")
 flags.DEFINE_integer("port", None, "Port to listen on.")
 flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16"], "Weight and activation dtype.")
 flags.DEFINE_enum("attention", None, ["auto", "xla", "pallas"], "Attention implementation.")
-flags.DEFINE_enum("quant", None, ["int8", "int4", "gguf"],
-                  "Weight format: int8 (per output channel), int4 (groups of 32), or gguf (a "
-                  "GGUF file's blocks as stored); default: float weights.")
-flags.DEFINE_enum("kv_quant", None, ["int8"], "KV cache in int8 (per-token, per-head scales).")
+flags.DEFINE_enum("quant", None, ["none", "int8", "int4", "gguf"],
+                  "Weights: float (none), quantized at load (int8 per channel, int4 in groups "
+                  "of 32), or a GGUF file's own Q8_0/Q4_0/Q4_1/Q4_K blocks (gguf, the default "
+                  "model's preset). Unset: the preset's, else none.")
+flags.DEFINE_enum("kv_quant", None, ["none", "int8"],
+                  "KV cache in the compute dtype (none) or int8 (per-token, per-head scales).")
 flags.DEFINE_enum("cpu_kernels", "int8", ["int8", "f32", "off"],
                   "Quantized products on CPU: jaxinfer's kernels with activations quantized "
                   "per block of 32 (int8, as llama.cpp) or in fp32 (f32), or XLA's own (off).")
@@ -97,7 +99,8 @@ def load_and_attach(opts: dict, config, state) -> None:
 
         print(f"mesh: {describe(mesh)}", file=sys.stderr, flush=True)
     model = jaxinfer.load_model(opts["model"], dtype=opts["dtype"], attention=opts["attention"],
-                                mesh=mesh, quant=FLAGS.quant, kv_quant=FLAGS.kv_quant,
+                                mesh=mesh, quant=presets.optional("quant"),
+                                kv_quant=presets.optional("kv_quant"),
                                 cpu_kernels=FLAGS.cpu_kernels, progress=True)
     cfg = model.config
     engine = Engine(model, config, mesh=mesh)

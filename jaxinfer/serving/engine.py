@@ -249,23 +249,40 @@ class Engine:
         return bucket(length, self.config.min_prefill_bucket, self.context)
 
     def warmup(self, progress: bool = False) -> None:
-        """Compiles every prefill bucket, every decode width and the row updates, so serving
-        never compiles. Writes only to the scratch page."""
-        width = self.config.prefill_batch_size
-        stops = self.config.max_stop_token_ids
-        for seq in self.buckets:
-            prefix = self._prefill(np.zeros((width, seq), np.int32), np.ones(width, np.int32),
-                          np.zeros((width, self.pages_per_seq), np.int32),
-                          SamplingArrays.stack([SamplingParams()] * width),
-                          np.zeros(width, np.int32), np.ones(width, np.int32),
-                          np.full((width, stops), NO_TOKEN, np.int32), progress=progress)
-        # Rows of budget 1 are done at once: nothing below is emitted or written but scratch.
-        state = self.insert(Prefix([0] * width, prefix), self.init_state(), 0)
-        state = self.free(self.move(state, 0, self.slots - 1), self.slots - 1)
+        """Compiles (or reads from the persistent cache) every prefill bucket, every decode
+        width and the row updates, so serving never compiles. On one device nothing runs;
+        under a mesh each program runs once, writing only to the scratch page, because its
+        outputs' shardings are what the next program is compiled for."""
+        width, stops = self.config.prefill_batch_size, self.config.max_stop_token_ids
+        run = self.mesh is not None
+        decode_static = {"cfg": self.model_config, "steps": self.steps, "logits": False}
+        for seq in self.buckets:  # rows of budget 1 are done at once
+            inputs = (np.zeros((width, seq), np.int32), np.ones(width, np.int32),
+                      np.zeros((width, self.pages_per_seq), np.int32),
+                      SamplingArrays.stack([SamplingParams()] * width), np.zeros(width, np.int32),
+                      np.ones(width, np.int32), np.full((width, stops), NO_TOKEN, np.int32))
+            if run:
+                prefix = self._prefill(*inputs, progress=progress)
+            else:
+                self._compiled(_prefill_jit, (self.params, self.cache, *inputs),
+                               {"cfg": self.model_config}, f"prefill ({width} x {seq})", progress)
+                prefix = DecodeState.empty(width, stops)  # what prefill returns, in shape
         table = np.zeros((self.slots, self.pages_per_seq), np.int32)
-        for width in self.decode_widths:
-            state, _ = self.generate(state, table, width)
-        jax.block_until_ready(self.cache)
+        if run:
+            state = self.insert(Prefix([0] * width, prefix), self.init_state(), 0)
+            state = self.free(self.move(state, 0, self.slots - 1), self.slots - 1)
+            for w in self.decode_widths:
+                state, _ = self.generate(state, table, w)
+            jax.block_until_ready(self.cache)
+            return
+        state = self.init_state()
+        self._compiled(_set_row, (state, np.int32(0), prefix, np.int32(0)), {}, "insert",
+                       progress)
+        self._compiled(_move_row, (state, np.int32(0), np.int32(1), self._free_row.state), {},
+                       "move", progress)
+        for w in self.decode_widths:
+            self._compiled(_decode_jit, (self.params, self.cache, state, table[:w]),
+                           decode_static, f"decode ({w} slots x {self.steps} steps)", progress)
 
     @functools.cached_property
     def _free_row(self) -> Prefix:
@@ -277,6 +294,9 @@ class Engine:
                                       {"cfg": self.model_config},
                                       f"prefill ({inputs[0].shape[0]} x {seq})", progress)
         return state
+
+    def _compiled(self, jitted, args, static, what, progress=False):
+        return runtime.compiled(jitted, args, static, what, mesh=self.mesh, progress=progress)
 
     def _run(self, jitted, args, static, what, progress=False):
         return runtime.run(jitted, args, static, what, mesh=self.mesh, progress=progress,
