@@ -33,8 +33,10 @@ runs at the fixed width of all slots.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -250,12 +252,13 @@ class Engine:
 
     def warmup(self, progress: bool = False) -> None:
         """Compiles (or reads from the persistent cache) every prefill bucket, every decode
-        width and the row updates, so serving never compiles. On one device nothing runs;
-        under a mesh each program runs once, writing only to the scratch page, because its
-        outputs' shardings are what the next program is compiled for."""
+        width and the row updates, so serving never compiles. On one device nothing runs and
+        the programs compile side by side (XLA compiles outside the GIL); under a mesh each
+        runs once, writing only to the scratch page, because its outputs' shardings are what
+        the next program is compiled for."""
         width, stops = self.config.prefill_batch_size, self.config.max_stop_token_ids
         run = self.mesh is not None
-        decode_static = {"cfg": self.model_config, "steps": self.steps, "logits": False}
+        programs = []  # (jitted, args, static, what) to compile
         for seq in self.buckets:  # rows of budget 1 are done at once
             inputs = (np.zeros((width, seq), np.int32), np.ones(width, np.int32),
                       np.zeros((width, self.pages_per_seq), np.int32),
@@ -264,9 +267,8 @@ class Engine:
             if run:
                 prefix = self._prefill(*inputs, progress=progress)
             else:
-                self._compiled(_prefill_jit, (self.params, self.cache, *inputs),
-                               {"cfg": self.model_config}, f"prefill ({width} x {seq})", progress)
-                prefix = DecodeState.empty(width, stops)  # what prefill returns, in shape
+                programs.append((_prefill_jit, (self.params, self.cache, *inputs),
+                                 {"cfg": self.model_config}, f"prefill ({width} x {seq})"))
         table = np.zeros((self.slots, self.pages_per_seq), np.int32)
         if run:
             state = self.insert(Prefix([0] * width, prefix), self.init_state(), 0)
@@ -275,14 +277,16 @@ class Engine:
                 state, _ = self.generate(state, table, w)
             jax.block_until_ready(self.cache)
             return
-        state = self.init_state()
-        self._compiled(_set_row, (state, np.int32(0), prefix, np.int32(0)), {}, "insert",
-                       progress)
-        self._compiled(_move_row, (state, np.int32(0), np.int32(1), self._free_row.state), {},
-                       "move", progress)
-        for w in self.decode_widths:
-            self._compiled(_decode_jit, (self.params, self.cache, state, table[:w]),
-                           decode_static, f"decode ({w} slots x {self.steps} steps)", progress)
+        state, prefix = self.init_state(), DecodeState.empty(width, stops)  # prefill's, in shape
+        programs += [(_set_row, (state, np.int32(0), prefix, np.int32(0)), {}, "insert"),
+                     (_move_row, (state, np.int32(0), np.int32(1), self._free_row.state), {},
+                      "move")]
+        static = {"cfg": self.model_config, "steps": self.steps, "logits": False}
+        programs += [(_decode_jit, (self.params, self.cache, state, table[:w]), static,
+                      f"decode ({w} slots x {self.steps} steps)") for w in self.decode_widths]
+        runtime.enable_compilation_cache()
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(lambda program: self._compiled(*program, progress), programs))
 
     @functools.cached_property
     def _free_row(self) -> Prefix:
