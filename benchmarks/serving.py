@@ -171,19 +171,21 @@ def summarize(results: list[Result], duration: float) -> dict:
     }
 
 
-def generate_tpot(model: str, prompt: str, output_len: int, repeats: int = 3) -> dict:
+def generate_tpot(model: str, prompt: str, output_len: int, quant: str | None = None,
+                  repeats: int = 3) -> dict:
     """jaxinfer.generate() on `prompt` (greedy, no early stop): its per-token decode time,
     the best of `repeats` warm calls, to set beside the servers' TPOT at concurrency 1."""
     import jaxinfer
 
-    loaded = jaxinfer.load_model(model, progress=False)
+    loaded = jaxinfer.load_model(model, quant=quant, progress=False)
     ids = loaded.tokenizer.encode(prompt)
     best = float("inf")
     for _ in range(repeats + 1):  # the first call compiles
         result = jaxinfer.generate(loaded.params, [ids], loaded.config,
                                    max_new_tokens=output_len)
         best = min(best, result.timings["decode"] / (result.lengths[0] - 1))
-    return {"server": "jaxinfer.generate()", "mode": "batch 1", "tpot_mean_ms": best * 1e3}
+    name = "jaxinfer.generate()" + (f" --quant={quant}" if quant else "")
+    return {"server": name, "mode": "batch 1", "tpot_mean_ms": best * 1e3}
 
 
 # -- launching servers ------------------------------------------------------------------------
@@ -214,6 +216,7 @@ def launch(kind: str, args, port: int) -> tuple[subprocess.Popen, str]:
         command = [sys.executable, "-m", "jaxinfer.launch.serve", f"--port={port}",
                    f"--model={args.model}", f"--max_batch_size={args.max_batch_size}",
                    f"--max_seq_len={args.max_seq_len}", "--max_queue_size=1024",
+                   *([f"--quant={args.quant}"] if args.quant else []),
                    *args.jaxinfer_flags.split(), *extra.split()]
         name, health = args.model, "/health"
     elif kind == "llama.cpp":
@@ -330,6 +333,9 @@ def main() -> None:
                         help="A Python with llama-cpp-python[server] installed.")
     parser.add_argument("--max_batch_size", type=int, default=32, help="jaxinfer's slots.")
     parser.add_argument("--max_seq_len", type=int, default=512)
+    parser.add_argument("--quant", default=None,
+                        help="jaxinfer's weight format (its servers and the generate() peer): "
+                        "int8, int4 or gguf; default: float weights.")
     parser.add_argument("--jaxinfer_flags", default="", help="More flags for jaxinfer's server.")
     parser.add_argument("--generate_peer", action="store_true",
                         help="Also time jaxinfer.generate() per token on the first prompt, "
@@ -344,7 +350,7 @@ def main() -> None:
         prompts = random_prompts(16, args.input_len, args.seed, args.model)
     rows: list[dict] = []
     if args.generate_peer:
-        rows.append(generate_tpot(args.model, prompts[0], args.output_len))
+        rows.append(generate_tpot(args.model, prompts[0], args.output_len, args.quant))
         log(json.dumps(rows[-1]))
     if args.base_url:
         rows += [{"server": args.base_url, **r}
@@ -357,7 +363,7 @@ def main() -> None:
         finally:
             stop(process)
     if args.generate_peer:  # again: the load on a shared machine moves during a run
-        rows.append(generate_tpot(args.model, prompts[0], args.output_len))
+        rows.append(generate_tpot(args.model, prompts[0], args.output_len, args.quant))
         rows[-1]["mode"] = "batch 1, after the servers"
     print(table(rows))
     shared = (f" after a shared {args.prefix_len}-token prefix ({args.num_prefixes} prefixes)"

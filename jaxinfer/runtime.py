@@ -45,19 +45,29 @@ def run(jitted, args: tuple, static: dict, what: str, *, mesh=None, timings: dic
         if eager:
             with jax.disable_jit():
                 return jitted(*args, **static)
-        leaves, treedef = jax.tree.flatten(args)
-        layout = tuple((np.shape(x), np.result_type(x).name, _placement(x)) for x in leaves)
-        key = (jitted, tuple(sorted(static.items())), treedef, layout, mesh)
-        if key not in _executables:
-            enable_compilation_cache()
-            start = time.perf_counter()
+        return compiled(jitted, args, static, what, mesh=mesh, timings=timings,
+                        progress=progress)(*args)
+
+
+def compiled(jitted, args: tuple, static: dict, what: str, *, mesh=None,
+             timings: dict | None = None, progress: bool = False):
+    """The executable `run` would call for these arguments, compiled (or read from the
+    persistent cache) now if this layout is new; nothing runs. Warm-up uses it to have
+    every program ready without computing on dummy inputs."""
+    leaves, treedef = jax.tree.flatten(args)
+    layout = tuple((np.shape(x), np.result_type(x).name, _placement(x)) for x in leaves)
+    key = (jitted, tuple(sorted(static.items())), treedef, layout, mesh)
+    if key not in _executables:
+        enable_compilation_cache()
+        start = time.perf_counter()
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             _executables[key] = jitted.lower(*args, **static).compile()
-            seconds = time.perf_counter() - start
-            message = f"compiled {what} in {seconds:.1f}s"
-            print(message, flush=True) if progress else log.info(message)
-            if timings is not None:
-                timings["compile"] = timings.get("compile", 0.0) + seconds
-        return _executables[key](*args)
+        seconds = time.perf_counter() - start
+        message = f"compiled {what} in {seconds:.1f}s"
+        print(message, flush=True) if progress else log.info(message)
+        if timings is not None:
+            timings["compile"] = timings.get("compile", 0.0) + seconds
+    return _executables[key]
 
 
 def _placement(x) -> jax.sharding.Sharding | None:

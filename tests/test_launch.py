@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def launch(*flags: str) -> subprocess.CompletedProcess:
@@ -25,6 +26,15 @@ def test_plain_prompt_with_sampling_flags(smollm2_path):
                  "--top_p=0.9", "--top_k=40", "--seed=3")
     assert run.returncode == 0, run.stderr
     assert "[8 tokens, finish: length]" in run.stderr
+
+
+def test_preset_may_set_the_weight_format(smollm2_path, tmp_path):
+    preset = tmp_path / "gguf.toml"
+    default = Path(__file__).parent.parent / "configs" / "smollm2_135m.toml"
+    preset.write_text(default.read_text() + 'quant = "gguf"\n')
+    run = launch(f"--preset={preset}", "--nochat", "--prompt=1, 2, 3,", "--max_new_tokens=2")
+    assert run.returncode == 0, run.stderr
+    assert "gguf weights" in run.stderr
 
 
 def test_unknown_model_exits_with_the_known_names():

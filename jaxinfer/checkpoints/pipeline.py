@@ -11,6 +11,7 @@ next, so host memory peaks near the parameters placed so far plus one stacked we
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -155,7 +156,7 @@ def assemble(source: TensorSource, cfg: ModelConfig, *, mesh: Any = None,
             node[name] = place(_convert(tensors[0], shape, cfg), sharding_at(shardings, *path))
             tick()
         else:
-            host = np.empty(shape, NP_DTYPES[cfg.param_dtype])
+            host = aligned_empty(shape, NP_DTYPES[cfg.param_dtype])
             flat = host.reshape(-1, *layer_shape)  # one slot per layer (and expert)
             for index, tensor in enumerate(tensors):
                 flat[index] = _convert(tensor, layer_shape, cfg)
@@ -167,6 +168,16 @@ def assemble(source: TensorSource, cfg: ModelConfig, *, mesh: Any = None,
     if progress:
         print(file=sys.stderr)
     return params
+
+
+def aligned_empty(shape: tuple[int, ...], dtype, alignment: int = 64) -> np.ndarray:
+    """np.empty on a 64-byte boundary: XLA:CPU then adopts the buffer as the device array
+    instead of copying it (measured: a 113 MB weight placed in 4 ms instead of 190 ms), and
+    keeps it alive for as long as the array lives."""
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(size + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + size].view(dtype).reshape(shape)
 
 
 def quantize_param(tensors: list[StoredTensor], layer_shape: tuple[int, ...], param: str,

@@ -30,10 +30,12 @@ flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16"], "Weight and ac
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "pallas"],
                   "Attention: Pallas kernels (GPU/TPU; interpreted, slowly, on CPU), the XLA "
                   "reference, or auto (Pallas on GPU/TPU, XLA on CPU).")
-flags.DEFINE_enum("quant", None, ["int8", "int4", "gguf"],
-                  "Quantize the weights at load (int8 per channel, int4 in groups of 32), or keep "
-                  "a GGUF file's own Q8_0/Q4_0/Q4_1/Q4_K blocks (gguf). Unset: float weights.")
-flags.DEFINE_enum("kv_quant", None, ["int8"], "KV cache in int8 (per-token, per-head scales).")
+flags.DEFINE_enum("quant", None, ["none", "int8", "int4", "gguf"],
+                  "Weights: float (none), quantized at load (int8 per channel, int4 in groups "
+                  "of 32), or a GGUF file's own Q8_0/Q4_0/Q4_1/Q4_K blocks (gguf, the default "
+                  "model's preset). Unset: the preset's, else none.")
+flags.DEFINE_enum("kv_quant", None, ["none", "int8"],
+                  "KV cache in the compute dtype (none) or int8 (per-token, per-head scales).")
 flags.DEFINE_enum("cpu_kernels", "int8", ["int8", "f32", "off"],
                   "Quantized products on CPU: jaxinfer's kernels with activations quantized "
                   "per block of 32 (int8, as llama.cpp) or in fp32 (f32), or XLA's own (off).")
@@ -78,8 +80,8 @@ def main(argv: list[str]) -> None:
             start = time.perf_counter()
             model = jaxinfer.load_model(
                 opts["model"], dtype=opts["dtype"], attention=FLAGS.attention, mesh=mesh,
-                quant=FLAGS.quant, kv_quant=FLAGS.kv_quant, cpu_kernels=FLAGS.cpu_kernels,
-                progress=True,
+                quant=presets.optional("quant"), kv_quant=presets.optional("kv_quant"),
+                cpu_kernels=FLAGS.cpu_kernels, progress=True,
             )
             load_s = time.perf_counter() - start
             if opts["chat"]:
@@ -101,12 +103,14 @@ def main(argv: list[str]) -> None:
     print(text)
     t = result.timings
     n = result.lengths[0]
+    quant = presets.optional("quant")
+    weights = f", {quant} weights" if quant else ""
     decode_rate = (n - 1) / t["decode"] if n > 1 and t["decode"] > 0 else float("nan")
     print(
         f"\n[{n} tokens, finish: {result.finish_reasons[0]}] load {load_s:.1f}s, "
         f"compile {t['compile']:.1f}s, prefill {t['prefill'] * 1e3:.0f}ms "
         f"({result.prompt_lengths[0]} prompt tokens), decode {decode_rate:.1f} tok/s "
-        f"({model.config.compute_dtype})",
+        f"({model.config.compute_dtype}{weights})",
         file=sys.stderr,
     )
 

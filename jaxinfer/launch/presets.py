@@ -22,3 +22,12 @@ def settings(names: Sequence[str]) -> dict:
     if missing := [name for name, value in values.items() if value is None]:
         raise app.UsageError(f"no value for {', '.join(missing)}: set it in the preset or a flag")
     return values
+
+
+def optional(name: str) -> str | None:
+    """A setting a preset may leave out: the flag if given, else the preset's value; "none"
+    (or neither) -> None. For the weight and KV-cache formats (`quant`, `kv_quant`)."""
+    from jaxinfer.config import load_preset
+
+    value = flags.FLAGS[name].value or load_preset(flags.FLAGS.preset).get(name, "none")
+    return None if value == "none" else value

@@ -38,6 +38,12 @@ flags.DEFINE_string("host", None, "Address to listen on.")
 flags.DEFINE_integer("port", None, "Port to listen on.")
 flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16"], "Weight and activation dtype.")
 flags.DEFINE_enum("attention", None, ["auto", "xla", "pallas"], "Attention implementation.")
+flags.DEFINE_enum("quant", None, ["none", "int8", "int4", "gguf"],
+                  "Weights: float (none), quantized at load (int8 per channel, int4 in groups "
+                  "of 32), or a GGUF file's own Q8_0/Q4_0/Q4_1/Q4_K blocks (gguf, the default "
+                  "model's preset). Unset: the preset's, else none.")
+flags.DEFINE_enum("kv_quant", None, ["none", "int8"],
+                  "KV cache in the compute dtype (none) or int8 (per-token, per-head scales).")
 flags.DEFINE_enum("cpu_kernels", "int8", ["int8", "f32", "off"],
                   "Quantized products on CPU: jaxinfer's kernels with activations quantized "
                   "per block of 32 (int8, as llama.cpp) or in fp32 (f32), or XLA's own (off).")
@@ -110,11 +116,13 @@ def load_and_attach(opts: dict, config, state) -> None:
 
 
 def load_weights(path: str, opts: dict, mesh, quant: str | None = None):
+    """`path` loaded as the flags say; `quant` (a models file's entry) overrides --quant."""
     import jaxinfer
 
     return jaxinfer.load_model(path, dtype=opts["dtype"], attention=opts["attention"],
-                               mesh=mesh, quant=quant, cpu_kernels=FLAGS.cpu_kernels,
-                               progress=True)
+                               mesh=mesh, quant=quant or presets.optional("quant"),
+                               kv_quant=presets.optional("kv_quant"),
+                               cpu_kernels=FLAGS.cpu_kernels, progress=True)
 
 
 def start_engine(model, config, mesh):
@@ -193,6 +201,7 @@ class MultiModel:
 
 
 def main(argv: list[str]) -> None:
+    started = time.perf_counter()  # after jax's import (about 3 s on 2 cores)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import uvicorn
@@ -245,7 +254,8 @@ def main(argv: list[str]) -> None:
     def load() -> None:
         try:
             load_and_start()
-            print(f"serving {name!r} on http://{opts['host']}:{opts['port']}/v1",
+            print(f"serving {name!r} on http://{opts['host']}:{opts['port']}/v1 "
+                  f"({time.perf_counter() - started:.1f}s after start)",
                   file=sys.stderr, flush=True)
         except BaseException as e:  # noqa: BLE001 - any failure must stop the server
             log.exception("could not start the engine")

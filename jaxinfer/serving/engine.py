@@ -36,8 +36,11 @@ runs at the fixed width of all slots.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import itertools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -333,24 +336,52 @@ class Engine:
         return bucket(length, self.config.min_prefill_bucket, self.chunk)
 
     def warmup(self, progress: bool = False) -> None:
-        """Compiles every prefill bucket, every decode width and the row updates, so serving
-        never compiles. Writes only to the scratch page."""
-        width = self.config.prefill_batch_size
-        stops = self.config.max_stop_token_ids
-        for seq in self.buckets:
-            prefix, _ = self._prefill(np.zeros((width, seq), np.int32), np.ones(width, np.int32),
-                          np.zeros((width, self.pages_per_seq), np.int32),
-                          SamplingArrays.stack([SamplingParams()] * width),
-                          np.zeros(width, np.int32), np.ones(width, np.int32),
-                          np.full((width, stops), NO_TOKEN, np.int32), self.any_token(width),
-                          np.zeros(width, np.int32), progress=progress)
-        # Rows of budget 1 are done at once: nothing below is emitted or written but scratch.
-        state = self.insert(Prefix([0] * width, prefix), self.init_state(), 0)
-        state = self.free(self.move(state, 0, self.slots - 1), self.slots - 1)
+        """Compiles (or reads from the persistent cache) every prefill bucket, every decode
+        width (of `decode_steps` steps, and of one for structured output) and the row updates,
+        so serving never compiles. On one device nothing runs and the programs compile side by
+        side (XLA compiles outside the GIL); under a mesh each runs once, writing only to the
+        scratch page, because its outputs' shardings are what the next program is compiled
+        for."""
+        width, stops = self.config.prefill_batch_size, self.config.max_stop_token_ids
+        run = self.mesh is not None
+        programs = []  # (jitted, args, static, what) to compile
+        for seq in self.buckets:  # rows of budget 1 are done at once
+            inputs = (np.zeros((width, seq), np.int32), np.ones(width, np.int32),
+                      np.zeros((width, self.pages_per_seq), np.int32),
+                      SamplingArrays.stack([SamplingParams()] * width), np.zeros(width, np.int32),
+                      np.ones(width, np.int32), np.full((width, stops), NO_TOKEN, np.int32),
+                      self.any_token(width), np.zeros(width, np.int32))
+            if run:
+                prefix, _ = self._prefill(*inputs, progress=progress)
+            else:
+                programs.append((_prefill_jit, (self.params, self.cache, *inputs),
+                                 {"cfg": self.model_config}, f"prefill ({width} x {seq})"))
         table = np.zeros((self.slots, self.pages_per_seq), np.int32)
-        for width in self.decode_widths:
-            state, _ = self.generate(state, table, width)
-        jax.block_until_ready(self.cache)
+        if run:
+            state = self.insert(Prefix([0] * width, prefix), self.init_state(), 0)
+            state = self.free(self.move(state, 0, self.slots - 1), self.slots - 1)
+            for w, steps in itertools.product(self.decode_widths, self._step_counts):
+                state, _ = self.generate(state, table, w, steps=steps)
+            jax.block_until_ready(self.cache)
+            return
+        vocab = self.model_config.vocab_size
+        state, prefix = self.init_state(), DecodeState.empty(width, stops, vocab)  # in shape
+        programs += [(_set_row, (state, np.int32(0), prefix, np.int32(0)), {}, "insert"),
+                     (_move_row, (state, np.int32(0), np.int32(1), self._free_row.state), {},
+                      "move")]
+        for w, steps in itertools.product(self.decode_widths, self._step_counts):
+            static = {"cfg": self.model_config, "steps": steps, "logits": False}
+            programs.append((_decode_jit, (self.params, self.cache, state, table[:w],
+                                           self.any_token(w)), static,
+                             f"decode ({w} slots x {steps} steps)"))
+        runtime.enable_compilation_cache()
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(lambda program: self._compiled(*program, progress), programs))
+
+    @property
+    def _step_counts(self) -> list[int]:
+        """Steps per decode call: decode_steps, and 1 while a structured-output request runs."""
+        return sorted({self.steps, 1}, reverse=True)
 
     @functools.cached_property
     def _free_row(self) -> Prefix:
@@ -363,6 +394,9 @@ class Engine:
             _prefill_jit, (self.params, self.cache, *inputs), {"cfg": self.model_config},
             f"prefill ({inputs[0].shape[0]} x {seq})", progress)
         return state, logprobs
+
+    def _compiled(self, jitted, args, static, what, progress=False):
+        return runtime.compiled(jitted, args, static, what, mesh=self.mesh, progress=progress)
 
     def _run(self, jitted, args, static, what, progress=False):
         return runtime.run(jitted, args, static, what, mesh=self.mesh, progress=progress,
