@@ -209,6 +209,9 @@ REAL_SIZES = {
         num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
         num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
         max_position_embeddings=40960), 30.53e9, 3.35e9),
+    "gpt_oss_20b": (lambda: transformers.GptOssConfig(
+        num_hidden_layers=24, num_local_experts=32, num_experts_per_tok=4), 20.91e9,
+        3.61e9 + 201088 * 2880),  # OpenAI's 3.6B active leaves out the input embedding
 }
 
 
