@@ -198,6 +198,21 @@ def test_a_config_with_more_experts_than_the_file_lists_the_missing_ones(mixtral
         hf.load_hf(mixtral_copy, progress=False)
 
 
+def test_mxfp4_experts_fail_naming_the_tensor_and_the_way_out(checkpoint, tmp_path):
+    name, directory, _ = checkpoint
+    if name != "gpt_oss":
+        pytest.skip("MXFP4 is gpt-oss's hub format")
+    for path in directory.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(tmp_path / hf.SINGLE_FILE)
+    tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"] = np.zeros((8, 64, 2, 16),
+                                                                         np.uint8)
+    save_file(tensors, tmp_path / hf.SINGLE_FILE)
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.experts\.gate_up_proj_"
+                                              r"blocks' holds MXFP4.*dequantize=True"):
+        hf.load_hf(tmp_path, progress=False)
+
+
 # -- presets for the real sizes ------------------------------------------------------------------
 
 # name -> (the hub model's config.json, as transformers writes it, total and active parameters)
