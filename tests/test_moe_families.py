@@ -198,6 +198,21 @@ def test_a_config_with_more_experts_than_the_file_lists_the_missing_ones(mixtral
         hf.load_hf(mixtral_copy, progress=False)
 
 
+def test_mxfp4_experts_fail_naming_the_tensor_and_the_way_out(checkpoint, tmp_path):
+    name, directory, _ = checkpoint
+    if name != "gpt_oss":
+        pytest.skip("MXFP4 is gpt-oss's hub format")
+    for path in directory.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(tmp_path / hf.SINGLE_FILE)
+    tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"] = np.zeros((8, 64, 2, 16),
+                                                                         np.uint8)
+    save_file(tensors, tmp_path / hf.SINGLE_FILE)
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.experts\.gate_up_proj_"
+                                              r"blocks' holds MXFP4.*dequantize=True"):
+        hf.load_hf(tmp_path, progress=False)
+
+
 # -- presets for the real sizes ------------------------------------------------------------------
 
 # name -> (the hub model's config.json, as transformers writes it, total and active parameters)
@@ -209,6 +224,9 @@ REAL_SIZES = {
         num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
         num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
         max_position_embeddings=40960), 30.53e9, 3.35e9),
+    "gpt_oss_20b": (lambda: transformers.GptOssConfig(
+        num_hidden_layers=24, num_local_experts=32, num_experts_per_tok=4), 20.91e9,
+        3.61e9 + 201088 * 2880),  # OpenAI's 3.6B active leaves out the input embedding
 }
 
 

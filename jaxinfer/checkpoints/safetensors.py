@@ -399,6 +399,11 @@ class SafetensorsSource:
                 if stored_name not in reader.entries:
                     raise CheckpointError(f"{reader.path}: tensor {stored_name!r} is missing "
                                           f"(the index places it in this file)")
+                if stored_name.endswith(("_blocks", "_scales")) and ".experts." in stored_name:
+                    raise CheckpointError(
+                        f"{reader.path}: tensor {stored_name!r} holds MXFP4-quantized experts, "
+                        "which jaxinfer does not read yet; save a bf16 copy first "
+                        "(transformers: Mxfp4Config(dequantize=True), then save_pretrained)")
                 name = _text_name(stored_name)
                 if name is None or (name == "lm_head.weight" and self.cfg.tie_embeddings):
                     continue  # a vision tower's weights, or a copy of the tied embedding

@@ -1,10 +1,10 @@
-"""The mixture-of-experts MLP (Mixtral, Qwen3-MoE, ...), beside the dense `layers.gated_mlp`.
+"""The mixture-of-experts MLP (Mixtral, Qwen3-MoE, gpt-oss), beside the dense `gated_mlp`.
 
 A router scores every expert per token (softmax or sigmoid of `x @ router`, plus an optional
 bias), keeps the top k, optionally renormalises their weights and scales them; the chosen
-experts' gated MLPs run as grouped matrix products over the tokens sorted by expert, so each
-expert reads only its own tokens and no token is dropped (capacity-free). An optional shared
-expert sees every token.
+experts' gated MLPs (with optional biases and gpt-oss's clamped SwiGLU) run as grouped matrix
+products over the tokens sorted by expert, so each expert reads only its own tokens and no
+token is dropped (capacity-free). An optional shared expert sees every token.
 
     weights, experts = route(x, router, bias, cfg)        # [tokens, k] each
     out = routed_experts(x, experts, weights, w_gate, w_up, w_down, activation)
