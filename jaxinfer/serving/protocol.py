@@ -33,6 +33,9 @@ context):
 | `logprobs` (completions) | integer in [0, 20] |
 | `echo` (completions) | boolean; with `logprobs`, the prompt's tokens get logprobs too |
 | `logprobs` (chat) | boolean; `top_logprobs` integer in [0, 20], only with `logprobs: true` |
+| `response_format` | `{"type": "text" / "json_object" / "json_schema", "json_schema": {...}}` |
+| `guided_json`, `guided_regex`, ... | vLLM's, or `structured_outputs`; one constraint at most |
+| `tools`, `tool_choice` (chat) | function tools; `none`, `auto`, `required` or one named |
 
 Text that reaches the tokenizer (`prompt`, message contents, `stop`) must be valid Unicode:
 JSON can carry a lone surrogate (`"\\ud800"`), which no tokenizer can encode.
