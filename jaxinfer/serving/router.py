@@ -19,8 +19,9 @@ name between versions, and weight updates without downtime. A thin ASGI layer ov
   directory or an Orbax checkpoint of the same architecture and shapes; the API key required)
   loads the new weights beside the old, warms a second engine on them, and switches at a
   request boundary: requests that arrive after the switch go to the new weights, requests
-  already admitted finish on the old ones (a request never mixes versions), then the old
-  engine stops and its weights and KV pages are freed. A mismatch answers 400 and keeps the
+  dispatched before it (running, queued, or still being tokenized) finish on the old ones (a
+  request never mixes versions, and none is refused), then the old engine stops and its
+  weights and KV pages are freed. A mismatch answers 400 and keeps the
   old weights. Memory: two copies of the model (and two page pools) during the update.
 """
 
@@ -28,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import hashlib
 import itertools
 import json
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -100,6 +103,7 @@ class Router:
         self.apps: dict[str, Any] = {}
         self.routes: dict[str, Route] = {}
         self._updating: set[str] = set()
+        self._in_flight: collections.Counter[int] = collections.Counter()  # by id(state)
         self.draining = False
 
     # -- set-up -------------------------------------------------------------------------------
@@ -182,13 +186,24 @@ class Router:
             state.attach(engine)
             # The switch: the next request dispatched finds the new app (a request boundary).
             self.states[name], self.apps[name] = state, create_app(state)
-            aborted = await old.drain(self.drain_timeout_s)  # the old requests finish
+            aborted = await self._retire(old)
             old.metrics.retire()
             old.scheduler = None  # the old engine's weights and pages go with the last ref
             return {"id": name, "object": "model", "version": version,
                     "previous_version": old.model_version, "aborted_requests": aborted}
         finally:
             self._updating.discard(name)
+
+    async def _retire(self, old: ServerState) -> int:
+        """Waits for the requests dispatched to `old` to end (those still being tokenized
+        included, so none is refused), then stops its engine; returns how many it cut."""
+        deadline = time.monotonic() + self.drain_timeout_s
+        while self._in_flight[id(old)] > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._in_flight.pop(id(old), None)
+        unfinished = old.scheduler.num_unfinished
+        await asyncio.to_thread(old.scheduler.stop, 30, "the model's weights were replaced")
+        return unfinished
 
     # -- ASGI ---------------------------------------------------------------------------------
 
@@ -258,7 +273,8 @@ class Router:
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"]
                                           if k != b"content-length"]
                      + [(b"content-length", str(len(raw)).encode())]}
-        app = self.apps[served]  # read once: a weight update swaps it for later requests
+        # Read once: a weight update swaps them for later requests, this one stays on these.
+        state, app = self.states[served], self.apps[served]
 
         async def named(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -266,7 +282,11 @@ class Router:
                                                   (b"x-jaxinfer-model", served.encode())]}
             await send(message)
 
-        await app(scope, _replay(raw, receive), named)
+        self._in_flight[id(state)] += 1
+        try:
+            await app(scope, _replay(raw, receive), named)
+        finally:
+            self._in_flight[id(state)] -= 1
 
     def _authorize(self, scope: Scope, admin: bool = False) -> None:
         if admin and not self.api_key:
