@@ -209,7 +209,11 @@ class Router:
 
     def app(self):
         """The ASGI app: the router behind the body-size limit."""
-        return _BodyLimit(self, self.max_body_bytes)
+        return _BodyLimit(self, self.max_body_bytes, metrics=self)
+
+    def error(self, status: int) -> None:
+        """Counts an error answered before a model was chosen (the body limit calls it)."""
+        count_error(self.registry, status)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -238,7 +242,7 @@ class Router:
             if path in ROUTED_PATHS and method == "POST":
                 return await self._dispatch(scope, receive, send)
         except APIError as error:
-            count_error(self.registry, error.status)
+            self.error(error.status)
             return await error.response()(scope, receive, send)
         return await next(iter(self.apps.values()))(scope, receive, send)
 

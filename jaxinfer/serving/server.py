@@ -122,7 +122,7 @@ class ServerState:
 class _BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets a 413 before any of it is parsed."""
 
-    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics | None = None):
+    def __init__(self, app: ASGIApp, limit: int, metrics=None):  # anything with .error(status)
         self.app, self.limit, self.metrics = app, limit, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
