@@ -66,12 +66,12 @@ class ServerState:
 
     model_name: str
     api_key: str | None = None
-    model_version: str = "1"  # in every metric's labels and the x-jaxinfer-model-version header
     max_body_bytes: int = 4 * 2**20  # larger request bodies get 413
     scheduler: Scheduler | None = None
     draining: bool = False  # set on SIGTERM: in-flight requests finish, new ones get 503
     metrics: Metrics = None  # type: ignore[assignment]
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    model_version: str = "1"  # in every metric's labels and the x-jaxinfer-model-version header
     registry: CollectorRegistry | None = None  # shared by the models of one server (router)
 
     def __post_init__(self):
