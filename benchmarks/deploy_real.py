@@ -2,8 +2,9 @@
 
 1. SmolLM2-135M and Gemma 3 270M served at once by one router, each answering as
    jaxinfer.generate does (greedy, the same prompts);
-2. a weight update under load: N concurrent streams on SmolLM2 while its weights are replaced
-   by a converted Orbax checkpoint of different values (every non-norm weight x1.05): failed
+2. a weight update under load: N concurrent streams on SmolLM2, and one more every 2 s while
+   its weights are replaced by a converted Orbax checkpoint of different values (every
+   non-norm weight x1.05): failed
    or truncated streams, how many were wholly v1's / v2's answer (none may be neither), the
    new version answering afterwards, and the live device bytes before and after.
 
@@ -139,10 +140,14 @@ def main() -> None:
                                for i in range(args.streams)]
                     await asyncio.sleep(1.0)
                     t0 = time.perf_counter()
-                    update = await client.post(f"{url}/v1/admin/models/smollm2/weights",
-                                               json={"path": v2_path})
+                    update = asyncio.ensure_future(client.post(
+                        f"{url}/v1/admin/models/smollm2/weights", json={"path": v2_path}))
+                    while not update.done():  # more streams arrive while the update runs
+                        await asyncio.sleep(2.0)
+                        streams.append(asyncio.ensure_future(
+                            stream(client, PROMPTS[len(streams) % len(PROMPTS)])))
                     update_s = time.perf_counter() - t0
-                    return update, update_s, await asyncio.gather(*streams)
+                    return await update, update_s, await asyncio.gather(*streams)
 
             update, update_s, results = asyncio.run(under_load())
             index = {p: i for i, p in enumerate(PROMPTS)}

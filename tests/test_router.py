@@ -212,11 +212,12 @@ def test_errors_are_counted_by_code_and_model(url):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
-    before = errors(404, ""), errors(400, "tiny-b"), errors(401, "")
+    before = errors(404, ""), errors(400, "tiny-b"), errors(401, ""), errors(413, "")
     complete(url, "nope", [1])
     assert complete(url, "tiny-b", [1], max_tokens=-1).status_code == 400
     httpx.get(f"{url}/v1/models")
-    assert (errors(404, ""), errors(400, "tiny-b"), errors(401, "")) == tuple(
+    assert complete(url, "tiny-a", [1] * 3_000_000).status_code == 413
+    assert (errors(404, ""), errors(400, "tiny-b"), errors(401, ""), errors(413, "")) == tuple(
         b + 1 for b in before)
 
 

@@ -19,8 +19,9 @@ name between versions, and weight updates without downtime. A thin ASGI layer ov
   directory or an Orbax checkpoint of the same architecture and shapes; the API key required)
   loads the new weights beside the old, warms a second engine on them, and switches at a
   request boundary: requests that arrive after the switch go to the new weights, requests
-  already admitted finish on the old ones (a request never mixes versions), then the old
-  engine stops and its weights and KV pages are freed. A mismatch answers 400 and keeps the
+  dispatched before it (running, queued, or still being tokenized) finish on the old ones (a
+  request never mixes versions, and none is refused), then the old engine stops and its
+  weights and KV pages are freed. A mismatch answers 400 and keeps the
   old weights. Memory: two copies of the model (and two page pools) during the update.
 """
 
@@ -28,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import hashlib
 import itertools
 import json
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -100,6 +103,7 @@ class Router:
         self.apps: dict[str, Any] = {}
         self.routes: dict[str, Route] = {}
         self._updating: set[str] = set()
+        self._in_flight: collections.Counter[int] = collections.Counter()  # by id(state)
         self.draining = False
 
     # -- set-up -------------------------------------------------------------------------------
@@ -182,7 +186,7 @@ class Router:
             state.attach(engine)
             # The switch: the next request dispatched finds the new app (a request boundary).
             self.states[name], self.apps[name] = state, create_app(state)
-            aborted = await old.drain(self.drain_timeout_s)  # the old requests finish
+            aborted = await self._retire(old)
             old.metrics.retire()
             old.scheduler = None  # the old engine's weights and pages go with the last ref
             return {"id": name, "object": "model", "version": version,
@@ -190,11 +194,26 @@ class Router:
         finally:
             self._updating.discard(name)
 
+    async def _retire(self, old: ServerState) -> int:
+        """Waits for the requests dispatched to `old` to end (those still being tokenized
+        included, so none is refused), then stops its engine; returns how many it cut."""
+        deadline = time.monotonic() + self.drain_timeout_s
+        while self._in_flight[id(old)] > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._in_flight.pop(id(old), None)
+        unfinished = old.scheduler.num_unfinished
+        await asyncio.to_thread(old.scheduler.stop, 30, "the model's weights were replaced")
+        return unfinished
+
     # -- ASGI ---------------------------------------------------------------------------------
 
     def app(self):
         """The ASGI app: the router behind the body-size limit."""
-        return _BodyLimit(self, self.max_body_bytes)
+        return _BodyLimit(self, self.max_body_bytes, metrics=self)
+
+    def error(self, status: int) -> None:
+        """Counts an error answered before a model was chosen (the body limit calls it)."""
+        count_error(self.registry, status)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -223,7 +242,7 @@ class Router:
             if path in ROUTED_PATHS and method == "POST":
                 return await self._dispatch(scope, receive, send)
         except APIError as error:
-            count_error(self.registry, error.status)
+            self.error(error.status)
             return await error.response()(scope, receive, send)
         return await next(iter(self.apps.values()))(scope, receive, send)
 
@@ -258,7 +277,8 @@ class Router:
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"]
                                           if k != b"content-length"]
                      + [(b"content-length", str(len(raw)).encode())]}
-        app = self.apps[served]  # read once: a weight update swaps it for later requests
+        # Read once: a weight update swaps them for later requests, this one stays on these.
+        state, app = self.states[served], self.apps[served]
 
         async def named(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -266,7 +286,11 @@ class Router:
                                                   (b"x-jaxinfer-model", served.encode())]}
             await send(message)
 
-        await app(scope, _replay(raw, receive), named)
+        self._in_flight[id(state)] += 1
+        try:
+            await app(scope, _replay(raw, receive), named)
+        finally:
+            self._in_flight[id(state)] -= 1
 
     def _authorize(self, scope: Scope, admin: bool = False) -> None:
         if admin and not self.api_key:

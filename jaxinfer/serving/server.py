@@ -67,12 +67,12 @@ class ServerState:
 
     model_name: str
     api_key: str | None = None
-    model_version: str = "1"  # in every metric's labels and the x-jaxinfer-model-version header
     max_body_bytes: int = 4 * 2**20  # larger request bodies get 413
     scheduler: Scheduler | None = None
     draining: bool = False  # set on SIGTERM: in-flight requests finish, new ones get 503
     metrics: Metrics = None  # type: ignore[assignment]
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    model_version: str = "1"  # in every metric's labels and the x-jaxinfer-model-version header
     registry: CollectorRegistry | None = None  # shared by the models of one server (router)
 
     def __post_init__(self):
@@ -123,7 +123,7 @@ class ServerState:
 class _BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets a 413 before any of it is parsed."""
 
-    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics | None = None):
+    def __init__(self, app: ASGIApp, limit: int, metrics=None):  # anything with .error(status)
         self.app, self.limit, self.metrics = app, limit, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
