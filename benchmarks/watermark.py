@@ -90,16 +90,17 @@ def mean_nll(model, prompts: list[list[int]], texts: list[list[int]]) -> float:
                                        strict=True)):
             total -= chosen[i, len(p) - 1:len(p) - 1 + len(t)].sum()  # logprob of t under p
             n += len(t)
-    return total / n
+    return float(total / n)
 
 
 def scores(model, prompts, texts, key: str) -> dict:
     """z on the token ids (with the prompt's last token as the first context) and on the
     decoded text tokenized again."""
-    on_ids = [watermark.detect(p[-1:] + t, key)[0] for p, t in zip(prompts, texts, strict=True)]
+    on_ids = [float(watermark.detect(p[-1:] + t, key)[0])
+              for p, t in zip(prompts, texts, strict=True)]
     retokenized = [model.tokenizer.encode(model.tokenizer.decode(t), add_bos=False)
                    for t in texts]
-    on_text = [watermark.detect(t, key)[0] for t in retokenized]
+    on_text = [float(watermark.detect(t, key)[0]) for t in retokenized]
     return {"z_ids": on_ids, "z_text": on_text}
 
 
@@ -140,8 +141,8 @@ def main() -> None:
     marked = scores(model, prompts, texts["watermarked"], KEY)
     plain = scores(model, prompts, texts["plain"], KEY)
     wrong_key = scores(model, prompts, texts["watermarked"], "some other key")
-    human_z = [watermark.detect(t, KEY)[0] for t in human]
-    nll = {name: mean_nll(model, prompts, texts[name]) for name in texts}
+    human_z = [float(watermark.detect(t, KEY)[0]) for t in human]
+    nll = {name: float(mean_nll(model, prompts, texts[name])) for name in texts}
     report = {
         "texts": args.texts, "tokens": args.tokens, "temperature": args.temperature,
         "gamma": watermark.GAMMA, "delta": watermark.DELTA, "human_texts": len(human),
