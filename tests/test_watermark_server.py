@@ -83,9 +83,11 @@ def test_a_watermark_field_that_is_not_a_boolean_is_a_400(url, value):
     ({"text": "Hi"}, "text"),  # one token: nothing to score
     ({"key": KEY}, "text"),
     ({"text": "Hello there", "key": 17}, "key"),
+    ({"text": "Hello there", "key": "\ud800"}, "key"),
 ])
 def test_bad_detect_requests_get_a_400_naming_the_field(url, body, param):
-    response = httpx.post(f"{url}/v1/watermark/detect", json=body, timeout=60)
+    response = httpx.post(f"{url}/v1/watermark/detect", content=json.dumps(body),  # ASCII
+                          headers={"content-type": "application/json"}, timeout=60)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
     assert KEY not in response.text

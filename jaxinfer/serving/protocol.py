@@ -434,6 +434,16 @@ class WatermarkDetectRequest(_Strict):
     text: Annotated[Text, Field(min_length=1)]
     key: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
 
+    @field_validator("key")
+    @classmethod
+    def _key_is_unicode(cls, key: str | None) -> str | None:
+        try:
+            key is None or key.encode("utf-8")
+        except UnicodeEncodeError:  # the message says nothing of the key's contents
+            raise ValueError("the key is not valid Unicode (a lone surrogate); send UTF-8 "
+                             "text") from None
+        return key
+
 
 # -- responses --------------------------------------------------------------------------------
 
