@@ -10,7 +10,8 @@ through either, in any row.
     cache, state, token, logits = step(params, cache, state, cfg)  # until all(state.done)
 
 Sampling draws from `sampling.adjust_logits` of the model's logits (penalties over the row's
-`TokenCounts`, logit bias, min_tokens); `step` returns the raw logits, which logprobs use.
+`TokenCounts`, logit bias, the green-list watermark keyed on the previous token, min_tokens);
+`step` returns the raw logits, which logprobs use.
 """
 
 from __future__ import annotations
