@@ -10,7 +10,8 @@ through either, in any row.
     cache, state, token, logits = step(params, cache, state, cfg)  # until all(state.done)
 
 Sampling draws from `sampling.adjust_logits` of the model's logits (penalties over the row's
-`TokenCounts`, logit bias, min_tokens); `step` returns the raw logits, which logprobs use.
+`TokenCounts`, logit bias, the green-list watermark keyed on the previous token, min_tokens);
+`step` returns the raw logits, which logprobs use.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def prefill(params, cache, tokens: jax.Array, lengths: jax.Array, sampling: Samp
     last_hidden = hidden[jnp.arange(rows), jnp.maximum(lengths - 1, 0)]
     logits = model.unembed(params, last_hidden, cfg)
     counts = TokenCounts.of(tokens, lengths, count, logits.shape[-1])
-    adjusted = adjust_logits(logits, sampling, counts, stop_ids, count, bitmask)
+    previous = tokens[jnp.arange(rows), jnp.maximum(lengths - 1, 0)]  # the watermark's context
+    adjusted = adjust_logits(logits, sampling, counts, stop_ids, count, bitmask, previous)
     first = sample(adjusted, sampling, count)
     position = lengths if start is None else start + lengths  # where the first token goes
     state = DecodeState.start(first, position, count, max_tokens, stop_ids, sampling, live,
@@ -142,7 +144,7 @@ def step(params, cache, state: DecodeState, cfg: ModelConfig, bitmask: jax.Array
         params, state.last[:, None], state.position[:, None], cache, cfg)
     logits = logits[:, 0]
     adjusted = adjust_logits(logits, state.sampling, state.counts, state.stop_ids, state.count,
-                             bitmask)
+                             bitmask, state.last)
     state, token = state.record(sample(adjusted, state.sampling, state.count))
     return cache, state, token, logits
 

@@ -1,5 +1,6 @@
 """Token sampling with per-row parameters: greedy, temperature, top-k, top-p, min-p, and the
-logit adjustments before them (penalties, logit bias, min_tokens); logprobs of the raw logits."""
+logit adjustments before them (penalties, logit bias, the green-list watermark, min_tokens);
+logprobs of the raw logits."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxinfer import watermark
 
 MAX_LOGIT_BIAS = 300  # entries of logit_bias per request (OpenAI's documented limit)
 MAX_TOP_LOGPROBS = 20  # top logprobs per token, as OpenAI allows (0..20)
@@ -26,6 +29,8 @@ class SamplingParams:
     `ignore_eos`: the tokenizer's stop ids do not end the row (stop ids a request names still
     do in the server; generate() then ignores its `stop_token_ids` for this row).
     `logprobs`: None, or how many top logprobs (0..20) to return beside each chosen token's.
+    `watermark_key`: None, or the secret whose green-list watermark (jaxinfer.watermark) the
+    row's tokens carry; never printed (repr=False).
     """
 
     temperature: float = 0.0
@@ -40,6 +45,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None
+    watermark_key: str | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         checks = [
@@ -61,6 +67,9 @@ class SamplingParams:
             (self.min_tokens >= 0, f"min_tokens={self.min_tokens} must be >= 0"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
              f"logprobs={self.logprobs} must be in [0, {MAX_TOP_LOGPROBS}]"),
+            (self.watermark_key is None or (isinstance(self.watermark_key, str)
+                                            and self.watermark_key != ""),
+             "watermark_key must be None or a non-empty string"),
         ]
         for ok, message in checks:
             if not ok:
@@ -90,6 +99,8 @@ class SamplingArrays:
     bias: jax.Array  # float32 [batch, MAX_LOGIT_BIAS]
     min_tokens: jax.Array
     logprobs: jax.Array  # int32: top logprobs wanted, NO_LOGPROBS for none
+    watermark: jax.Array  # bool: whether the row is watermarked
+    watermark_key: jax.Array  # uint32 [batch, 2]: the key's material (zeros where off)
 
     @classmethod
     def stack(cls, rows: list[SamplingParams]) -> SamplingArrays:
@@ -99,6 +110,10 @@ class SamplingArrays:
         for i, row in enumerate(rows):
             for j, (token, value) in enumerate(row.logit_bias):
                 bias_ids[i, j], bias[i, j] = token, value
+        keys = np.zeros((len(rows), 2), np.uint32)
+        for i, row in enumerate(rows):
+            if row.watermark_key is not None:
+                keys[i] = watermark.key_words(row.watermark_key)
         return cls(
             temperature=column("temperature", np.float32),
             top_k=column("top_k", np.int32),
@@ -113,6 +128,8 @@ class SamplingArrays:
             min_tokens=column("min_tokens", np.int32),
             logprobs=np.array([NO_LOGPROBS if r.logprobs is None else r.logprobs for r in rows],
                               np.int32),
+            watermark=np.array([r.watermark_key is not None for r in rows], bool),
+            watermark_key=keys,
         )
 
 
@@ -152,13 +169,16 @@ class TokenCounts:
 
 def adjust_logits(logits: jax.Array, params: SamplingArrays, counts: TokenCounts | None,
                   stop_ids: jax.Array, count: jax.Array,
-                  bitmask: jax.Array | None = None) -> jax.Array:
+                  bitmask: jax.Array | None = None,
+                  previous: jax.Array | None = None) -> jax.Array:
     """logits [batch, vocab] -> the logits sampling draws from: penalties (with `counts`),
-    logit bias, stop ids [batch, stops] masked while `count` < min_tokens, and tokens outside
-    `bitmask` [batch, ceil(vocab / 32)] int32 (bit t % 32 of word t // 32 allows token t; a
-    structured-output grammar's) masked. A row with every control off (and all bits set)
-    keeps its logits bitwise (x - 0 == x, x * 1 == x), so free rows do not depend on what
-    runs beside them."""
+    logit bias, the watermark of watermarked rows (its green list hashed from `previous`
+    [batch], each row's token before the one drawn now; the decode core always passes it,
+    None is only for callers with no watermarked row), stop ids [batch, stops] masked while
+    `count` < min_tokens, and tokens outside `bitmask` [batch, ceil(vocab / 32)] int32 (bit
+    t % 32 of word t // 32 allows token t; a structured-output grammar's) masked. A row with
+    every control off (and all bits set) keeps its logits bitwise (x - 0 == x, x * 1 == x),
+    so free rows do not depend on what runs beside them."""
     batch, vocab = logits.shape
     rows = jnp.arange(batch)[:, None]
     logits = logits.astype(jnp.float32)
@@ -178,6 +198,8 @@ def adjust_logits(logits: jax.Array, params: SamplingArrays, counts: TokenCounts
         logits = jax.lax.cond(jnp.any(on), penalize, lambda x: x, logits)
     in_vocab = lambda ids: jnp.where(ids < 0, vocab, ids)  # noqa: E731 - past the end: dropped
     logits = logits.at[rows, in_vocab(params.bias_ids)].add(params.bias, mode="drop")
+    if previous is not None:
+        logits = watermark.bias(logits, params.watermark, params.watermark_key, previous)
     early = jnp.broadcast_to(count, (batch,)) < params.min_tokens
     stops = jnp.where(early[:, None], in_vocab(stop_ids), vocab)
     logits = logits.at[rows, stops].set(-jnp.inf, mode="drop")

@@ -20,7 +20,7 @@ LAYERS = [
                  "jaxinfer.quant.cpu_kernels"]),
     ("model execution", ["jaxinfer.models", "jaxinfer.cache", "jaxinfer.sampling",
                          "jaxinfer.decode", "jaxinfer.runtime", "jaxinfer.generate",
-                         "jaxinfer.evaluate", "jaxinfer.tokenizer"]),
+                         "jaxinfer.evaluate", "jaxinfer.tokenizer", "jaxinfer.watermark"]),
     ("weights", ["jaxinfer.checkpoints", "jaxinfer.quant"]),
     ("serving", ["jaxinfer.serving"]),
     ("interface", ["jaxinfer.__init__", "jaxinfer.api", "jaxinfer.launch", "jaxinfer.bench"]),

@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from absl import app, flags
 
@@ -67,6 +68,10 @@ flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): e
                      "one by one, for stepping through the model in a debugger. Slow.")
 flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer KEY` ('' = open).")
 flags.DEFINE_float("max_body_mb", None, "Largest request body in MiB; larger ones get 413.")
+flags.DEFINE_string("watermark_key", None, "Watermark every response with this secret (green-list "
+                    "watermark, jaxinfer.watermark) unless a request asks `watermark: false`; "
+                    "'@PATH' reads it from a file, keeping it out of the process list. Unset: "
+                    "off (requests may not ask for it).")
 flags.DEFINE_string("models_file", None, "A TOML file of several models to serve and A/B "
                     "routes between them (deploy/models.toml shows the format); replaces "
                     "--model and --served_model_name.")
@@ -102,6 +107,19 @@ def engine_config(opts: dict):
         max_num_batched_tokens=opts["max_num_batched_tokens"],
         host_kv_cache_gb=FLAGS.host_kv_cache_gb,
     )
+
+
+def watermark_key() -> str | None:
+    """--watermark_key's secret (from the file a '@PATH' value names); never logged."""
+    key = FLAGS.watermark_key
+    if key is not None and key.startswith("@"):
+        try:
+            key = Path(key[1:]).read_text().strip()
+        except OSError as e:
+            raise app.UsageError(f"--watermark_key: cannot read {key[1:]!r}: {e.strerror}") from e
+    if key == "":
+        raise app.UsageError("--watermark_key is empty; give a secret string (or leave it unset)")
+    return key
 
 
 def load_and_attach(opts: dict, config, state) -> None:
@@ -217,6 +235,10 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    key = watermark_key()
+    if FLAGS.models_file and key is not None:
+        raise app.UsageError("--watermark_key serves one model; it is not supported with "
+                             "--models_file yet")
     if FLAGS.models_file:  # several models: the router is the app, and drains them all
         models = MultiModel(opts, config, FLAGS.models_file)
         state, asgi, name = models.router, models.router.app(), sorted(models.models)
@@ -226,7 +248,8 @@ def main(argv: list[str]) -> None:
     else:
         state = ServerState(opts["served_model_name"] or opts["model"],
                             api_key=opts["api_key"] or None,
-                            max_body_bytes=int(opts["max_body_mb"] * 2**20))
+                            max_body_bytes=int(opts["max_body_mb"] * 2**20),
+                            watermark_key=key)
         asgi, name = create_app(state), state.model_name
 
         def load_and_start() -> None:

@@ -36,6 +36,7 @@ context):
 | `response_format` | `{"type": "text" / "json_object" / "json_schema", "json_schema": {...}}` |
 | `guided_json`, `guided_regex`, ... | vLLM's, or `structured_outputs`; one constraint at most |
 | `tools`, `tool_choice` (chat) | function tools; `none`, `auto`, `required` or one named |
+| `watermark` | boolean; default: on when the server has a `--watermark_key`, which `true` needs |
 
 Text that reaches the tokenizer (`prompt`, message contents, `stop`) must be valid Unicode:
 JSON can carry a lone surrogate (`"\\ud800"`), which no tokenizer can encode.
@@ -163,6 +164,7 @@ class _SamplingFields(_Strict):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     min_tokens: int = Field(default=0, ge=0, lt=INT32_LIMIT)
     ignore_eos: bool = False
+    watermark: bool | None = None  # jaxinfer's green-list watermark; None: the server's default
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs spell tokens "token_id:17"
     user: str | None = None
     logit_bias: dict[str, float] | None = None
@@ -422,6 +424,25 @@ class DetokenizeRequest(_Strict):
 
     model: Text | None = None
     tokens: list[TokenId]
+
+
+class WatermarkDetectRequest(_Strict):
+    """POST /v1/watermark/detect (jaxinfer's): how strongly `text` carries the watermark of
+    `key` (default: the server's own key)."""
+
+    model: Text | None = None
+    text: Annotated[Text, Field(min_length=1)]
+    key: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _key_is_unicode(cls, key: str | None) -> str | None:
+        try:
+            key is None or key.encode("utf-8")
+        except UnicodeEncodeError:  # the message says nothing of the key's contents
+            raise ValueError("the key is not valid Unicode (a lone surrogate); send UTF-8 "
+                             "text") from None
+        return key
 
 
 # -- responses --------------------------------------------------------------------------------

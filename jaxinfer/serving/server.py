@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server (FastAPI): completions, chat, models, health, metrics.
+"""The OpenAI-compatible HTTP server (FastAPI): completions, chat, models, health, metrics,
+and the watermark detector (POST /v1/watermark/detect; see jaxinfer.watermark).
 
     state = ServerState("smollm2-135m-instruct", api_key=None)
     app = create_app(state)          # /health answers 503 until a model is attached
@@ -34,6 +35,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from jaxinfer import watermark
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving import protocol, structured
 from jaxinfer.serving import tools as tools_module
@@ -74,6 +76,9 @@ class ServerState:
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     model_version: str = "1"  # in every metric's labels and the x-jaxinfer-model-version header
     registry: CollectorRegistry | None = None  # shared by the models of one server (router)
+    # The green-list watermark's secret (jaxinfer.watermark): requests are watermarked with it
+    # unless they ask `watermark: false`. Never in a response, a log line or this repr.
+    watermark_key: str | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         if self.metrics is None:
@@ -244,6 +249,21 @@ def create_app(state: ServerState) -> FastAPI:
         ids = _in_vocabulary(scheduler, body.tokens, "tokens")
         return {"prompt": await asyncio.to_thread(scheduler.tokenizer.decode, ids)}
 
+    @app.post("/v1/watermark/detect")
+    async def watermark_detect(body: protocol.WatermarkDetectRequest) -> dict:
+        scheduler = _checked(state, body.model or state.model_name)
+        key = body.key or state.watermark_key
+        if key is None:
+            raise APIError(400, "give the watermark `key`: this server has none of its own "
+                           "(--watermark_key)", param="key")
+        ids = await asyncio.to_thread(scheduler.tokenizer.encode, body.text, False)
+        if len(ids) < 2:
+            raise APIError(400, f"the text has {len(ids)} token(s); scoring needs at least 2",
+                           param="text")
+        z, p_value, scored = watermark.detect(ids, key)
+        return {"object": "watermark.detection", "z_score": z, "p_value": p_value,
+                "tokens_scored": scored, "tokens": len(ids), "gamma": watermark.GAMMA}
+
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, http: Request) -> Response:
         scheduler = _checked(state, body.model)
@@ -345,7 +365,15 @@ def _json_type(value) -> str:
     return next((name for kind, name in kinds if isinstance(value, kind)), "null")
 
 
-def _sampling(body, scheduler: Scheduler) -> SamplingParams:
+def _watermark_key(state: ServerState, body) -> str | None:
+    """The key to watermark this request with, or None (off)."""
+    if body.watermark and state.watermark_key is None:
+        raise APIError(400, "watermark: true needs a server started with --watermark_key; "
+                       "this one has no watermark key", param="watermark")
+    return None if body.watermark is False else state.watermark_key
+
+
+def _sampling(body, scheduler: Scheduler, watermark_key: str | None = None) -> SamplingParams:
     """The request's SamplingParams (choice 0's seed); errors are 400s naming the field."""
     vocab = scheduler.vocab_size
     top_k = body.top_k if 0 < body.top_k < vocab else 0  # 0: all tokens
@@ -360,7 +388,7 @@ def _sampling(body, scheduler: Scheduler) -> SamplingParams:
             frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, logit_bias=tuple(sorted(bias.items())),
             min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
-            logprobs=body.top_logprobs_wanted)
+            logprobs=body.top_logprobs_wanted, watermark_key=watermark_key)
     except ValueError as e:
         raise APIError(400, str(e)) from e
 
@@ -423,7 +451,7 @@ async def _echo(scheduler: Scheduler, body, prompt_ids: list[int]) -> _Echo | No
 async def _serve(state: ServerState, scheduler: Scheduler, http: Request, body, prompt_ids,
                  max_tokens: int, *, chat: bool) -> Response:
     """Submits the request's `n` choices and answers them whole, or as server-sent events."""
-    sampling = _sampling(body, scheduler)
+    sampling = _sampling(body, scheduler, _watermark_key(state, body))
     matchers = await _matchers(scheduler, body)
     echo = await _echo(scheduler, body, prompt_ids)
     loop = asyncio.get_running_loop()
