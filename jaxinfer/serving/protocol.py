@@ -165,6 +165,8 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs spell tokens "token_id:17"
     user: str | None = None
+    # Under a precision route: "high" (float), "fast" (quantized) or "auto" (serving.router).
+    precision: Literal["auto", "high", "fast"] | None = None
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | Text | None = None
