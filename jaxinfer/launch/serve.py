@@ -67,6 +67,25 @@ flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): e
                      "one by one, for stepping through the model in a debugger. Slow.")
 flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer KEY` ('' = open).")
 flags.DEFINE_float("max_body_mb", None, "Largest request body in MiB; larger ones get 413.")
+flags.DEFINE_float("rate_limit_rpm", None, "Input screening: requests per minute per API key "
+                   "(per client address without --api_key); more get 429 with Retry-After.")
+flags.DEFINE_float("rate_limit_prompt_tpm", None, "Input screening: prompt tokens per minute "
+                   "per API key (or address); more get 429 with Retry-After.")
+flags.DEFINE_integer("max_prompt_tokens", None, "Input screening: longer prompts get 400.")
+flags.DEFINE_multi_string("deny_pattern", [], "Input screening: a regex (Python `re`); prompts "
+                          "it matches get 400 denied_pattern. Repeatable.")
+flags.DEFINE_string("deny_patterns_file", None, "Input screening: a file of deny regexes, one "
+                    "per line (# comments).")
+flags.DEFINE_float("injection_threshold", None, "Input screening: block prompts whose "
+                   "HeuristicInjectionScorer score (0 to 1) reaches this (400 prompt_injection).")
+flags.DEFINE_enum("fast_quant", None, ["int8", "int4", "gguf"],
+                  "Adaptive precision: also hold the model in this format and route each "
+                  "request by its `precision` (high: the --quant copy, fast: this one, auto: "
+                  "by --auto_fast_prompt_chars / --auto_fast_load). Costs both copies' memory.")
+flags.DEFINE_integer("auto_fast_prompt_chars", 2000, "Adaptive precision: `auto` prompts of at "
+                     "least this many characters go to the fast copy.")
+flags.DEFINE_integer("auto_fast_load", None, "Adaptive precision: `auto` requests go to the "
+                     "fast copy while the high one has this many unfinished.")
 flags.DEFINE_string("models_file", None, "A TOML file of several models to serve and A/B "
                     "routes between them (deploy/models.toml shows the format); replaces "
                     "--model and --served_model_name.")
@@ -164,18 +183,43 @@ def read_models_file(path: str) -> tuple[dict[str, dict], dict[str, dict[str, fl
     return models, routes
 
 
-class MultiModel:
-    """Loads every model of a models file into one Router (see jaxinfer.serving.router)."""
+def screen():
+    """The input screen the flags ask for, or None when they ask for none."""
+    from jaxinfer.serving.screening import Screen, ScreeningConfig, read_deny_file
 
-    def __init__(self, opts: dict, config, path: str):
+    patterns = list(FLAGS.deny_pattern)
+    try:
+        if FLAGS.deny_patterns_file:
+            patterns += read_deny_file(FLAGS.deny_patterns_file)
+        config = ScreeningConfig(requests_per_minute=FLAGS.rate_limit_rpm,
+                                 prompt_tokens_per_minute=FLAGS.rate_limit_prompt_tpm,
+                                 max_prompt_tokens=FLAGS.max_prompt_tokens,
+                                 deny_patterns=tuple(patterns),
+                                 injection_threshold=FLAGS.injection_threshold)
+        return Screen(config) if config.enabled else None
+    except (OSError, ValueError) as e:
+        raise app.UsageError(f"input screening: {e}") from e
+
+
+class MultiModel:
+    """Loads every model of a models file (or the two copies of --fast_quant) into one Router
+    (see jaxinfer.serving.router)."""
+
+    def __init__(self, opts: dict, config, path: str | None = None):
         from jaxinfer.serving.router import Router
 
         self.opts, self.config = opts, config
-        self.models, routes = read_models_file(path)
+        if path is not None:
+            self.models, routes = read_models_file(path)
+        else:  # --fast_quant: one model in two formats behind a precision route
+            name = opts["served_model_name"] or opts["model"]
+            self.models = {f"{name}@high": {"path": opts["model"]},
+                           f"{name}@fast": {"path": opts["model"], "quant": FLAGS.fast_quant}}
+            routes = {}
         self.mesh = None
         self.router = Router(self.load_model, self.start_engine, api_key=opts["api_key"] or None,
                              max_body_bytes=int(opts["max_body_mb"] * 2**20),
-                             drain_timeout_s=opts["drain_timeout_s"])
+                             drain_timeout_s=opts["drain_timeout_s"], screen=screen())
         for name in self.models:
             self.router.add(name)  # /health 503 until every model is attached
         try:
@@ -183,6 +227,10 @@ class MultiModel:
                 self.router.route(name, weights)
         except ValueError as e:
             raise app.UsageError(f"--models_file={path}: {e}") from e
+        if path is None:
+            self.router.precision_route(name, high=f"{name}@high", fast=f"{name}@fast",
+                                        auto_fast_prompt_chars=FLAGS.auto_fast_prompt_chars,
+                                        auto_fast_load=FLAGS.auto_fast_load)
 
     def load_model(self, name: str, path: str):
         return load_weights(path, self.opts, self.mesh, self.models[name].get("quant"))
@@ -217,7 +265,11 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if FLAGS.models_file:  # several models: the router is the app, and drains them all
+    if FLAGS.models_file and FLAGS.fast_quant:
+        raise app.UsageError("--fast_quant holds --model in two formats; with --models_file "
+                             "give each format its own [models.NAME] entry instead")
+    several = FLAGS.models_file or FLAGS.fast_quant
+    if several:  # several models: the router is the app, and drains them all
         models = MultiModel(opts, config, FLAGS.models_file)
         state, asgi, name = models.router, models.router.app(), sorted(models.models)
 
@@ -226,7 +278,7 @@ def main(argv: list[str]) -> None:
     else:
         state = ServerState(opts["served_model_name"] or opts["model"],
                             api_key=opts["api_key"] or None,
-                            max_body_bytes=int(opts["max_body_mb"] * 2**20))
+                            max_body_bytes=int(opts["max_body_mb"] * 2**20), screen=screen())
         asgi, name = create_app(state), state.model_name
 
         def load_and_start() -> None:
@@ -267,7 +319,7 @@ def main(argv: list[str]) -> None:
         signal.signal(sig, lambda *_: None)
     threading.Thread(target=load, name="jaxinfer-load", daemon=True).start()
     server.run()
-    if FLAGS.models_file:
+    if several:
         state.stop(timeout=10)
     elif state.scheduler is not None:
         state.scheduler.stop(timeout=10)
