@@ -79,9 +79,11 @@ flags.DEFINE_string("deny_patterns_file", None, "Input screening: a file of deny
 flags.DEFINE_float("injection_threshold", None, "Input screening: block prompts whose "
                    "HeuristicInjectionScorer score (0 to 1) reaches this (400 prompt_injection).")
 flags.DEFINE_enum("fast_quant", None, ["int8", "int4", "gguf"],
-                  "Adaptive precision: also hold the model in this format and route each "
-                  "request by its `precision` (high: the --quant copy, fast: this one, auto: "
-                  "by --auto_fast_prompt_chars / --auto_fast_load). Costs both copies' memory.")
+                  "Adaptive precision: hold the model twice, in float (or the --quant given on "
+                  "the command line) and in this format, and route each request by its "
+                  "`precision` (high: the first, fast: this one, auto: by "
+                  "--auto_fast_prompt_chars / --auto_fast_load). Costs both copies' memory "
+                  "(SmolLM2-135M: 538 MB float32 + 136 MB int8 or 112 MB gguf) and two KV pools.")
 flags.DEFINE_integer("auto_fast_prompt_chars", 2000, "Adaptive precision: `auto` prompts of at "
                      "least this many characters go to the fast copy.")
 flags.DEFINE_integer("auto_fast_load", None, "Adaptive precision: `auto` requests go to the "
@@ -138,8 +140,10 @@ def load_weights(path: str, opts: dict, mesh, quant: str | None = None):
     """`path` loaded as the flags say; `quant` (a models file's entry) overrides --quant."""
     import jaxinfer
 
+    if quant is None:
+        quant = presets.optional("quant")
     return jaxinfer.load_model(path, dtype=opts["dtype"], attention=opts["attention"],
-                               mesh=mesh, quant=quant or presets.optional("quant"),
+                               mesh=mesh, quant=None if quant == "none" else quant,
                                kv_quant=presets.optional("kv_quant"),
                                cpu_kernels=FLAGS.cpu_kernels, progress=True)
 
@@ -213,7 +217,9 @@ class MultiModel:
             self.models, routes = read_models_file(path)
         else:  # --fast_quant: one model in two formats behind a precision route
             name = opts["served_model_name"] or opts["model"]
-            self.models = {f"{name}@high": {"path": opts["model"]},
+            # The high copy is float unless --quant is on the command line (not the preset's).
+            high = FLAGS.quant if FLAGS["quant"].present else "none"
+            self.models = {f"{name}@high": {"path": opts["model"], "quant": high},
                            f"{name}@fast": {"path": opts["model"], "quant": FLAGS.fast_quant}}
             routes = {}
         self.mesh = None
