@@ -216,11 +216,11 @@ class MultiModel:
         if path is not None:
             self.models, routes = read_models_file(path)
         else:  # --fast_quant: one model in two formats behind a precision route
-            name = opts["served_model_name"] or opts["model"]
+            served = opts["served_model_name"] or opts["model"]
             # The high copy is float unless --quant is on the command line (not the preset's).
             high = FLAGS.quant if FLAGS["quant"].present else "none"
-            self.models = {f"{name}@high": {"path": opts["model"], "quant": high},
-                           f"{name}@fast": {"path": opts["model"], "quant": FLAGS.fast_quant}}
+            self.models = {f"{served}@high": {"path": opts["model"], "quant": high},
+                           f"{served}@fast": {"path": opts["model"], "quant": FLAGS.fast_quant}}
             routes = {}
         self.mesh = None
         self.router = Router(self.load_model, self.start_engine, api_key=opts["api_key"] or None,
@@ -234,7 +234,7 @@ class MultiModel:
         except ValueError as e:
             raise app.UsageError(f"--models_file={path}: {e}") from e
         if path is None:
-            self.router.precision_route(name, high=f"{name}@high", fast=f"{name}@fast",
+            self.router.precision_route(served, high=f"{served}@high", fast=f"{served}@fast",
                                         auto_fast_prompt_chars=FLAGS.auto_fast_prompt_chars,
                                         auto_fast_load=FLAGS.auto_fast_load)
 
