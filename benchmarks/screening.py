@@ -1,16 +1,17 @@
 """Decode ITL with input screening on vs off, at concurrency 8, on the real SmolLM2.
 
-    python benchmarks/screening.py --rounds 2 --requests 16 --output_len 64
+    python benchmarks/screening.py --rounds 4 --requests 16 --output_len 64
 
 One server process (SmolLM2-135M-Instruct, its GGUF blocks, the serve preset's engine
 settings with a short context) and one engine; the rounds alternate screening off and on
-(the same ServerState, its `screen` swapped between rounds), so both see the same machine
-load. "On" runs every check: request- and prompt-token-rate limits set high enough that
-nothing is refused, a prompt-size limit, 32 deny-list regexes and the heuristic injection
-scorer. The load is benchmarks/serving.py's client (streaming /v1/completions, greedy); the
-ITL is the gap between streamed chunks, TPOT (end - first chunk) / (tokens - 1), and the
-server's own `jaxinfer:inter_token_latency_seconds` mean. Screening runs before admission
-on a worker thread, so its cost should show, if at all, in TTFT rather than in ITL.
+(the same ServerState, its `screen` swapped between rounds; which goes first alternates),
+so both see the same machine load. "On" runs every check: request- and prompt-token-rate
+limits set high enough that nothing is refused, a prompt-size limit, 32 deny-list regexes
+and the heuristic injection scorer. The load is benchmarks/serving.py's client (streaming
+/v1/completions, greedy); the ITL is the gap between streamed chunks, TPOT (end - first
+chunk) / (tokens - 1), and the server's own `jaxinfer:inter_token_latency_seconds` mean.
+Screening runs before admission on a worker thread, so its cost should show, if at all, in
+TTFT rather than in ITL.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def server_itl(url: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=2, help="off/on pairs")
+    parser.add_argument("--rounds", type=int, default=4, help="off/on pairs")
     parser.add_argument("--requests", type=int, default=16, help="per round")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--input_len", type=int, default=64)
@@ -99,7 +100,8 @@ def main() -> None:
                                       concurrency=args.concurrency, rate=None, seed=0,
                                       api_key=None))  # warm the HTTP path
             for round_ in range(args.rounds):
-                for name in ("off", "on"):
+                # Alternating which goes first: the second of a pair meets a warmer queue.
+                for name in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
                     state.screen = on if name == "on" else None
                     before = server_itl(url)
                     results, duration = asyncio.run(load.run_load(
