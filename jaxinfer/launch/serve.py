@@ -72,6 +72,27 @@ flags.DEFINE_string("watermark_key", None, "Watermark every response with this s
                     "watermark, jaxinfer.watermark) unless a request asks `watermark: false`; "
                     "'@PATH' reads it from a file, keeping it out of the process list. Unset: "
                     "off (requests may not ask for it).")
+flags.DEFINE_float("rate_limit_rpm", None, "Input screening: requests per minute per API key "
+                   "(per client address without --api_key); more get 429 with Retry-After.")
+flags.DEFINE_float("rate_limit_prompt_tpm", None, "Input screening: prompt tokens per minute "
+                   "per API key (or address); more get 429 with Retry-After.")
+flags.DEFINE_integer("max_prompt_tokens", None, "Input screening: longer prompts get 400.")
+flags.DEFINE_multi_string("deny_pattern", [], "Input screening: a regex (Python `re`); prompts "
+                          "it matches get 400 denied_pattern. Repeatable.")
+flags.DEFINE_string("deny_patterns_file", None, "Input screening: a file of deny regexes, one "
+                    "per line (# comments).")
+flags.DEFINE_float("injection_threshold", None, "Input screening: block prompts whose "
+                   "HeuristicInjectionScorer score (0 to 1) reaches this (400 prompt_injection).")
+flags.DEFINE_enum("fast_quant", None, ["int8", "int4", "gguf"],
+                  "Adaptive precision: hold the model twice, in float (or the --quant given on "
+                  "the command line) and in this format, and route each request by its "
+                  "`precision` (high: the first, fast: this one, auto: by "
+                  "--auto_fast_prompt_chars / --auto_fast_load). Costs both copies' memory "
+                  "(SmolLM2-135M: 538 MB float32 + 136 MB int8 or 112 MB gguf) and two KV pools.")
+flags.DEFINE_integer("auto_fast_prompt_chars", 2000, "Adaptive precision: `auto` prompts of at "
+                     "least this many characters go to the fast copy.")
+flags.DEFINE_integer("auto_fast_load", None, "Adaptive precision: `auto` requests go to the "
+                     "fast copy while the high one has this many unfinished.")
 flags.DEFINE_string("models_file", None, "A TOML file of several models to serve and A/B "
                     "routes between them (deploy/models.toml shows the format); replaces "
                     "--model and --served_model_name.")
@@ -137,8 +158,10 @@ def load_weights(path: str, opts: dict, mesh, quant: str | None = None):
     """`path` loaded as the flags say; `quant` (a models file's entry) overrides --quant."""
     import jaxinfer
 
+    if quant is None:
+        quant = presets.optional("quant")
     return jaxinfer.load_model(path, dtype=opts["dtype"], attention=opts["attention"],
-                               mesh=mesh, quant=quant or presets.optional("quant"),
+                               mesh=mesh, quant=None if quant == "none" else quant,
                                kv_quant=presets.optional("kv_quant"),
                                cpu_kernels=FLAGS.cpu_kernels, progress=True)
 
@@ -182,18 +205,45 @@ def read_models_file(path: str) -> tuple[dict[str, dict], dict[str, dict[str, fl
     return models, routes
 
 
-class MultiModel:
-    """Loads every model of a models file into one Router (see jaxinfer.serving.router)."""
+def screen():
+    """The input screen the flags ask for, or None when they ask for none."""
+    from jaxinfer.serving.screening import Screen, ScreeningConfig, read_deny_file
 
-    def __init__(self, opts: dict, config, path: str):
+    patterns = list(FLAGS.deny_pattern)
+    try:
+        if FLAGS.deny_patterns_file:
+            patterns += read_deny_file(FLAGS.deny_patterns_file)
+        config = ScreeningConfig(requests_per_minute=FLAGS.rate_limit_rpm,
+                                 prompt_tokens_per_minute=FLAGS.rate_limit_prompt_tpm,
+                                 max_prompt_tokens=FLAGS.max_prompt_tokens,
+                                 deny_patterns=tuple(patterns),
+                                 injection_threshold=FLAGS.injection_threshold)
+        return Screen(config) if config.enabled else None
+    except (OSError, ValueError) as e:
+        raise app.UsageError(f"input screening: {e}") from e
+
+
+class MultiModel:
+    """Loads every model of a models file (or the two copies of --fast_quant) into one Router
+    (see jaxinfer.serving.router)."""
+
+    def __init__(self, opts: dict, config, path: str | None = None):
         from jaxinfer.serving.router import Router
 
         self.opts, self.config = opts, config
-        self.models, routes = read_models_file(path)
+        if path is not None:
+            self.models, routes = read_models_file(path)
+        else:  # --fast_quant: one model in two formats behind a precision route
+            served = opts["served_model_name"] or opts["model"]
+            # The high copy is float unless --quant is on the command line (not the preset's).
+            high = FLAGS.quant if FLAGS["quant"].present else "none"
+            self.models = {f"{served}@high": {"path": opts["model"], "quant": high},
+                           f"{served}@fast": {"path": opts["model"], "quant": FLAGS.fast_quant}}
+            routes = {}
         self.mesh = None
         self.router = Router(self.load_model, self.start_engine, api_key=opts["api_key"] or None,
                              max_body_bytes=int(opts["max_body_mb"] * 2**20),
-                             drain_timeout_s=opts["drain_timeout_s"])
+                             drain_timeout_s=opts["drain_timeout_s"], screen=screen())
         for name in self.models:
             self.router.add(name)  # /health 503 until every model is attached
         try:
@@ -201,6 +251,10 @@ class MultiModel:
                 self.router.route(name, weights)
         except ValueError as e:
             raise app.UsageError(f"--models_file={path}: {e}") from e
+        if path is None:
+            self.router.precision_route(served, high=f"{served}@high", fast=f"{served}@fast",
+                                        auto_fast_prompt_chars=FLAGS.auto_fast_prompt_chars,
+                                        auto_fast_load=FLAGS.auto_fast_load)
 
     def load_model(self, name: str, path: str):
         return load_weights(path, self.opts, self.mesh, self.models[name].get("quant"))
@@ -239,7 +293,14 @@ def main(argv: list[str]) -> None:
     if FLAGS.models_file and key is not None:
         raise app.UsageError("--watermark_key serves one model; it is not supported with "
                              "--models_file yet")
-    if FLAGS.models_file:  # several models: the router is the app, and drains them all
+    if FLAGS.models_file and FLAGS.fast_quant:
+        raise app.UsageError("--fast_quant holds --model in two formats; with --models_file "
+                             "give each format its own [models.NAME] entry instead")
+    if FLAGS.fast_quant and key is not None:
+        raise app.UsageError("--watermark_key serves one model; it is not supported with "
+                             "--fast_quant yet")
+    several = FLAGS.models_file or FLAGS.fast_quant
+    if several:  # several models: the router is the app, and drains them all
         models = MultiModel(opts, config, FLAGS.models_file)
         state, asgi, name = models.router, models.router.app(), sorted(models.models)
 
@@ -249,7 +310,7 @@ def main(argv: list[str]) -> None:
         state = ServerState(opts["served_model_name"] or opts["model"],
                             api_key=opts["api_key"] or None,
                             max_body_bytes=int(opts["max_body_mb"] * 2**20),
-                            watermark_key=key)
+                            watermark_key=key, screen=screen())
         asgi, name = create_app(state), state.model_name
 
         def load_and_start() -> None:
@@ -290,7 +351,7 @@ def main(argv: list[str]) -> None:
         signal.signal(sig, lambda *_: None)
     threading.Thread(target=load, name="jaxinfer-load", daemon=True).start()
     server.run()
-    if FLAGS.models_file:
+    if several:
         state.stop(timeout=10)
     elif state.scheduler is not None:
         state.scheduler.stop(timeout=10)

@@ -92,6 +92,13 @@ class Metrics:
         self._request_errors = counter(
             "request_errors", "Error responses (4xx and 5xx) by HTTP status code.", ["code"]
         )
+        self._blocked = counter(
+            "requests_blocked", "Requests refused by input screening, by reason.", ["reason"]
+        )
+        self._precision = counter(
+            "precision_requests", "Requests under a precision route, by the class asked for "
+            "and the copy that served them.", ["asked", "precision"]
+        )
         self._labels = labels
         self._gauges = {
             name: family(Gauge, name, doc, list(labels)).labels(**labels)
@@ -111,6 +118,14 @@ class Metrics:
     def error(self, status: int) -> None:
         """Counts one error response with HTTP status `status`."""
         self._request_errors.labels(**self._labels, code=str(status)).inc()
+
+    def blocked(self, reason: str) -> None:
+        """Counts one request that input screening refused for `reason`."""
+        self._blocked.labels(**self._labels, reason=reason).inc()
+
+    def precision(self, asked: str, served: str) -> None:
+        """Counts one request that asked for precision `asked` and was served by `served`."""
+        self._precision.labels(**self._labels, asked=asked, precision=served).inc()
 
     def retire(self) -> None:
         """Drops this version's gauges (their callables hold its engine); its counters and

@@ -167,6 +167,8 @@ class _SamplingFields(_Strict):
     watermark: bool | None = None  # jaxinfer's green-list watermark; None: the server's default
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs spell tokens "token_id:17"
     user: str | None = None
+    # Under a precision route: "high" (float), "fast" (quantized) or "auto" (serving.router).
+    precision: Literal["auto", "high", "fast"] | None = None
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | Text | None = None

@@ -23,6 +23,17 @@ name between versions, and weight updates without downtime. A thin ASGI layer ov
   request never mixes versions, and none is refused), then the old engine stops and its
   weights and KV pages are freed. A mismatch answers 400 and keeps the
   old weights. Memory: two copies of the model (and two page pools) during the update.
+- A precision route (`router.precision_route("smollm2", high="smollm2@high",
+  fast="smollm2@fast")`) serves one name from two copies of a model in different formats
+  (float and int8, say): the request's `precision` field picks "high" or "fast"; "auto" (or
+  none) picks "fast" for a prompt of at least `auto_fast_prompt_chars` characters or while the
+  high copy has `auto_fast_load` or more requests unfinished, else "high". The answer says
+  which copy served it: the body's `precision` (non-streaming), the `x-jaxinfer-precision`
+  header, and `jaxinfer:precision_requests_total{asked, precision}`. Memory: both copies'
+  weights and page pools at once; SmolLM2-135M's weights take 538.1 MB in float32, 136.0 MB
+  in int8 (per-channel values and float32 scales) and 111.6 MB as its GGUF blocks (measured
+  with `quant.model.param_bytes`), so float + int8 costs 1.25x the float copy alone; each
+  copy has its own KV page pool (`kv_cache_gb` each).
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from starlette.types import Receive, Scope, Send
 
 from jaxinfer.serving.engine import Engine
 from jaxinfer.serving.metrics import count_error
+from jaxinfer.serving.screening import Screen
 from jaxinfer.serving.server import APIError, ServerState, _BodyLimit, create_app
 
 ADMIN_PREFIX = "/v1/admin/models/"
@@ -83,6 +95,32 @@ class Route:
         return chosen
 
 
+class PrecisionRoute:
+    """A name served by two copies of one model: `high` (the float one) and `fast` (the
+    quantized one); module doc for the "auto" policy (None turns a criterion off)."""
+
+    CLASSES = ("auto", "high", "fast")
+
+    def __init__(self, name: str, high: str, fast: str, auto_fast_prompt_chars: int | None = None,
+                 auto_fast_load: int | None = None):
+        self.name, self.copies = name, {"high": high, "fast": fast}
+        self.auto_fast_prompt_chars, self.auto_fast_load = auto_fast_prompt_chars, auto_fast_load
+
+    def pick(self, asked: Any, prompt_chars: int, high_load: int) -> str:
+        """The class ("high" or "fast") a request asking for `asked` goes to."""
+        if asked is None:
+            asked = "auto"
+        if asked not in self.CLASSES:
+            raise APIError(400, f"precision is {asked!r}; it must be one of {list(self.CLASSES)}",
+                           param="precision")
+        if asked != "auto":
+            return asked
+        long_prompt = (self.auto_fast_prompt_chars is not None
+                       and prompt_chars >= self.auto_fast_prompt_chars)
+        busy = self.auto_fast_load is not None and high_load >= self.auto_fast_load
+        return "fast" if long_prompt or busy else "high"
+
+
 class Router:
     """The models of one server, their routed names, and their weight updates.
 
@@ -94,14 +132,16 @@ class Router:
     def __init__(self, load_model: Callable[[str, str], Any] | None = None,
                  start_engine: Callable[[str, Any], Engine] | None = None, *,
                  api_key: str | None = None, max_body_bytes: int = 4 * 2**20,
-                 drain_timeout_s: float = 600.0):
+                 drain_timeout_s: float = 600.0, screen: Screen | None = None):
         self.load_model, self.start_engine = load_model, start_engine
+        self.screen = screen  # every model's input screening (serving.screening)
         self.api_key, self.max_body_bytes = api_key, max_body_bytes
         self.drain_timeout_s = drain_timeout_s  # how long an update waits for old requests
         self.registry = CollectorRegistry()  # one /metrics page for every model and version
         self.states: dict[str, ServerState] = {}
         self.apps: dict[str, Any] = {}
         self.routes: dict[str, Route] = {}
+        self.precision_routes: dict[str, PrecisionRoute] = {}
         self._updating: set[str] = set()
         self._in_flight: collections.Counter[int] = collections.Counter()  # by id(state)
         self.draining = False
@@ -110,17 +150,18 @@ class Router:
 
     def add(self, name: str, engine: Engine | None = None, version: str = "1") -> ServerState:
         """Serves a model under `name` (its engine now, or later with `state.attach`)."""
-        if name in self.states or name in self.routes:
+        if name in self.names():
             raise ValueError(f"model {name!r} is given twice")
         state = ServerState(name, api_key=self.api_key, model_version=version,
-                            max_body_bytes=self.max_body_bytes, registry=self.registry)
+                            max_body_bytes=self.max_body_bytes, registry=self.registry,
+                            screen=self.screen)
         if engine is not None:
             state.attach(engine)
         self.states[name], self.apps[name] = state, create_app(state)
         return state
 
     def route(self, name: str, weights: dict[str, float]) -> Route:
-        if name in self.states or name in self.routes:
+        if name in self.names():
             raise ValueError(f"routed name {name!r} is already a model or a route")
         if unknown := sorted(set(weights) - set(self.states)):
             raise ValueError(f"route {name!r}: {unknown} are not served models; models: "
@@ -128,13 +169,30 @@ class Router:
         self.routes[name] = Route(name, weights)
         return self.routes[name]
 
-    def names(self) -> list[str]:
-        return [*self.states, *self.routes]
+    def precision_route(self, name: str, high: str, fast: str, **policy) -> PrecisionRoute:
+        """Serves `name` from the models `high` and `fast` by each request's `precision`;
+        `policy`: PrecisionRoute's auto_fast_prompt_chars and auto_fast_load."""
+        if name in self.names():
+            raise ValueError(f"precision route {name!r} is already a model or a route")
+        if unknown := sorted({high, fast} - set(self.states)):
+            raise ValueError(f"precision route {name!r}: {unknown} are not served models")
+        self.states[high].precision, self.states[fast].precision = "high", "fast"
+        self.precision_routes[name] = PrecisionRoute(name, high, fast, **policy)
+        return self.precision_routes[name]
 
-    def resolve(self, model: str, user: str | None) -> str:
-        """The served model a request for `model` goes to."""
+    def names(self) -> list[str]:
+        return [*self.states, *self.routes, *self.precision_routes]
+
+    def resolve(self, model: str, user: str | None, body: dict | None = None) -> str:
+        """The served model a request for `model` (with JSON `body`) goes to."""
         if model in self.routes:
             return self.routes[model].pick(user)
+        if model in self.precision_routes:
+            route = self.precision_routes[model]
+            high = self.states[route.copies["high"]].scheduler
+            load = high.num_unfinished if high is not None else 0
+            body = body or {}
+            return route.copies[route.pick(body.get("precision"), _prompt_chars(body), load)]
         if model not in self.states:
             raise APIError(404, f"model {model!r} does not exist; this server serves "
                            f"{self.names()}", param="model", code="model_not_found")
@@ -182,7 +240,8 @@ class Router:
             version = version or _next_version(old.model_version)
             state = ServerState(name, api_key=self.api_key, model_version=version,
                                 max_body_bytes=self.max_body_bytes, registry=self.registry,
-                                created=old.created)
+                                created=old.created, screen=old.screen,
+                                precision=old.precision)
             state.attach(engine)
             # The switch: the next request dispatched finds the new app (a request boundary).
             self.states[name], self.apps[name] = state, create_app(state)
@@ -257,6 +316,9 @@ class Router:
         for name, route in self.routes.items():
             cards.append({"id": name, "object": "model", "created": 0, "owned_by": "jaxinfer",
                           "routes": route.weights})
+        for name, route in self.precision_routes.items():
+            cards.append({"id": name, "object": "model", "created": 0, "owned_by": "jaxinfer",
+                          "precision": route.copies})
         return {"object": "list", "data": cards}
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -271,7 +333,7 @@ class Router:
             return await app(scope, _replay(raw, receive), send)
         headers = dict(scope["headers"])
         user = body.get("user") or headers.get(USER_HEADER.encode(), b"").decode() or None
-        served = self.resolve(model, user if isinstance(user, str) else None)
+        served = self.resolve(model, user if isinstance(user, str) else None, body)
         if served != model:  # the served app checks `model` against its own name
             raw = json.dumps({**body, "model": served}).encode()
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"]
@@ -316,6 +378,21 @@ def check_same_shapes(served: Engine, new) -> None:
         diff = sorted(set(served.items()) ^ set(given.items()))[:3]
         raise WeightsMismatch(f"parameter shapes differ (first differences, name and "
                               f"(shape, dtype)): {diff}")
+
+
+def _prompt_chars(body: dict) -> int:
+    """The prompt's length in characters (token ids count one each), before tokenizing."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, (str, list)):
+        return len(prompt)
+    total = 0
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
+    return total
 
 
 def _next_version(version: str) -> str:

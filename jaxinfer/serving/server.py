@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import random
 import secrets
 import time
@@ -43,24 +44,28 @@ from jaxinfer.serving.engine import Engine
 from jaxinfer.serving.metrics import Metrics
 from jaxinfer.serving.scheduler import EngineUnavailable, Output, QueueFull, Scheduler
 from jaxinfer.serving.scheduler import Request as EngineRequest
+from jaxinfer.serving.screening import Blocked, Screen, client_id
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 SHUTTING_DOWN = "the server is shutting down; the request could not finish in time"
+log = logging.getLogger("jaxinfer.server")
 
 
 class APIError(Exception):
     """An error answered with an OpenAI-style body."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = (
             status, message, kind, param, code
         )
+        self.headers = headers  # e.g. Retry-After on a 429
 
     def response(self) -> JSONResponse:
         body = protocol.error_body(self.message, self.kind, self.param, self.code)
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 @dataclasses.dataclass
@@ -76,6 +81,8 @@ class ServerState:
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     model_version: str = "1"  # in every metric's labels and the x-jaxinfer-model-version header
     registry: CollectorRegistry | None = None  # shared by the models of one server (router)
+    screen: Screen | None = None  # input screening before admission (serving.screening)
+    precision: str | None = None  # "high" / "fast": this copy's class under a precision route
     # The green-list watermark's secret (jaxinfer.watermark): requests are watermarked with it
     # unless they ask `watermark: false`. Never in a response, a log line or this repr.
     watermark_key: str | None = dataclasses.field(default=None, repr=False)
@@ -200,6 +207,8 @@ def create_app(state: ServerState) -> FastAPI:
                                        code="invalid_api_key"))
         response = await call_next(request)
         response.headers["x-jaxinfer-model-version"] = state.model_version
+        if state.precision is not None:
+            response.headers["x-jaxinfer-precision"] = state.precision
         return response
 
     app.add_middleware(_BodyLimit, limit=state.max_body_bytes, metrics=state.metrics)
@@ -451,6 +460,10 @@ async def _echo(scheduler: Scheduler, body, prompt_ids: list[int]) -> _Echo | No
 async def _serve(state: ServerState, scheduler: Scheduler, http: Request, body, prompt_ids,
                  max_tokens: int, *, chat: bool) -> Response:
     """Submits the request's `n` choices and answers them whole, or as server-sent events."""
+    if state.screen is not None:
+        await _screen(state, scheduler, http, body, prompt_ids, chat)
+    if state.precision is not None:
+        state.metrics.precision(body.precision or "auto", state.precision)
     sampling = _sampling(body, scheduler, _watermark_key(state, body))
     matchers = await _matchers(scheduler, body)
     echo = await _echo(scheduler, body, prompt_ids)
@@ -496,6 +509,38 @@ async def _serve(state: ServerState, scheduler: Scheduler, http: Request, body, 
         return StreamingResponse(events, media_type="text/event-stream")
     return await _whole(state, http, requests, outputs, request_id, chat, echo,
                         body.return_tokens_as_token_ids, tool_names)
+
+
+async def _screen(state: ServerState, scheduler: Scheduler, http: Request, body, prompt_ids,
+                  chat: bool) -> None:
+    """Runs the server's screen on a worker thread; a blocked request is answered (400 or 429)
+    and counted, and nothing about it but the reason and size is logged."""
+    # Per API key when the server has one (checked already); else per address, since a key
+    # the server does not check would let a client pick a fresh bucket per request.
+    key = state.api_key and http.headers.get("authorization", "").removeprefix("Bearer ")
+    client = client_id(key or None, http.client.host if http.client else None)
+
+    def check() -> None:
+        if chat:
+            text = "\n".join(m.text() for m in body.messages)
+        elif isinstance(body.prompt, str):
+            text = body.prompt
+        else:
+            text = scheduler.tokenizer.decode(prompt_ids)
+        state.screen.check(client, text, len(prompt_ids))
+
+    try:
+        await asyncio.to_thread(check)
+    except Blocked as blocked:
+        state.metrics.blocked(blocked.reason)
+        log.info("blocked a request: reason=%s prompt_tokens=%d", blocked.reason,
+                 len(prompt_ids))
+        headers = None
+        if blocked.retry_after is not None:
+            headers = {"Retry-After": str(blocked.retry_after)}
+        kind = "rate_limit_exceeded" if blocked.status == 429 else "invalid_request_error"
+        raise APIError(blocked.status, blocked.message, kind, code=blocked.reason,
+                       headers=headers) from None
 
 
 def _failure(state: ServerState, output: Output) -> APIError:
@@ -597,6 +642,8 @@ async def _whole(state: ServerState, http: Request, requests: list[EngineRequest
                                        logprobs=logprobs)
         choices += body["choices"]
     body["choices"] = choices
+    if state.precision is not None:
+        body["precision"] = state.precision
     return JSONResponse(body)
 
 
