@@ -36,11 +36,9 @@ runs at the fixed width of all slots.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import itertools
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -338,10 +336,10 @@ class Engine:
     def warmup(self, progress: bool = False) -> None:
         """Compiles (or reads from the persistent cache) every prefill bucket, every decode
         width (of `decode_steps` steps, and of one for structured output) and the row updates,
-        so serving never compiles. On one device nothing runs and the programs compile side by
-        side (XLA compiles outside the GIL); under a mesh each runs once, writing only to the
-        scratch page, because its outputs' shardings are what the next program is compiled
-        for."""
+        so serving never compiles. On one device nothing runs; under a mesh each runs once,
+        writing only to the scratch page, because its outputs' shardings are what the next
+        program is compiled for. (Compiling on several threads at once crashed jaxlib 0.10's
+        cache write with SIGABRT.)"""
         width, stops = self.config.prefill_batch_size, self.config.max_stop_token_ids
         run = self.mesh is not None
         programs = []  # (jitted, args, static, what) to compile
@@ -374,9 +372,8 @@ class Engine:
             programs.append((_decode_jit, (self.params, self.cache, state, table[:w],
                                            self.any_token(w)), static,
                              f"decode ({w} slots x {steps} steps)"))
-        runtime.enable_compilation_cache()
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-            list(pool.map(lambda program: self._compiled(*program, progress), programs))
+        for program in programs:
+            self._compiled(*program, progress)
 
     @property
     def _step_counts(self) -> list[int]:
