@@ -20,7 +20,6 @@ import numpy as np
 log = logging.getLogger(__name__)
 _executables: dict = {}  # (function, static args, argument layout, mesh) -> compiled program
 _cache_dir: str | None = None
-CACHE_MAX_BYTES = 4 * 2**30  # the persistent compilation cache's size, least recently used out
 
 
 def bucket(n: int, minimum: int = 1, cap: int | None = None) -> int:
@@ -97,8 +96,4 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
         return
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
-    # With a size limit, jax takes a file lock around each cache read and write; without one,
-    # a process can read an entry another is still writing and crash deserializing it (seen
-    # with a server and a test process sharing the directory).
-    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     _cache_dir = str(path)
