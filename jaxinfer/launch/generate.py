@@ -30,15 +30,7 @@ flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16"], "Weight and ac
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "pallas"],
                   "Attention: Pallas kernels (GPU/TPU; interpreted, slowly, on CPU), the XLA "
                   "reference, or auto (Pallas on GPU/TPU, XLA on CPU).")
-flags.DEFINE_enum("quant", None, ["none", "int8", "int4", "gguf"],
-                  "Weights: float (none), quantized at load (int8 per channel, int4 in groups "
-                  "of 32), or a GGUF file's own Q8_0/Q4_0/Q4_1/Q4_K blocks (gguf, the default "
-                  "model's preset). Unset: the preset's, else none.")
-flags.DEFINE_enum("kv_quant", None, ["none", "int8"],
-                  "KV cache in the compute dtype (none) or int8 (per-token, per-head scales).")
-flags.DEFINE_enum("cpu_kernels", "int8", ["int8", "f32", "off"],
-                  "Quantized products on CPU: jaxinfer's kernels with activations quantized "
-                  "per block of 32 (int8, as llama.cpp) or in fp32 (f32), or XLA's own (off).")
+presets.define_weight_flags()  # --quant, --kv_quant, --cpu_kernels
 flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): every operation "
                      "one by one, for stepping through the model in a debugger. Slow.")
 

@@ -24,6 +24,21 @@ def settings(names: Sequence[str]) -> dict:
     return values
 
 
+def define_weight_flags() -> None:
+    """The weight and KV-cache format flags the generate and serve launchers share."""
+    flags.DEFINE_enum("quant", None, ["none", "int8", "int4", "gguf"],
+                      "Weights: float (none), quantized at load (int8 per channel, int4 in "
+                      "groups of 32), or a GGUF file's own Q8_0/Q4_0/Q4_1/Q4_K blocks (gguf). "
+                      "Unset: the preset's, else none.")
+    flags.DEFINE_enum("kv_quant", None, ["none", "int8"],
+                      "KV cache in the compute dtype (none) or int8 (per-token, per-head "
+                      "scales).")
+    flags.DEFINE_enum("cpu_kernels", "int8", ["int8", "f32", "off"],
+                      "Quantized products on CPU: jaxinfer's kernels with activations quantized "
+                      "per block of 32 (int8, as llama.cpp) or in fp32 (f32), or XLA's own "
+                      "(off).")
+
+
 def optional(name: str) -> str | None:
     """A setting a preset may leave out: the flag if given, else the preset's value; "none"
     (or neither) -> None. For the weight and KV-cache formats (`quant`, `kv_quant`)."""
