@@ -33,6 +33,18 @@ def compiled_programs(*functions) -> int:
     return sum(1 for key in _executables if not functions or key[0] in functions)
 
 
+def forget_compiled() -> None:
+    """Drops every compiled program this process holds (here and in jax's own caches).
+
+    Each XLA:CPU program keeps its machine code in memory mappings of its own until it is
+    freed, and the kernel allows a process 65,530 of them (vm.max_map_count). A process that
+    compiles without end (the test suite, one model after another) runs out, and XLA then
+    crashes (SIGSEGV or SIGABRT, seen in serializing a program for the persistent cache).
+    The persistent cache makes the programs cheap to load again."""
+    _executables.clear()
+    jax.clear_caches()
+
+
 def run(jitted, args: tuple, static: dict, what: str, *, mesh=None, timings: dict | None = None,
         progress: bool = False, eager: bool = False):
     """Calls `jitted(*args, **static)` through an ahead-of-time executable, compiling (and

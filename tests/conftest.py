@@ -88,3 +88,23 @@ def pytest_configure(config):
         from jaxinfer.kernels import cpu
 
         cpu.set_enabled(False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _forget_compiled_programs():
+    """Frees each test file's compiled programs after it: XLA:CPU maps every program's code
+    separately, and the whole suite in one process would otherwise pass the kernel's limit on
+    memory mappings per process and crash inside XLA (see runtime.forget_compiled)."""
+    yield
+    from jaxinfer import runtime
+
+    runtime.forget_compiled()
+
+
+# --- Crash diagnostics: a crash inside XLA kills pytest before it reports anything, and CI
+# shows only the end of the output. With JAXINFER_TEST_PROGRESS=FILE, each test's id is written
+# there as it starts, so .ci/run can name the test a crash happened in.
+def pytest_runtest_logstart(nodeid, location):
+    if path := os.environ.get("JAXINFER_TEST_PROGRESS"):
+        with open(path, "w") as f:
+            f.write(nodeid + "\n")
