@@ -53,6 +53,9 @@ class DecodeState:
     stop_ids: jax.Array  # int32 [rows, stops], NO_TOKEN where unused
     sampling: SamplingArrays
     counts: TokenCounts | None = None  # [rows, vocab]: what the penalties look at
+    # int32 [rows, length]: each row's tokens by position, `last` included (what n-gram drafts
+    # look up; jaxinfer.speculative); None when nothing speculates.
+    history: jax.Array | None = None
 
     @classmethod
     def start(cls, first: jax.Array, position: jax.Array, count: jax.Array,
@@ -71,16 +74,25 @@ class DecodeState:
                    stopped=hit_stop, stop_ids=stop_ids, sampling=sampling, counts=counts)
 
     @classmethod
-    def empty(cls, rows: int, stops: int, vocab: int | None = None) -> DecodeState:
+    def empty(cls, rows: int, stops: int, vocab: int | None = None,
+              history: int | None = None) -> DecodeState:
         """`rows` free rows (all done), with room for `stops` stop ids each (and token counts
-        over `vocab` tokens, if given)."""
+        over `vocab` tokens, and a token history of `history` positions, if given)."""
         zeros = lambda: jnp.zeros(rows, jnp.int32)  # noqa: E731 - distinct (donatable) buffers
         sampling = jax.tree.map(jnp.asarray, SamplingArrays.stack([SamplingParams()] * rows))
         counts = None if vocab is None else TokenCounts.empty(rows, vocab)
         return cls(last=zeros(), position=zeros(), count=zeros(), max_tokens=zeros(),
                    done=jnp.ones(rows, bool), stopped=jnp.zeros(rows, bool),
                    stop_ids=jnp.full((rows, stops), NO_TOKEN, jnp.int32), sampling=sampling,
-                   counts=counts)
+                   counts=counts,
+                   history=None if history is None else jnp.zeros((rows, history), jnp.int32))
+
+    def with_history(self, tokens: jax.Array) -> DecodeState:
+        """This state with a token history: `tokens` [rows, length], each row's sequence by
+        position up to `position` (later places are ignored), `last` written at `position`."""
+        rows = jnp.arange(tokens.shape[0])
+        return dataclasses.replace(self, history=tokens.astype(jnp.int32).at[
+            rows, self.position].set(self.last, mode="drop"))
 
     def record(self, token: jax.Array) -> tuple[DecodeState, jax.Array]:
         """Appends `token` [rows] to every unfinished row; returns the new state and what each
@@ -114,6 +126,10 @@ class DecodeState:
             stopped=self.stopped | hit_stop,
             counts=None if self.counts is None else self.counts.add(tokens, kept),
         )
+        if self.history is not None:  # the tokens go at the positions after `last`
+            at = jnp.where(kept, self.position[:, None] + 1 + place, self.history.shape[1])
+            state.history = self.history.at[jnp.arange(tokens.shape[0])[:, None], at].set(
+                tokens, mode="drop")
         return state, emitted, n
 
 

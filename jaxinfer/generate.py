@@ -76,40 +76,29 @@ def _decode(params, cache, state: DecodeState, *, cfg, out_len):
 
 
 def _speculative_decode(params, cache, state: DecodeState, prompts, *, cfg, out_len, k):
-    """`_decode` with n-gram drafts of `k` tokens verified per step, each row looking its
-    drafts up in `prompts` [batch, seq] and its output so far. Also returns the steps taken
-    (the prefill's included) and per row the draft tokens proposed and accepted [batch]."""
+    """`_decode` with up to `k` drafts verified per step (speculative.step), each row looking
+    its drafts up in `prompts` [batch, seq] and its output so far. Also returns the steps
+    taken (the prefill's included) and per row the draft tokens proposed and accepted."""
     batch = state.last.shape[0]
-    rows = jnp.arange(batch)[:, None]
-    place = jnp.arange(k + 1)[None]
-    tokens = jnp.full((batch, out_len), NO_TOKEN, jnp.int32)
-    tokens = tokens.at[:, 0].set(state.last)
-    # Every row's tokens by position; entries past a row's newest token are never read.
-    history = jnp.zeros((batch, cache.max_len), jnp.int32).at[:, : prompts.shape[1]].set(prompts)
-    history = history.at[rows[:, 0], state.position].set(state.last, mode="drop")
+    rows, place = jnp.arange(batch)[:, None], jnp.arange(k + 1)[None]
+    tokens = jnp.full((batch, out_len), NO_TOKEN, jnp.int32).at[:, 0].set(state.last)
+    state = state.with_history(jnp.pad(prompts, ((0, 0), (0, cache.max_len - prompts.shape[1]))))
     zeros = jnp.zeros(batch, jnp.int32)
 
     def cond(carry):
-        _, state, *_, step, _, _ = carry
+        _, state, _, step, _, _ = carry
         return (step < out_len) & ~jnp.all(state.done)
 
     def body(carry):
-        cache, state, tokens, history, step, drafted, accepted = carry
-        draft = speculative.ngram_draft(history, state.position, k)
-        live = ~state.done
-        before = state
-        cache, state, emitted, n, kept, _ = decode.speculative_step(params, cache, state, draft,
-                                                                    cfg)
-        emitted_at = lambda start, size: jnp.where(place < n[:, None], start[:, None] + place,  # noqa: E731
-                                                   size)  # past the end: dropped
-        tokens = tokens.at[rows, emitted_at(before.count, out_len)].set(emitted, mode="drop")
-        history = history.at[rows, emitted_at(before.position + 1, history.shape[1])].set(
-            emitted, mode="drop")
-        drafted = drafted + jnp.where(live, jnp.sum(draft != NO_TOKEN, axis=1), 0)
-        return cache, state, tokens, history, step + 1, drafted, accepted + kept
+        cache, state, tokens, step, drafted, accepted = carry
+        start = state.count  # the emitted tokens' columns start here
+        cache, state, emitted, n, proposed, kept = speculative.step(params, cache, state, k, cfg)
+        columns = jnp.where(place < n[:, None], start[:, None] + place, out_len)  # else dropped
+        tokens = tokens.at[rows, columns].set(emitted, mode="drop")
+        return cache, state, tokens, step + 1, drafted + proposed, accepted + kept
 
-    carry = (cache, state, tokens, history, jnp.int32(1), zeros, zeros)
-    cache, state, tokens, _, steps, drafted, accepted = jax.lax.while_loop(cond, body, carry)
+    carry = (cache, state, tokens, jnp.int32(1), zeros, zeros)
+    cache, state, tokens, steps, drafted, accepted = jax.lax.while_loop(cond, body, carry)
     return state, tokens, cache, steps, drafted, accepted
 
 
