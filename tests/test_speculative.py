@@ -263,3 +263,33 @@ def test_smollm2_copying_code_accepts_drafts_and_keeps_its_greedy_tokens(smollm2
         # Measured: 30 model calls without, 15 at k = 3 and 11 at k = 7.
         assert got.decode_steps <= 0.6 * want.decode_steps, (k, got.decode_steps)
         assert got.accepted_tokens[0] >= 0.4 * want.lengths[0]
+
+
+# --- the serving engine --------------------------------------------------------------------
+
+@pytest.mark.numerics
+def test_the_serving_engine_speculates_to_the_tokens_generate_gives(tiny_cfg, looping):
+    from jaxinfer.serving import EngineConfig
+    from jaxinfer.serving.engine import Engine
+    from tests.test_decode import engine_tokens
+
+    model = jaxinfer.Model(tiny_cfg, looping, None)
+    config = EngineConfig(max_batch_size=4, max_seq_len=64, page_size=8, num_pages=40,
+                          decode_steps=3, speculative_method="ngram", num_speculative_tokens=3)
+    engine = Engine(model, config)
+    assert engine.positions_per_call == 12
+    counts, generate = [], engine.generate
+
+    def counted(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        counts.append(engine.last_speculation)
+        return out
+
+    engine.generate = counted
+    prompts, samplings = PROMPTS[:4], SAMPLING[:3] + [SamplingParams()]
+    got = engine_tokens(engine, prompts, samplings, 16)
+    want = jaxinfer.generate(looping, prompts, tiny_cfg, max_new_tokens=16, sampling=samplings)
+    assert got == want.tokens
+    drafts, draft_tokens, accepted, *per_position = np.sum(counts, axis=0)
+    assert 0 < accepted <= draft_tokens and drafts <= draft_tokens  # some drafts were kept
+    assert per_position[0] >= per_position[1] >= per_position[2] and sum(per_position) == accepted
