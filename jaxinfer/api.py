@@ -90,9 +90,12 @@ def chat(
     max_new_tokens: int = 256,
     sampling: SamplingParams | None = None,
     eager: bool = False,
+    speculative_method: str = "none",
+    num_speculative_tokens: int = 4,
 ) -> tuple[str, GenerateResult]:
     """Answers a user message (or a list of chat messages) with the model's chat template.
-    `eager`: run without compiling (see `generate`)."""
+    `eager`: run without compiling; `speculative_method`, `num_speculative_tokens`:
+    speculative decoding (see `generate`)."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -105,5 +108,7 @@ def chat(
         sampling=sampling,
         stop_token_ids=model.tokenizer.stop_ids,
         eager=eager,
+        speculative_method=speculative_method,
+        num_speculative_tokens=num_speculative_tokens,
     )
     return model.tokenizer.decode(result.tokens[0]), result

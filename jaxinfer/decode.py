@@ -8,6 +8,8 @@ through either, in any row.
     state, cache, logits = prefill(params, cache, tokens, lengths, sampling, count, max_tokens,
                                    stop_ids, cfg=cfg)
     cache, state, token, logits = step(params, cache, state, cfg)  # until all(state.done)
+    cache, state, tokens, n, accepted, logits = speculative_step(params, cache, state, draft,
+                                                                 cfg)  # or: k drafts verified
 
 Sampling draws from `sampling.adjust_logits` of the model's logits (penalties over the row's
 `TokenCounts`, logit bias, the green-list watermark keyed on the previous token, min_tokens);
@@ -51,6 +53,9 @@ class DecodeState:
     stop_ids: jax.Array  # int32 [rows, stops], NO_TOKEN where unused
     sampling: SamplingArrays
     counts: TokenCounts | None = None  # [rows, vocab]: what the penalties look at
+    # int32 [rows, length]: each row's tokens by position, `last` included (what n-gram drafts
+    # look up; jaxinfer.speculative); None when nothing speculates.
+    history: jax.Array | None = None
 
     @classmethod
     def start(cls, first: jax.Array, position: jax.Array, count: jax.Array,
@@ -69,34 +74,63 @@ class DecodeState:
                    stopped=hit_stop, stop_ids=stop_ids, sampling=sampling, counts=counts)
 
     @classmethod
-    def empty(cls, rows: int, stops: int, vocab: int | None = None) -> DecodeState:
+    def empty(cls, rows: int, stops: int, vocab: int | None = None,
+              history: int | None = None) -> DecodeState:
         """`rows` free rows (all done), with room for `stops` stop ids each (and token counts
-        over `vocab` tokens, if given)."""
+        over `vocab` tokens, and a token history of `history` positions, if given)."""
         zeros = lambda: jnp.zeros(rows, jnp.int32)  # noqa: E731 - distinct (donatable) buffers
         sampling = jax.tree.map(jnp.asarray, SamplingArrays.stack([SamplingParams()] * rows))
         counts = None if vocab is None else TokenCounts.empty(rows, vocab)
         return cls(last=zeros(), position=zeros(), count=zeros(), max_tokens=zeros(),
                    done=jnp.ones(rows, bool), stopped=jnp.zeros(rows, bool),
                    stop_ids=jnp.full((rows, stops), NO_TOKEN, jnp.int32), sampling=sampling,
-                   counts=counts)
+                   counts=counts,
+                   history=None if history is None else jnp.zeros((rows, history), jnp.int32))
+
+    def with_history(self, tokens: jax.Array) -> DecodeState:
+        """This state with a token history: `tokens` [rows, length], each row's sequence by
+        position up to `position` (later places are ignored), `last` written at `position`."""
+        rows = jnp.arange(tokens.shape[0])
+        return dataclasses.replace(self, history=tokens.astype(jnp.int32).at[
+            rows, self.position].set(self.last, mode="drop"))
 
     def record(self, token: jax.Array) -> tuple[DecodeState, jax.Array]:
         """Appends `token` [rows] to every unfinished row; returns the new state and what each
         row emitted (NO_TOKEN where it was done already)."""
-        live = ~self.done
-        token = jnp.where(live, token, NO_TOKEN)
-        hit_stop = live & jnp.any(token[:, None] == self.stop_ids, axis=-1)
-        count = self.count + live
+        state, emitted, _ = self.record_many(token[:, None], jnp.ones_like(self.count))
+        return state, emitted[:, 0]
+
+    def record_many(self, tokens: jax.Array,
+                    available: jax.Array) -> tuple[DecodeState, jax.Array, jax.Array]:
+        """Appends to every unfinished row its first `available` [rows] (>= 1) of `tokens`
+        [rows, width], cut after the first stop id and at the row's budget. Returns the new
+        state, what each row emitted [rows, width] (NO_TOKEN past its end, and everywhere in a
+        row that was done already) and how many tokens that is [rows]."""
+        width = tokens.shape[1]
+        place = jnp.arange(width)[None]
+        is_stop = (tokens >= 0) & jnp.any(tokens[:, :, None] == self.stop_ids[:, None, :], -1)
+        first_stop = jnp.min(jnp.where(is_stop, place, width), axis=1)
+        n = jnp.minimum(jnp.minimum(available, first_stop + 1), self.max_tokens - self.count)
+        n = jnp.where(self.done, 0, jnp.maximum(n, 1))
+        kept = place < n[:, None]
+        emitted = jnp.where(kept, tokens, NO_TOKEN)
+        hit_stop = first_stop < n
+        newest = jnp.take_along_axis(tokens, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+        count = self.count + n
         state = dataclasses.replace(
             self,
-            last=jnp.where(live, token, self.last),
-            position=self.position + live,
+            last=jnp.where(n > 0, newest, self.last),
+            position=self.position + n,
             count=count,
             done=self.done | hit_stop | (count >= self.max_tokens),
             stopped=self.stopped | hit_stop,
-            counts=None if self.counts is None else self.counts.add(token, live),
+            counts=None if self.counts is None else self.counts.add(tokens, kept),
         )
-        return state, token
+        if self.history is not None:  # the tokens go at the positions after `last`
+            at = jnp.where(kept, self.position[:, None] + 1 + place, self.history.shape[1])
+            state.history = self.history.at[jnp.arange(tokens.shape[0])[:, None], at].set(
+                tokens, mode="drop")
+        return state, emitted, n
 
 
 def prefill(params, cache, tokens: jax.Array, lengths: jax.Array, sampling: SamplingArrays,
@@ -147,6 +181,74 @@ def step(params, cache, state: DecodeState, cfg: ModelConfig, bitmask: jax.Array
                              bitmask, state.last)
     state, token = state.record(sample(adjusted, state.sampling, state.count))
     return cache, state, token, logits
+
+
+def speculative_step(params, cache, state: DecodeState, draft: jax.Array, cfg: ModelConfig):
+    """One decode step that verifies drafted tokens: feeds `last` and `draft` [rows, k] (the
+    tokens proposed to follow it; NO_TOKEN where a row proposes fewer) at the k + 1 positions
+    after `position`, in one model call, and appends to each row the longest prefix of its
+    draft that agrees with the model plus the token the model picks after it: 1 to k + 1
+    tokens, cut at a stop id and at the budget as in `record_many`.
+
+    The token at each place is drawn exactly as `step` would draw it had the drafts before it
+    been accepted (`verify_targets`), and a draft is accepted where it equals that token. For
+    greedy rows that is the exact-match rule; for sampled rows it is the rejection rule of
+    Leviathan et al. / Chen et al. for a deterministic draft (q a point mass on d): d is
+    accepted with probability p(d), and on rejection the drawn token is distributed as
+    p restricted to tokens other than d, renormalized: normalize(max(p - q, 0)). The emitted
+    tokens are therefore those `step` draws from the same (seed, count) keys.
+
+    The keys and values of rejected drafts stay in the cache past the row's new position;
+    attention masks by position and the next step overwrites them. No `bitmask`: a grammar's
+    allowed tokens depend on the tokens before, so rows under one take plain steps.
+
+    Returns (cache, state, emitted [rows, k + 1] (NO_TOKEN past a row's end), how many each
+    row emitted [rows], how many of those were accepted drafts [rows], the fp32 logits
+    [rows, k + 1, vocab] of the k + 1 places).
+    """
+    positions = state.position[:, None] + jnp.arange(draft.shape[1] + 1, dtype=jnp.int32)
+    logits, cache = family(cfg.architecture).forward(params, _verified_tokens(state, draft),
+                                                     positions, cache, cfg)
+    return (cache, *verify(logits, state, draft), logits)
+
+
+def verify(logits: jax.Array, state: DecodeState,
+           draft: jax.Array) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
+    """The acceptance half of `speculative_step`, given the model's logits [rows, k + 1,
+    vocab] at `last` and the drafts [rows, k]: returns (state, emitted [rows, k + 1], how many
+    [rows], how many of them were accepted drafts [rows])."""
+    target = verify_targets(logits, _verified_tokens(state, draft), state)
+    agrees = jnp.cumprod(target[:, :-1] == draft, axis=1)  # a NO_TOKEN draft never agrees
+    accepted = jnp.sum(agrees, axis=1, dtype=jnp.int32)
+    state, emitted, n = state.record_many(target, accepted + 1)
+    return state, emitted, n, jnp.minimum(accepted, n)
+
+
+def _verified_tokens(state: DecodeState, draft: jax.Array) -> jax.Array:
+    """[rows, k + 1]: `last`, then the drafts (NO_TOKEN places fed as token 0)."""
+    return jnp.concatenate([state.last[:, None], jnp.maximum(draft, 0)], axis=1)
+
+
+def verify_targets(logits: jax.Array, tokens: jax.Array, state: DecodeState) -> jax.Array:
+    """The token `step` would draw at each of the places of `tokens` [rows, width] (`last`,
+    then the drafts) from their logits [rows, width, vocab], had every draft before the place
+    been accepted: its logits adjusted with the drafts before it counted (penalties), its
+    count (min_tokens, and the (seed, count) key of the draw) and the token before it (the
+    watermark). Returns [rows, width]."""
+    rows, width, vocab = logits.shape
+    place = jnp.arange(width, dtype=jnp.int32)
+    per_place = lambda x: jnp.repeat(x, width, axis=0)  # noqa: E731 - [rows, ...] -> [rows * width, ...]
+    sampling = jax.tree.map(per_place, state.sampling)
+    count = (state.count[:, None] + place).reshape(-1)
+    counts = None
+    if state.counts is not None:  # place j has seen the drafts tokens[:, 1 : j + 1]
+        drafts = jax.nn.one_hot(tokens[:, 1:], vocab, dtype=jnp.int32)  # [rows, width - 1, vocab]
+        before = jnp.cumsum(jnp.pad(drafts, ((0, 0), (1, 0), (0, 0))), axis=1)
+        counts = TokenCounts(output=(state.counts.output[:, None] + before).reshape(-1, vocab),
+                             prompt=per_place(state.counts.prompt))
+    adjusted = adjust_logits(logits.reshape(-1, vocab), sampling, counts,
+                             per_place(state.stop_ids), count, None, tokens.reshape(-1))
+    return sample(adjusted, sampling, count).reshape(rows, width)
 
 
 def prompt_logprobs(params, tokens: jax.Array, *, cfg: ModelConfig) -> TokenLogprobs:

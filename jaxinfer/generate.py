@@ -2,7 +2,9 @@
 
 Both drive the decode core (jaxinfer.decode) over a dense KV cache. Batch size, prompt length
 and the number of new tokens are padded to power-of-two buckets; each compiled program is
-keyed by its bucket (jaxinfer.runtime), so calls within a bucket reuse it.
+keyed by its bucket (jaxinfer.runtime), so calls within a bucket reuse it. With speculative
+decoding on, each loop step drafts up to k tokens per row (jaxinfer.speculative) and verifies
+them in one model call (decode.speculative_step).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import decode, runtime
+from jaxinfer import decode, runtime, speculative
 from jaxinfer.cache import KVCache
 from jaxinfer.config import ModelConfig
 from jaxinfer.decode import NO_TOKEN, DecodeState
@@ -28,13 +30,17 @@ MIN_SEQ_BUCKET = 16
 
 @dataclasses.dataclass
 class GenerateResult:
-    """Per row: generated ids (a stop token that ended the row included), count, why it ended."""
+    """Per row: generated ids (a stop token that ended the row included), count, why it ended;
+    and how the decode loop got there."""
 
     tokens: list[list[int]]
     lengths: list[int]
     prompt_lengths: list[int]
     finish_reasons: list[str]  # "stop" (a stop token) or "length" (max_new_tokens)
     timings: dict[str, float]  # seconds: compile (0 when cached), prefill, decode
+    decode_steps: int = 0  # model calls after the prefill (one per loop step)
+    draft_tokens: list[int] = dataclasses.field(default_factory=list)  # per row: proposed
+    accepted_tokens: list[int] = dataclasses.field(default_factory=list)  # per row: kept
 
 
 def _prefill(params, tokens, prompt_lens, sampling, stop_ids, max_new, *, cfg, cache_len):
@@ -69,13 +75,42 @@ def _decode(params, cache, state: DecodeState, *, cfg, out_len):
     return state, tokens, cache  # the cache, donated, is updated in place
 
 
+def _speculative_decode(params, cache, state: DecodeState, prompts, *, cfg, out_len, k):
+    """`_decode` with up to `k` drafts verified per step (speculative.step), each row looking
+    its drafts up in `prompts` [batch, seq] and its output so far. Also returns the steps
+    taken (the prefill's included) and per row the draft tokens proposed and accepted."""
+    batch = state.last.shape[0]
+    rows, place = jnp.arange(batch)[:, None], jnp.arange(k + 1)[None]
+    tokens = jnp.full((batch, out_len), NO_TOKEN, jnp.int32).at[:, 0].set(state.last)
+    state = state.with_history(jnp.pad(prompts, ((0, 0), (0, cache.max_len - prompts.shape[1]))))
+    zeros = jnp.zeros(batch, jnp.int32)
+
+    def cond(carry):
+        _, state, _, step, _, _ = carry
+        return (step < out_len) & ~jnp.all(state.done)
+
+    def body(carry):
+        cache, state, tokens, step, drafted, accepted = carry
+        start = state.count  # the emitted tokens' columns start here
+        cache, state, emitted, n, proposed, kept = speculative.step(params, cache, state, k, cfg)
+        columns = jnp.where(place < n[:, None], start[:, None] + place, out_len)  # else dropped
+        tokens = tokens.at[rows, columns].set(emitted, mode="drop")
+        return cache, state, tokens, step + 1, drafted + proposed, accepted + kept
+
+    carry = (cache, state, tokens, jnp.int32(1), zeros, zeros)
+    cache, state, tokens, steps, drafted, accepted = jax.lax.while_loop(cond, body, carry)
+    return state, tokens, cache, steps, drafted, accepted
+
+
 _prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "cache_len"))
 _decode_jit = jax.jit(_decode, static_argnames=("cfg", "out_len"), donate_argnames=("cache",))
+_speculative_decode_jit = jax.jit(_speculative_decode, static_argnames=("cfg", "out_len", "k"),
+                                  donate_argnames=("cache",))
 
 
 def compiled_programs() -> int:
     """How many programs generate() has compiled in this process (one per bucket and step)."""
-    return runtime.compiled_programs(_prefill_jit, _decode_jit)
+    return runtime.compiled_programs(_prefill_jit, _decode_jit, _speculative_decode_jit)
 
 
 def generate(
@@ -88,6 +123,8 @@ def generate(
     stop_token_ids: Sequence[int] = (),
     mesh: jax.sharding.Mesh | None = None,
     eager: bool = False,
+    speculative_method: str = "none",
+    num_speculative_tokens: int = 4,
 ) -> GenerateResult:
     """Generates up to `max_new_tokens` tokens after each prompt in `tokens` (a list of id lists).
 
@@ -101,7 +138,14 @@ def generate(
 
     `eager`: run the same code op by op under `jax.disable_jit()` (nothing compiled), to step
     through the model in a debugger; see the README for what it costs.
+
+    `speculative_method="ngram"`: each step drafts up to `num_speculative_tokens` (1..7)
+    tokens per row by prompt lookup (jaxinfer.speculative) and verifies them in one model
+    call; greedy rows get the same tokens as without (up to the last bits of the logits: the
+    verifying call has another shape) and seeded rows the same draws from the same keys. The
+    result's decode_steps, draft_tokens and accepted_tokens say how much it saved.
     """
+    speculative.check_options(speculative_method, num_speculative_tokens)
     prompts = _check_prompts(tokens, cfg, max_new_tokens)
     rows = len(prompts)
     if sampling is None or isinstance(sampling, SamplingParams):
@@ -141,18 +185,32 @@ def generate(
     options = dict(timings=timings, mesh=mesh, eager=eager)
     state, cache = _timed(_prefill_jit, (params, *inputs), {"cfg": cfg, "cache_len": cache_len},
                           f"prefill ({shape})", "prefill", options)
-    state, out_tokens, _ = _timed(_decode_jit, (params, cache, state),
-                               {"cfg": cfg, "out_len": out_len}, f"decode ({shape})", "decode",
-                               options)
+    if speculative_method == "none":
+        state, out_tokens, _ = _timed(_decode_jit, (params, cache, state),
+                                      {"cfg": cfg, "out_len": out_len}, f"decode ({shape})",
+                                      "decode", options)
+        steps, drafted, accepted = None, np.zeros(batch, int), np.zeros(batch, int)
+    else:
+        k = num_speculative_tokens
+        state, out_tokens, _, steps, drafted, accepted = _timed(
+            _speculative_decode_jit, (params, cache, state, inputs[0]),
+            {"cfg": cfg, "out_len": out_len, "k": k},
+            f"speculative decode ({shape}, {k} drafts)", "decode", options)
+        drafted, accepted = (sharding_rules.to_host(x) for x in (drafted, accepted))
 
     out_tokens, lengths, stopped = (
         sharding_rules.to_host(x) for x in (out_tokens, state.count, state.stopped))
+    # Without speculation every step adds one token to each unfinished row.
+    steps = int(max(lengths[:rows])) if steps is None else int(sharding_rules.to_host(steps))
     return GenerateResult(
         tokens=[out_tokens[i, : lengths[i]].tolist() for i in range(rows)],
         lengths=lengths[:rows].tolist(),
         prompt_lengths=[len(p) for p in prompts],
         finish_reasons=["stop" if s else "length" for s in stopped[:rows]],
         timings=timings,
+        decode_steps=steps - 1,
+        draft_tokens=drafted[:rows].tolist(),
+        accepted_tokens=accepted[:rows].tolist(),
     )
 
 

@@ -161,8 +161,9 @@ class TokenCounts:
                    prompt=jnp.zeros((rows, vocab), bool))
 
     def add(self, token: jax.Array, live: jax.Array) -> TokenCounts:
-        """Counts `token` [rows] once in every `live` row."""
-        rows = jnp.arange(token.shape[0])
+        """Counts `token` [rows] once in every `live` [rows] row; or tokens [rows, n], each
+        where `live` [rows, n]."""
+        rows = jnp.arange(token.shape[0]).reshape(-1, *([1] * (token.ndim - 1)))
         return dataclasses.replace(
             self, output=self.output.at[rows, jnp.maximum(token, 0)].add(live.astype(jnp.int32)))
 

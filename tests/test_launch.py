@@ -28,6 +28,13 @@ def test_plain_prompt_with_sampling_flags(smollm2_path):
     assert "[8 tokens, finish: length]" in run.stderr
 
 
+def test_speculative_decoding_flags_report_the_accepted_drafts(smollm2_path):
+    run = launch("--nochat", "--prompt=a b c d a b c d a b c d", "--max_new_tokens=12",
+                 "--speculative_method=ngram", "--num_speculative_tokens=4")
+    assert run.returncode == 0, run.stderr
+    assert "[speculative ngram:" in run.stderr and "drafted tokens accepted]" in run.stderr
+
+
 def test_preset_may_set_the_weight_format(smollm2_path, tmp_path):
     preset = tmp_path / "gguf.toml"
     default = Path(__file__).parent.parent / "configs" / "smollm2_135m.toml"

@@ -31,6 +31,7 @@ flags.DEFINE_enum("attention", "auto", ["auto", "xla", "pallas"],
                   "Attention: Pallas kernels (GPU/TPU; interpreted, slowly, on CPU), the XLA "
                   "reference, or auto (Pallas on GPU/TPU, XLA on CPU).")
 presets.define_weight_flags()  # --quant, --kv_quant, --cpu_kernels
+presets.define_speculative_flags()
 flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): every operation "
                      "one by one, for stepping through the model in a debugger. Slow.")
 
@@ -76,16 +77,19 @@ def main(argv: list[str]) -> None:
                 cpu_kernels=FLAGS.cpu_kernels, progress=True,
             )
             load_s = time.perf_counter() - start
+            speculation = dict(speculative_method=FLAGS.speculative_method,
+                               num_speculative_tokens=FLAGS.num_speculative_tokens)
             if opts["chat"]:
                 text, result = jaxinfer.chat(
                     model, opts["prompt"], max_new_tokens=opts["max_new_tokens"], sampling=sampling,
-                    eager=FLAGS.eager,
+                    eager=FLAGS.eager, **speculation,
                 )
             else:
                 tokens = model.tokenizer.encode(opts["prompt"])
                 result = jaxinfer.generate(
                     model.params, [tokens], model.config, max_new_tokens=opts["max_new_tokens"],
                     sampling=sampling, stop_token_ids=model.tokenizer.stop_ids, eager=FLAGS.eager,
+                    **speculation,
                 )
                 text = model.tokenizer.decode(result.tokens[0])
     except (ValueError, FileNotFoundError) as e:
@@ -105,6 +109,10 @@ def main(argv: list[str]) -> None:
         f"({model.config.compute_dtype}{weights})",
         file=sys.stderr,
     )
+    if FLAGS.speculative_method != "none":
+        print(f"[speculative {FLAGS.speculative_method}: {result.decode_steps} model calls after "
+              f"the prefill, {result.accepted_tokens[0]} of {result.draft_tokens[0]} drafted "
+              f"tokens accepted]", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,15 @@ def define_weight_flags() -> None:
                       "(off).")
 
 
+def define_speculative_flags() -> None:
+    """The speculative decoding flags the generate and serve launchers share (vLLM's names)."""
+    flags.DEFINE_enum("speculative_method", "none", ["none", "ngram"],
+                      "Speculative decoding: off (none), or drafts looked up in the prompt and "
+                      "output so far (ngram, prompt lookup), verified several per model call.")
+    flags.DEFINE_integer("num_speculative_tokens", 4, "Speculative decoding: tokens drafted "
+                         "per request and step (1..7).")
+
+
 def optional(name: str) -> str | None:
     """A setting a preset may leave out: the flag if given, else the preset's value; "none"
     (or neither) -> None. For the weight and KV-cache formats (`quant`, `kv_quant`)."""

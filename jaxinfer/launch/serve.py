@@ -55,6 +55,7 @@ flags.DEFINE_float("host_kv_cache_gb", 0.0, "Host memory (GiB) for cached KV pag
                    "the device pool, brought back on a prefix hit (a no-op on CPU-only machines).")
 flags.DEFINE_boolean("enable_prefix_caching", True, "Reuse the KV pages of cached prompt "
                      "prefixes (--noenable_prefix_caching: prefill every prompt from token 0).")
+presets.define_speculative_flags()
 flags.DEFINE_float("drain_timeout_s", None, "On SIGTERM, wait this long for requests.")
 flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): every operation "
                      "one by one, for stepping through the model in a debugger. Slow.")
@@ -119,6 +120,8 @@ def engine_config(opts: dict):
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         max_num_batched_tokens=opts["max_num_batched_tokens"],
         host_kv_cache_gb=FLAGS.host_kv_cache_gb,
+        speculative_method=FLAGS.speculative_method,
+        num_speculative_tokens=FLAGS.num_speculative_tokens,
     )
 
 

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from jaxinfer import speculative
 from jaxinfer.config import ModelConfig
 
 
@@ -39,6 +40,10 @@ class EngineConfig:
     # Prompt tokens per prefill call, the largest prefill bucket: a longer prompt is prefilled
     # in chunks of this many, with the running requests decoding between chunks.
     max_num_batched_tokens: int = 512
+    # Speculative decoding (jaxinfer.speculative): each decode step drafts up to
+    # num_speculative_tokens tokens per slot by n-gram lookup and verifies them in one call.
+    speculative_method: str = "none"
+    num_speculative_tokens: int = 4
 
     def __post_init__(self):
         positive = ("max_batch_size", "max_seq_len", "page_size", "decode_steps",
@@ -48,6 +53,7 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; it must be an integer >= 1")
+        speculative.check_options(self.speculative_method, self.num_speculative_tokens)
         if self.max_queue_delay_ms < 0:
             raise ValueError(f"max_queue_delay_ms={self.max_queue_delay_ms}; it must be >= 0")
         if self.host_kv_cache_gb < 0:
@@ -56,6 +62,11 @@ class EngineConfig:
             raise ValueError(f"kv_cache_gb={self.kv_cache_gb}; it must be > 0")
         if self.num_pages is not None and self.num_pages < 2:
             raise ValueError(f"num_pages={self.num_pages}; it must be >= 2 (page 0 is scratch)")
+
+    @property
+    def draft_tokens(self) -> int:
+        """Tokens drafted per slot and step: num_speculative_tokens, or 0 without speculation."""
+        return 0 if self.speculative_method == "none" else self.num_speculative_tokens
 
     def context(self, cfg: ModelConfig) -> int:
         """The longest request (prompt + generated tokens) this server accepts."""

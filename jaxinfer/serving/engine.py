@@ -13,7 +13,11 @@ lives on the device and passes in and out of each call:
   of the decode state (its last token, position, budget, stop ids and sampling parameters).
 - `generate(state, page_table, width) -> (state, tokens)`: `decode_steps` steps for slots
   [0, width) in one device call; tokens [width, steps] (NO_TOKEN where a slot was free or
-  had finished). `width` is one of `decode_widths`, all compiled by `warmup()`.
+  had finished). `width` is one of `decode_widths`, all compiled by `warmup()`. With
+  speculative decoding each step drafts k tokens per slot and verifies them
+  (speculative.step): tokens [width, steps * (k + 1)], NO_TOKEN in the places a step did
+  not fill, and `last_speculation` counts the call's drafts. Calls with logprobs or a
+  grammar's bitmask take plain steps.
 - `free(state, slot) -> state` and `move(state, source, target) -> state`: empty a slot, or
   move a running request to a lower slot, so that requests stay packed at the bottom.
 
@@ -43,9 +47,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import decode, runtime
+from jaxinfer import decode, runtime, speculative
 from jaxinfer.cache import PagedKVCache
 from jaxinfer.config import ModelConfig
 from jaxinfer.decode import NO_TOKEN, DecodeState
@@ -59,18 +64,47 @@ YNN_REDUCE_MIN_ELEMENTS = 4096  # XLA:CPU hands reductions this large to YNNPACK
 
 
 def _prefill(params, cache, tokens, lengths, page_rows, sampling, count, max_tokens, stop_ids,
-             bitmask, start, *, cfg: ModelConfig):
+             bitmask, start, history=None, *, cfg: ModelConfig):
     """Prefills rows into the pages of `page_rows` [rows, pages_per_seq], row r's tokens from
     position start[r] on (its pages hold the positions before: a cached prefix, read only);
     returns their DecodeState [rows], the cache and the first tokens' logprobs. Padding past
     a prompt lands past its last position, where masking by position hides it until decode
-    overwrites it (or on scratch page 0)."""
+    overwrites it (or on scratch page 0). `history` [rows, context]: each row's whole
+    sequence, which speculation's drafts look up (None: no speculation)."""
     table = cache.page_table
     state, cache, logits = decode.prefill(
         params, dataclasses.replace(cache, page_table=page_rows), tokens, lengths, sampling,
         count, max_tokens, stop_ids, bitmask=bitmask, cfg=cfg, start=start)
+    if history is not None:
+        state = state.with_history(history)
     logprobs = token_logprobs(logits, state.last, sampling)
     return state, constrain_cache(dataclasses.replace(cache, page_table=table), cfg), logprobs
+
+
+def _speculative_decode(params, cache, state: DecodeState, page_table, *, cfg: ModelConfig,
+                        steps: int, k: int):
+    """`steps` speculative steps (speculative.step, `k` drafts each) for the first
+    `len(page_table)` rows of `state`. Returns the new state, tokens [width, steps * (k + 1)]
+    (NO_TOKEN where a step emitted fewer), the cache, and counts int32 [3 + k]: steps with a
+    draft, draft tokens, accepted tokens, then the drafts accepted at each draft position."""
+    width = page_table.shape[0]
+    rows = jax.tree.map(lambda x: x[:width], state)
+    table = cache.page_table
+
+    def body(carry, _):
+        cache, rows = carry
+        cache, rows, emitted, _, proposed, accepted = speculative.step(params, cache, rows, k,
+                                                                       cfg)
+        per_position = jnp.sum(accepted[:, None] > jnp.arange(k)[None], axis=0)
+        counts = jnp.concatenate([jnp.stack([jnp.sum(proposed > 0), jnp.sum(proposed),
+                                             jnp.sum(accepted)]), per_position])
+        return (cache, rows), (emitted, counts.astype(jnp.int32))
+
+    carry = (dataclasses.replace(cache, page_table=page_table), rows)
+    (cache, rows), (tokens, counts) = jax.lax.scan(body, carry, None, length=steps)
+    state = jax.tree.map(lambda x, r: x.at[:width].set(r), state, rows)
+    cache = constrain_cache(dataclasses.replace(cache, page_table=table), cfg)
+    return state, tokens.swapaxes(0, 1).reshape(width, -1), cache, jnp.sum(counts, axis=0)
 
 
 def _decode(params, cache, state: DecodeState, page_table, bitmask, *, cfg: ModelConfig,
@@ -129,12 +163,15 @@ _prefill_jit = jax.jit(_prefill, static_argnames=("cfg",), donate_argnames=("cac
 _prompt_logprobs_jit = jax.jit(decode.prompt_logprobs, static_argnames=("cfg",))
 _decode_jit = jax.jit(_decode, static_argnames=("cfg", "steps", "logits"),
                       donate_argnames=("cache", "state"))
+_speculative_decode_jit = jax.jit(_speculative_decode, static_argnames=("cfg", "steps", "k"),
+                                  donate_argnames=("cache", "state"))
 
 
 def compiled_programs() -> int:
     """How many serving programs this process has compiled (prefill buckets, decode widths,
     row updates)."""
-    return runtime.compiled_programs(_prefill_jit, _decode_jit, _set_row, _move_row)
+    return runtime.compiled_programs(_prefill_jit, _decode_jit, _speculative_decode_jit,
+                                     _set_row, _move_row)
 
 
 @dataclasses.dataclass
@@ -153,6 +190,7 @@ class PrefillRow:
     stop_ids: Sequence[int] = ()
     bitmask: np.ndarray | None = None  # [ceil(vocab / 32)] int32: tokens the first may be
     start: int = 0  # the position of tokens[0]
+    before: Sequence[int] = ()  # the tokens before `start`, where speculation's drafts look too
 
 
 @dataclasses.dataclass
@@ -177,6 +215,10 @@ class Engine:
         self.model_config = cfg = model.config
         self.params, self.tokenizer, self.mesh = model.params, model.tokenizer, mesh
         self.slots, self.steps = config.max_batch_size, config.decode_steps
+        self.draft_tokens = config.draft_tokens  # k: drafted per slot and step (0: none)
+        # The most positions past a slot's newest token that one generate() call writes.
+        self.positions_per_call = self.steps * (self.draft_tokens + 1)
+        self.last_speculation = np.zeros(3 + self.draft_tokens, np.int64)  # see generate()
         self.context = config.context(cfg)
         self.page_size = config.page_size
         self.pages_per_seq = config.pages_per_seq(cfg)
@@ -199,7 +241,12 @@ class Engine:
     def init_state(self) -> DecodeState:
         """The decode state of `slots` free slots."""
         return DecodeState.empty(self.slots, self.config.max_stop_token_ids,
-                                 self.model_config.vocab_size)
+                                 self.model_config.vocab_size, self._history)
+
+    @property
+    def _history(self) -> int | None:
+        """Positions of the token history each slot keeps (None: no speculation)."""
+        return self.context if self.draft_tokens else None
 
     def prefill(self, rows: Sequence[PrefillRow]) -> Prefix:
         """Runs the prompts (at most prefill_batch_size) into their pages; see the module doc."""
@@ -237,9 +284,16 @@ class Engine:
                 bitmask[i] = row.bitmask
             start[i] = row.start
         sampling = [r.sampling for r in rows] + [SamplingParams()] * (width - len(rows))
+        history = None
+        if self.draft_tokens:
+            history = np.zeros((width, self.context), np.int32)
+            for i, row in enumerate(rows):
+                before = list(row.before)[: row.start]
+                history[i, : len(before)] = before
+                history[i, row.start: row.start + len(row.tokens)] = row.tokens
         state, logprobs = self._prefill(tokens, lengths, page_rows,
                                         SamplingArrays.stack(sampling), count, max_tokens,
-                                        stop_ids, bitmask, start)
+                                        stop_ids, bitmask, start, history)
         logprobs = jax.tree.map(np.asarray, logprobs) if any(
             r.sampling.logprobs is not None for r in rows) else None
         return Prefix(np.asarray(state.last)[: len(rows)].tolist(), state, logprobs)
@@ -258,10 +312,24 @@ class Engine:
         logprobs get them computed), and with `logits` the logits [width, steps, vocab] (a
         program of its own, not compiled by warm-up). `bitmask` [width, ceil(vocab / 32)]:
         the tokens each slot may draw (default: any); `steps`: 1 while a structured-output
-        request runs, whose mask holds for one token (compiled on first use)."""
+        request runs, whose mask holds for one token (compiled on first use).
+
+        With speculative decoding, a call without logprobs, logits or bitmask speculates:
+        tokens [width, steps * (k + 1)], and `last_speculation` [3 + k] counts its steps
+        with a draft, draft tokens, accepted tokens and accepted drafts per position."""
         width = width or self.slots
         if width not in self.decode_widths:
             raise ValueError(f"decode width {width}; compiled widths are {self.decode_widths}")
+        if self.draft_tokens and bitmask is None and not (logits or logprobs):
+            steps = steps or self.steps
+            args = (self.params, self.cache, state, np.asarray(page_table[:width], np.int32))
+            static = {"cfg": self.model_config, "steps": steps, "k": self.draft_tokens}
+            state, tokens, self.cache, counts = self._run(
+                _speculative_decode_jit, args, static,
+                f"speculative decode ({width} slots x {steps} steps, {self.draft_tokens} drafts)")
+            self.last_speculation = np.asarray(counts, np.int64)
+            return state, np.asarray(tokens)
+        self.last_speculation = np.zeros_like(self.last_speculation)
         bitmask = self.any_token(width) if bitmask is None else bitmask
         args = (self.params, self.cache, state, np.asarray(page_table[:width], np.int32),
                 bitmask)
@@ -348,7 +416,9 @@ class Engine:
                       np.zeros((width, self.pages_per_seq), np.int32),
                       SamplingArrays.stack([SamplingParams()] * width), np.zeros(width, np.int32),
                       np.ones(width, np.int32), np.full((width, stops), NO_TOKEN, np.int32),
-                      self.any_token(width), np.zeros(width, np.int32))
+                      self.any_token(width), np.zeros(width, np.int32),
+                      None if self._history is None else np.zeros((width, self._history),
+                                                                   np.int32))
             if run:
                 prefix, _ = self._prefill(*inputs, progress=progress)
             else:
@@ -363,7 +433,8 @@ class Engine:
             jax.block_until_ready(self.cache)
             return
         vocab = self.model_config.vocab_size
-        state, prefix = self.init_state(), DecodeState.empty(width, stops, vocab)  # in shape
+        state = self.init_state()
+        prefix = DecodeState.empty(width, stops, vocab, self._history)  # in shape
         programs += [(_set_row, (state, np.int32(0), prefix, np.int32(0)), {}, "insert"),
                      (_move_row, (state, np.int32(0), np.int32(1), self._free_row.state), {},
                       "move")]
@@ -372,6 +443,10 @@ class Engine:
             programs.append((_decode_jit, (self.params, self.cache, state, table[:w],
                                            self.any_token(w)), static,
                              f"decode ({w} slots x {steps} steps)"))
+        for w in self.decode_widths if self.draft_tokens else ():
+            static = {"cfg": self.model_config, "steps": self.steps, "k": self.draft_tokens}
+            programs.append((_speculative_decode_jit, (self.params, self.cache, state, table[:w]),
+                             static, f"speculative decode ({w} slots x {self.steps} steps)"))
         for program in programs:
             self._compiled(*program, progress)
 
@@ -383,7 +458,7 @@ class Engine:
     @functools.cached_property
     def _free_row(self) -> Prefix:
         return Prefix([], DecodeState.empty(1, self.config.max_stop_token_ids,
-                                            self.model_config.vocab_size))
+                                            self.model_config.vocab_size, self._history))
 
     def _prefill(self, *inputs, progress: bool = False) -> tuple[DecodeState, TokenLogprobs]:
         seq = inputs[0].shape[1]

@@ -77,6 +77,17 @@ class Metrics:
         self.preemptions = counter(
             "num_preemptions", "Requests preempted because KV pages ran out."
         ).labels(**labels)
+        # vLLM's speculative decoding counters: per slot and step with a draft, its tokens,
+        # and the drafts the model accepted (also by their place in the draft, from 0).
+        self.spec_decode_num_drafts = counter(
+            "spec_decode_num_drafts", "Slot steps that verified a draft.").labels(**labels)
+        self.spec_decode_num_draft_tokens = counter(
+            "spec_decode_num_draft_tokens", "Draft tokens proposed.").labels(**labels)
+        self.spec_decode_num_accepted_tokens = counter(
+            "spec_decode_num_accepted_tokens", "Draft tokens accepted.").labels(**labels)
+        self._spec_accepted_per_pos = counter(
+            "spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by position.",
+            ["position"])
         self.time_to_first_token = histogram(
             "time_to_first_token_seconds", "Arrival to first generated token.", _TTFT_BUCKETS
         )
@@ -110,6 +121,16 @@ class Metrics:
                 ("host_kv_cache_bytes", "Bytes of the evicted KV pages kept in host memory."),
             )
         }
+
+    def speculated(self, counts) -> None:
+        """Adds one engine call's counts (Engine.last_speculation): steps with a draft, draft
+        tokens, accepted tokens, then accepted drafts per position."""
+        drafts, tokens, accepted, *per_position = (int(c) for c in counts)
+        self.spec_decode_num_drafts.inc(drafts)
+        self.spec_decode_num_draft_tokens.inc(tokens)
+        self.spec_decode_num_accepted_tokens.inc(accepted)
+        for position, n in enumerate(per_position):
+            self._spec_accepted_per_pos.labels(**self._labels, position=str(position)).inc(n)
 
     def finished(self, reason: str) -> None:
         """Counts one finished request ("stop", "length" or "abort")."""

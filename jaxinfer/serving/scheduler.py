@@ -352,7 +352,7 @@ class Scheduler:
         start = self._partial_start
         end = min(start + engine.chunk, len(sequence))
         last = end == len(sequence)
-        need = self.pages.pages_for(end + engine.steps if last else end)
+        need = self.pages.pages_for(end + engine.positions_per_call if last else end)
         new = self.pages.allocate(need - len(self._partial_pages))
         if new is None:
             return 0  # running requests finish or get preempted, and give pages back
@@ -360,7 +360,7 @@ class Scheduler:
         row = PrefillRow(sequence[start:end], list(self._partial_pages), request.sampling,
                          count=len(request.output_ids), max_tokens=request.max_tokens,
                          stop_ids=sorted(request.stop_id_set), bitmask=self._mask(request),
-                         start=start)
+                         start=start, before=sequence[:start])
         try:
             prefix = engine.prefill([row])
         except jax.errors.JaxRuntimeError:
@@ -407,7 +407,8 @@ class Scheduler:
                     self.pages.release(cached)
                     break  # prefilled in chunks, once the one before it is done
                 new = self.pages.allocate(
-                    self.pages.pages_for(len(sequence) + engine.steps) - len(cached))
+                    self.pages.pages_for(len(sequence) + engine.positions_per_call)
+                    - len(cached))
                 if new is None:
                     self.pages.release(cached)
                     break
@@ -416,7 +417,8 @@ class Scheduler:
                                        count=len(request.output_ids),
                                        max_tokens=request.max_tokens,
                                        stop_ids=sorted(request.stop_id_set),
-                                       bitmask=self._mask(request), start=start))
+                                       bitmask=self._mask(request), start=start,
+                                       before=sequence[:start]))
                 taken.append(request)
                 self._waiting.remove(request)
         if not taken:
@@ -488,9 +490,11 @@ class Scheduler:
         for request in sorted(self._running.values(), key=lambda r: r.admitted):
             if request.slot is None:
                 continue  # preempted just now
-            # The next call writes positions from the last token's up to `steps` more.
+            # The next call writes positions from the last token's up to `steps` more (times
+            # k + 1 with speculation).
             position = len(request.prompt_ids) + len(request.output_ids) - 1
-            needed = min(position + engine.steps, len(request.prompt_ids) + request.max_tokens)
+            needed = min(position + engine.positions_per_call,
+                         len(request.prompt_ids) + request.max_tokens)
             while request.slot is not None and not self.pages.grow(request.slot, needed):
                 self._preempt(max(self._running.values(), key=lambda r: r.admitted))
         if not self._running:
@@ -510,6 +514,8 @@ class Scheduler:
             (self.state, tokens), logprobs = engine.generate(self.state, self.pages.table,
                                                              width), ()
         self.steps += 1
+        if self.metrics and engine.draft_tokens:
+            self.metrics.speculated(engine.last_speculation)
         now = time.perf_counter()
         for slot, request in list(self._running.items()):
             new = [int(t) for t in tokens[slot] if t != NO_TOKEN]

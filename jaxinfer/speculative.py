@@ -1,0 +1,93 @@
+"""Speculative decoding: drafts, tokens proposed to follow each row's newest token, and `step`,
+the decode step that drafts and verifies them (decode.speculative_step) in one model call;
+`generate()` and the serving engine both run it.
+
+n-gram (prompt lookup) drafts need no extra model: the row's last n tokens are looked up in
+its own prompt and output, and the tokens that followed their latest earlier occurrence are
+proposed. It is plain `jnp` over a [rows, length] token history, so it runs inside the
+compiled decode loop with no host round trip.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer import decode
+from jaxinfer.config import ModelConfig
+from jaxinfer.decode import NO_TOKEN, DecodeState  # NO_TOKEN also: a place with no proposal
+
+METHODS = ("none", "ngram")
+MAX_SPECULATIVE_TOKENS = 7  # k + 1 query tokens per row: what the paged decode kernel takes
+MAX_NGRAM = 3  # the longest suffix looked up; shorter ones are tried when it does not occur
+# Single tokens recur everywhere: on free chat they drafted 8x as often as 2-grams and were
+# almost never accepted (SmolLM2, 96 tokens: 4 of 160), while costing a verify step each.
+MIN_NGRAM = 2
+
+
+def check_options(method: str, num_speculative_tokens: int) -> None:
+    """Raises ValueError, saying what is allowed, for options generate() and the engine take."""
+    if method not in METHODS:
+        raise ValueError(f"speculative_method={method!r}; allowed: {', '.join(METHODS)}")
+    k = num_speculative_tokens
+    if method != "none" and (isinstance(k, bool) or not isinstance(k, int)
+                             or not 1 <= k <= MAX_SPECULATIVE_TOKENS):
+        raise ValueError(f"num_speculative_tokens={k!r}; with speculative_method={method!r} "
+                         f"it must be an integer in 1..{MAX_SPECULATIVE_TOKENS}")
+
+
+def ngram_draft(history: jax.Array, position: jax.Array, k: int, max_ngram: int = MAX_NGRAM,
+                min_ngram: int = MIN_NGRAM) -> jax.Array:
+    """Prompt-lookup drafts: history [rows, length] int32 holds each row's tokens by position
+    (prompt, then output), its newest token at position [rows]; places past it are ignored.
+
+    For n from `max_ngram` down to `min_ngram`, the row's last n tokens (ending at `position`) are
+    matched against every earlier n-gram of the history; at the longest n that occurs, the
+    latest occurrence wins, and the up to `k` tokens that followed it (known ones only, so
+    never past `position`) are the draft. Returns [rows, k] int32, NO_TOKEN where a row has
+    fewer proposals (none when even its newest token never occurred before).
+    """
+    rows, length = history.shape
+    start = jnp.arange(length, dtype=jnp.int32)[None]  # where an earlier occurrence starts
+    end = position[:, None]
+    found_start = jnp.full(rows, -1, jnp.int32)
+    found_n = jnp.zeros(rows, jnp.int32)
+    padded = jnp.pad(history, ((0, 0), (0, max_ngram)), constant_values=NO_TOKEN)
+    for n in range(max_ngram, min_ngram - 1, -1):
+        # The occurrence ends before the newest token, so at least one token follows it.
+        match = (start + n <= end) & (end - n + 1 >= 0)
+        for i in range(n):
+            suffix = jnp.take_along_axis(history, jnp.maximum(end - n + 1 + i, 0), axis=1)
+            match &= padded[:, i: i + length] == suffix
+        latest = jnp.max(jnp.where(match, start, -1), axis=1)
+        take = (found_start < 0) & (latest >= 0)
+        found_start = jnp.where(take, latest, found_start)
+        found_n = jnp.where(take, n, found_n)
+    follow = (found_start + found_n)[:, None] + jnp.arange(k, dtype=jnp.int32)[None]
+    draft = jnp.take_along_axis(history, jnp.clip(follow, 0, length - 1), axis=1)
+    return jnp.where((found_start[:, None] >= 0) & (follow <= end), draft, NO_TOKEN)
+
+
+def step(params, cache, state: DecodeState, k: int, cfg: ModelConfig):
+    """One decode step for every row that drafts up to `k` tokens per row from
+    `state.history` by n-gram lookup and verifies them (decode.speculative_step); when no
+    live row has a draft, it takes the plain one-token step (decode.step) instead, which
+    costs less. Returns (cache, state, emitted [rows, k + 1] (NO_TOKEN past a row's end), how
+    many [rows], the draft tokens proposed [rows], how many of them were accepted [rows])."""
+    rows = state.last.shape[0]
+    draft = jnp.where(state.done[:, None], NO_TOKEN, ngram_draft(state.history, state.position,
+                                                                 k))
+    proposed = jnp.sum(draft != NO_TOKEN, axis=1, dtype=jnp.int32)
+
+    def verify(cache, state):
+        return decode.speculative_step(params, cache, state, draft, cfg)[:5]
+
+    def plain(cache, state):
+        cache, state, token, _ = decode.step(params, cache, state, cfg)
+        emitted = jnp.full((rows, k + 1), NO_TOKEN, jnp.int32).at[:, 0].set(token)
+        return (cache, state, emitted, (token != NO_TOKEN).astype(jnp.int32),
+                jnp.zeros(rows, jnp.int32))
+
+    cache, state, emitted, n, accepted = jax.lax.cond(jnp.any(proposed > 0), verify, plain,
+                                                      cache, state)
+    return cache, state, emitted, n, proposed, accepted
