@@ -293,3 +293,46 @@ def test_the_serving_engine_speculates_to_the_tokens_generate_gives(tiny_cfg, lo
     drafts, draft_tokens, accepted, *per_position = np.sum(counts, axis=0)
     assert 0 < accepted <= draft_tokens and drafts <= draft_tokens  # some drafts were kept
     assert per_position[0] >= per_position[1] >= per_position[2] and sum(per_position) == accepted
+
+
+@pytest.mark.numerics
+def test_a_speculating_scheduler_streams_generates_tokens_and_counts_vllms_metrics(
+        tiny_cfg, looping, smollm2_path):
+    """Through the scheduler (page growth for steps * (k + 1) positions, packed slots, the
+    metrics): greedy requests arriving together stream generate()'s tokens, and the
+    spec_decode_* counters add up."""
+    from prometheus_client import generate_latest
+
+    from jaxinfer.checkpoints import gguf_vocab
+    from jaxinfer.serving import EngineConfig
+    from jaxinfer.serving.engine import Engine
+    from jaxinfer.serving.metrics import Metrics
+    from jaxinfer.serving.scheduler import Scheduler
+    from tests.test_prefix_caching import run, settle
+
+    config = EngineConfig(max_batch_size=4, max_seq_len=64, page_size=8, num_pages=40,
+                          decode_steps=2, speculative_method="ngram", num_speculative_tokens=3)
+    metrics = Metrics("tiny")
+    tokenizer = gguf_vocab.build(smollm2_path)  # the scheduler needs stop ids
+    scheduler = Scheduler(Engine(jaxinfer.Model(tiny_cfg, looping, tokenizer), config), metrics)
+    scheduler.start()
+    try:
+        prompts = PROMPTS[:5]  # five requests on four slots: one waits for a free slot
+        sinks = run(scheduler, prompts, 19)
+        settle(scheduler)
+    finally:
+        scheduler.stop(10)
+    want = jaxinfer.generate(looping, prompts, tiny_cfg, max_new_tokens=19,
+                             stop_token_ids=tokenizer.stop_ids)
+    assert [sink.tokens for sink in sinks] == want.tokens
+    text = generate_latest(metrics.registry).decode()
+
+    def total(name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(f"jaxinfer:{name}"))
+
+    drafts = total("spec_decode_num_drafts_total")
+    tokens = total("spec_decode_num_draft_tokens_total")
+    accepted = total("spec_decode_num_accepted_tokens_total")
+    assert 0 < accepted <= tokens <= 3 * drafts  # some drafts were kept, at most k per draft
+    assert total("spec_decode_num_accepted_tokens_per_pos_total") == accepted
