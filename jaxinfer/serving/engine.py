@@ -320,8 +320,8 @@ class Engine:
         width = width or self.slots
         if width not in self.decode_widths:
             raise ValueError(f"decode width {width}; compiled widths are {self.decode_widths}")
+        steps = steps or self.steps
         if self.draft_tokens and bitmask is None and not (logits or logprobs):
-            steps = steps or self.steps
             args = (self.params, self.cache, state, np.asarray(page_table[:width], np.int32))
             static = {"cfg": self.model_config, "steps": steps, "k": self.draft_tokens}
             state, tokens, self.cache, counts = self._run(
@@ -333,7 +333,6 @@ class Engine:
         bitmask = self.any_token(width) if bitmask is None else bitmask
         args = (self.params, self.cache, state, np.asarray(page_table[:width], np.int32),
                 bitmask)
-        steps = steps or self.steps
         static = {"cfg": self.model_config, "steps": steps, "logits": logits}
         state, tokens, self.cache, step_logprobs, all_logits = self._run(
             _decode_jit, args, static, f"decode ({width} slots x {steps} steps)")
