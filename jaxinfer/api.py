@@ -10,6 +10,7 @@ from pathlib import Path
 from jax.sharding import Mesh
 
 from jaxinfer.checkpoints import Model, gguf, orbax, safetensors, sources
+from jaxinfer.checkpoints import draft as draft_checkpoint
 from jaxinfer.config import QUANT_MODES, ModelConfig
 from jaxinfer.generate import GenerateResult, generate
 from jaxinfer.quant import quantize_params
@@ -28,6 +29,7 @@ def load_model(
     quant: str | None = None,
     kv_quant: str | None = None,
     cpu_kernels: str = "int8",
+    draft: str | None = None,
     progress: bool = True,
 ) -> Model:
     """Loads a known model (see `sources.KNOWN_MODELS`), a local .gguf file, a Hugging Face
@@ -44,11 +46,16 @@ def load_model(
     cpu_kernels: quantized products on CPU through jaxinfer.kernels.cpu with activations
     quantized to int8 per block of 32 ("int8", as llama.cpp), in fp32 ("f32"), or XLA's own
     products ("off"); see ModelConfig.cpu_kernels.
+    draft: a directory of draft heads distilled for this model (`python -m
+    jaxinfer.launch.distill`), kept as params["draft"] for `speculative_method="draft"`.
     An Orbax checkpoint directory (`python -m jaxinfer.launch.convert`) loads too.
     """
     start = time.perf_counter()
     if quant not in QUANT_MODES:
         raise ValueError(f"quant={quant!r}; allowed: {', '.join(map(str, QUANT_MODES))}")
+    if draft is not None and mesh is not None:
+        raise ValueError("draft heads run on one device; load them without a mesh (or use "
+                         "speculative_method='ngram' under one)")
     if isinstance(mesh, str):
         mesh = make_mesh(None if mesh == "auto" else mesh)
     if orbax.is_checkpoint(name_or_path):
@@ -68,6 +75,9 @@ def load_model(
         model.tokenizer.chat_template = sources.chat_template(name_or_path)
     config = dataclasses.replace(model.config, attention=attention, kv_quant=kv_quant,
                                  cpu_kernels=cpu_kernels)
+    if draft is not None:
+        heads = draft_checkpoint.load(draft, config)
+        model = model._replace(params={**model.params, "draft": heads})
     if progress:
         print(f"loaded {path.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return model._replace(config=config)

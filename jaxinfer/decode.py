@@ -56,14 +56,19 @@ class DecodeState:
     # int32 [rows, length]: each row's tokens by position, `last` included (what n-gram drafts
     # look up; jaxinfer.speculative); None when nothing speculates.
     history: jax.Array | None = None
+    # [rows, embed] in the compute dtype: the final hidden state `last` was drawn from (what
+    # draft heads read; jaxinfer.draft_heads); None when no draft heads speculate.
+    feature: jax.Array | None = None
 
     @classmethod
     def start(cls, first: jax.Array, position: jax.Array, count: jax.Array,
               max_tokens: jax.Array, stop_ids: jax.Array, sampling: SamplingArrays,
-              live: jax.Array | bool = True, counts: TokenCounts | None = None) -> DecodeState:
+              live: jax.Array | bool = True, counts: TokenCounts | None = None,
+              feature: jax.Array | None = None) -> DecodeState:
         """Rows that just sampled `first` at `position` (the prompt length) after `count`
         earlier tokens; rows where `live` is False start done (padding, free slots).
-        `counts`: the tokens seen before `first` (None: no penalties in this state)."""
+        `counts`: the tokens seen before `first` (None: no penalties in this state);
+        `feature`: the hidden state `first` was drawn from (None: no draft heads)."""
         live = jnp.asarray(live)
         hit_stop = jnp.any(first[:, None] == stop_ids, axis=-1)
         if counts is not None:
@@ -71,13 +76,15 @@ class DecodeState:
         count = count + 1
         return cls(last=first, position=position, count=count, max_tokens=max_tokens,
                    done=hit_stop | (count >= max_tokens) | ~live,
-                   stopped=hit_stop, stop_ids=stop_ids, sampling=sampling, counts=counts)
+                   stopped=hit_stop, stop_ids=stop_ids, sampling=sampling, counts=counts,
+                   feature=feature)
 
     @classmethod
     def empty(cls, rows: int, stops: int, vocab: int | None = None,
-              history: int | None = None) -> DecodeState:
+              history: int | None = None, feature: tuple | None = None) -> DecodeState:
         """`rows` free rows (all done), with room for `stops` stop ids each (and token counts
-        over `vocab` tokens, and a token history of `history` positions, if given)."""
+        over `vocab` tokens, a token history of `history` positions, and features of
+        `feature` = (embed, dtype), if given)."""
         zeros = lambda: jnp.zeros(rows, jnp.int32)  # noqa: E731 - distinct (donatable) buffers
         sampling = jax.tree.map(jnp.asarray, SamplingArrays.stack([SamplingParams()] * rows))
         counts = None if vocab is None else TokenCounts.empty(rows, vocab)
@@ -85,7 +92,9 @@ class DecodeState:
                    done=jnp.ones(rows, bool), stopped=jnp.zeros(rows, bool),
                    stop_ids=jnp.full((rows, stops), NO_TOKEN, jnp.int32), sampling=sampling,
                    counts=counts,
-                   history=None if history is None else jnp.zeros((rows, history), jnp.int32))
+                   history=None if history is None else jnp.zeros((rows, history), jnp.int32),
+                   feature=None if feature is None else jnp.zeros((rows, feature[0]),
+                                                                  feature[1]))
 
     def with_history(self, tokens: jax.Array) -> DecodeState:
         """This state with a token history: `tokens` [rows, length], each row's sequence by
@@ -136,7 +145,7 @@ class DecodeState:
 def prefill(params, cache, tokens: jax.Array, lengths: jax.Array, sampling: SamplingArrays,
             count: jax.Array, max_tokens: jax.Array, stop_ids: jax.Array,
             live: jax.Array | bool = True, bitmask: jax.Array | None = None, *,
-            cfg: ModelConfig, start: jax.Array | None = None):
+            cfg: ModelConfig, start: jax.Array | None = None, features: bool = False):
     """Runs prompts `tokens` [rows, seq] (row r's in its first lengths[r] places) through the
     model, writing their keys and values into `cache`, and samples each row's first token.
 
@@ -146,7 +155,8 @@ def prefill(params, cache, tokens: jax.Array, lengths: jax.Array, sampling: Samp
     `bitmask` [rows, ceil(vocab / 32)]: the tokens each row may draw (sampling.adjust_logits).
     `start` [rows] (default 0): the position of each row's first token; the cache already
     holds the row's earlier positions (a cached prefix, or earlier chunks), which the tokens
-    attend to. Returns (DecodeState [rows], cache, the raw logits [rows, vocab] of the first
+    attend to. `features`: keep each row's last hidden state in the DecodeState (for draft
+    heads). Returns (DecodeState [rows], cache, the raw logits [rows, vocab] of the first
     tokens).
     """
     model = family(cfg.architecture)
@@ -163,7 +173,7 @@ def prefill(params, cache, tokens: jax.Array, lengths: jax.Array, sampling: Samp
     first = sample(adjusted, sampling, count)
     position = lengths if start is None else start + lengths  # where the first token goes
     state = DecodeState.start(first, position, count, max_tokens, stop_ids, sampling, live,
-                              counts)
+                              counts, last_hidden if features else None)
     return state, cache, logits
 
 
@@ -174,12 +184,15 @@ def step(params, cache, state: DecodeState, cfg: ModelConfig, bitmask: jax.Array
     Returns (cache, state, emitted tokens [rows] (NO_TOKEN where a row was done), the fp32
     logits [rows, vocab] the tokens were drawn from).
     """
-    logits, cache = family(cfg.architecture).forward(
-        params, state.last[:, None], state.position[:, None], cache, cfg)
-    logits = logits[:, 0]
+    model = family(cfg.architecture)
+    hidden, cache = model.transformer(params, state.last[:, None], state.position[:, None],
+                                      cache, cfg)
+    logits = model.unembed(params, hidden, cfg)[:, 0]
     adjusted = adjust_logits(logits, state.sampling, state.counts, state.stop_ids, state.count,
                              bitmask, state.last)
     state, token = state.record(sample(adjusted, state.sampling, state.count))
+    if state.feature is not None:
+        state.feature = jnp.where((token != NO_TOKEN)[:, None], hidden[:, 0], state.feature)
     return cache, state, token, logits
 
 
@@ -206,10 +219,16 @@ def speculative_step(params, cache, state: DecodeState, draft: jax.Array, cfg: M
     row emitted [rows], how many of those were accepted drafts [rows], the fp32 logits
     [rows, k + 1, vocab] of the k + 1 places).
     """
+    model = family(cfg.architecture)
     positions = state.position[:, None] + jnp.arange(draft.shape[1] + 1, dtype=jnp.int32)
-    logits, cache = family(cfg.architecture).forward(params, _verified_tokens(state, draft),
-                                                     positions, cache, cfg)
-    return (cache, *verify(logits, state, draft), logits)
+    hidden, cache = model.transformer(params, _verified_tokens(state, draft), positions, cache,
+                                      cfg)
+    logits = model.unembed(params, hidden, cfg)
+    state, emitted, n, accepted = verify(logits, state, draft)
+    if state.feature is not None:  # the newest token was drawn at place n - 1
+        newest = jnp.take_along_axis(hidden, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
+        state.feature = jnp.where((n > 0)[:, None], newest, state.feature)
+    return cache, state, emitted, n, accepted, logits
 
 
 def verify(logits: jax.Array, state: DecodeState,

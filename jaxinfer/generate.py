@@ -43,15 +43,17 @@ class GenerateResult:
     accepted_tokens: list[int] = dataclasses.field(default_factory=list)  # per row: kept
 
 
-def _prefill(params, tokens, prompt_lens, sampling, stop_ids, max_new, *, cfg, cache_len):
+def _prefill(params, tokens, prompt_lens, sampling, stop_ids, max_new, *, cfg, cache_len,
+             features=False):
     """Prefills the prompts [batch, seq] into a new dense cache; rows of length 0 (padding of
-    the batch bucket) start done."""
+    the batch bucket) start done. `features`: keep the hidden states draft heads read."""
     batch = tokens.shape[0]
     cache = sharding_rules.constrain_cache(KVCache.init(cfg, batch, cache_len), cfg)
     count = jnp.zeros(batch, jnp.int32)
     max_tokens = jnp.full(batch, max_new, jnp.int32)
     state, cache, _ = decode.prefill(params, cache, tokens, prompt_lens, sampling, count,
-                                     max_tokens, stop_ids, prompt_lens > 0, cfg=cfg)
+                                     max_tokens, stop_ids, prompt_lens > 0, cfg=cfg,
+                                     features=features)
     return state, cache
 
 
@@ -75,14 +77,18 @@ def _decode(params, cache, state: DecodeState, *, cfg, out_len):
     return state, tokens, cache  # the cache, donated, is updated in place
 
 
-def _speculative_decode(params, cache, state: DecodeState, prompts, *, cfg, out_len, k):
-    """`_decode` with up to `k` drafts verified per step (speculative.step), each row looking
-    its drafts up in `prompts` [batch, seq] and its output so far. Also returns the steps
-    taken (the prefill's included) and per row the draft tokens proposed and accepted."""
+def _speculative_decode(params, cache, state: DecodeState, prompts, *, cfg, out_len, k,
+                        method):
+    """`_decode` with up to `k` drafts verified per step (speculative.step), each row drafting
+    with `method`: "ngram" looks them up in `prompts` [batch, seq] and its output so far,
+    "draft" asks the draft heads. Also returns the steps taken (the prefill's included) and
+    per row the draft tokens proposed and accepted."""
     batch = state.last.shape[0]
     rows, place = jnp.arange(batch)[:, None], jnp.arange(k + 1)[None]
     tokens = jnp.full((batch, out_len), NO_TOKEN, jnp.int32).at[:, 0].set(state.last)
-    state = state.with_history(jnp.pad(prompts, ((0, 0), (0, cache.max_len - prompts.shape[1]))))
+    if method == "ngram":
+        state = state.with_history(jnp.pad(prompts, ((0, 0),
+                                                     (0, cache.max_len - prompts.shape[1]))))
     zeros = jnp.zeros(batch, jnp.int32)
 
     def cond(carry):
@@ -92,7 +98,8 @@ def _speculative_decode(params, cache, state: DecodeState, prompts, *, cfg, out_
     def body(carry):
         cache, state, tokens, step, drafted, accepted = carry
         start = state.count  # the emitted tokens' columns start here
-        cache, state, emitted, n, proposed, kept = speculative.step(params, cache, state, k, cfg)
+        cache, state, emitted, n, proposed, kept = speculative.step(params, cache, state, k, cfg,
+                                                                    method)
         columns = jnp.where(place < n[:, None], start[:, None] + place, out_len)  # else dropped
         tokens = tokens.at[rows, columns].set(emitted, mode="drop")
         return cache, state, tokens, step + 1, drafted + proposed, accepted + kept
@@ -102,9 +109,10 @@ def _speculative_decode(params, cache, state: DecodeState, prompts, *, cfg, out_
     return state, tokens, cache, steps, drafted, accepted
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "cache_len"))
+_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "cache_len", "features"))
 _decode_jit = jax.jit(_decode, static_argnames=("cfg", "out_len"), donate_argnames=("cache",))
-_speculative_decode_jit = jax.jit(_speculative_decode, static_argnames=("cfg", "out_len", "k"),
+_speculative_decode_jit = jax.jit(_speculative_decode,
+                                  static_argnames=("cfg", "out_len", "k", "method"),
                                   donate_argnames=("cache",))
 
 
@@ -141,11 +149,12 @@ def generate(
 
     `speculative_method="ngram"`: each step drafts up to `num_speculative_tokens` (1..7)
     tokens per row by prompt lookup (jaxinfer.speculative) and verifies them in one model
-    call; greedy rows get the same tokens as without (up to the last bits of the logits: the
+    call; "draft": the draft heads in `params["draft"]` (load_model(..., draft=PATH)) draft
+    them; greedy rows get the same tokens as without (up to the last bits of the logits: the
     verifying call has another shape) and seeded rows the same draws from the same keys. The
     result's decode_steps, draft_tokens and accepted_tokens say how much it saved.
     """
-    speculative.check_options(speculative_method, num_speculative_tokens)
+    speculative.check_options(speculative_method, num_speculative_tokens, params)
     prompts = _check_prompts(tokens, cfg, max_new_tokens)
     rows = len(prompts)
     if sampling is None or isinstance(sampling, SamplingParams):
@@ -183,7 +192,12 @@ def generate(
         inputs = sharding_rules.replicate(inputs, mesh)
     shape = f"batch {batch}, prompt {seq}, cache {cache_len}"
     options = dict(timings=timings, mesh=mesh, eager=eager)
-    state, cache = _timed(_prefill_jit, (params, *inputs), {"cfg": cfg, "cache_len": cache_len},
+    features = speculative_method == "draft"
+    if features and mesh is not None:
+        raise ValueError("speculative_method='draft' runs on one device; under a mesh use "
+                         "'ngram' or none")
+    state, cache = _timed(_prefill_jit, (params, *inputs),
+                          {"cfg": cfg, "cache_len": cache_len, "features": features},
                           f"prefill ({shape})", "prefill", options)
     if speculative_method == "none":
         state, out_tokens, _ = _timed(_decode_jit, (params, cache, state),
@@ -194,7 +208,7 @@ def generate(
         k = num_speculative_tokens
         state, out_tokens, _, steps, drafted, accepted = _timed(
             _speculative_decode_jit, (params, cache, state, inputs[0]),
-            {"cfg": cfg, "out_len": out_len, "k": k},
+            {"cfg": cfg, "out_len": out_len, "k": k, "method": speculative_method},
             f"speculative decode ({shape}, {k} drafts)", "decode", options)
         drafted, accepted = (sharding_rules.to_host(x) for x in (drafted, accepted))
 

@@ -6,6 +6,10 @@ n-gram (prompt lookup) drafts need no extra model: the row's last n tokens are l
 its own prompt and output, and the tokens that followed their latest earlier occurrence are
 proposed. It is plain `jnp` over a [rows, length] token history, so it runs inside the
 compiled decode loop with no host round trip.
+
+Draft heads (jaxinfer.draft_heads, trained by jaxinfer.distill, carried as `params["draft"]`)
+propose k tokens from the hidden state the newest token was drawn from, kept in the
+DecodeState's `feature`.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxinfer import decode
+from jaxinfer import decode, draft_heads
 from jaxinfer.config import ModelConfig
 from jaxinfer.decode import NO_TOKEN, DecodeState  # NO_TOKEN also: a place with no proposal
 
-METHODS = ("none", "ngram")
+METHODS = ("none", "ngram", "draft")
 MAX_SPECULATIVE_TOKENS = 7  # k + 1 query tokens per row: what the paged decode kernel takes
 MAX_NGRAM = 3  # the longest suffix looked up; shorter ones are tried when it does not occur
 # Single tokens recur everywhere: on free chat they drafted 8x as often as 2-grams and were
@@ -25,8 +29,9 @@ MAX_NGRAM = 3  # the longest suffix looked up; shorter ones are tried when it do
 MIN_NGRAM = 2
 
 
-def check_options(method: str, num_speculative_tokens: int) -> None:
-    """Raises ValueError, saying what is allowed, for options generate() and the engine take."""
+def check_options(method: str, num_speculative_tokens: int, params=None) -> None:
+    """Raises ValueError, saying what is allowed, for options generate() and the engine take
+    (with `params`: also that the "draft" method has draft heads enough for k tokens)."""
     if method not in METHODS:
         raise ValueError(f"speculative_method={method!r}; allowed: {', '.join(METHODS)}")
     k = num_speculative_tokens
@@ -34,6 +39,14 @@ def check_options(method: str, num_speculative_tokens: int) -> None:
                              or not 1 <= k <= MAX_SPECULATIVE_TOKENS):
         raise ValueError(f"num_speculative_tokens={k!r}; with speculative_method={method!r} "
                          f"it must be an integer in 1..{MAX_SPECULATIVE_TOKENS}")
+    if method == "draft" and params is not None:
+        if "draft" not in params:
+            raise ValueError("speculative_method='draft' needs draft heads: load the model "
+                             "with load_model(..., draft=PATH) (--speculative_model=PATH); "
+                             "train them with python -m jaxinfer.launch.distill")
+        if k > (heads := draft_heads.num_heads(params["draft"])):
+            raise ValueError(f"num_speculative_tokens={k}; the draft has {heads} heads, so at "
+                             f"most {heads}")
 
 
 def ngram_draft(history: jax.Array, position: jax.Array, k: int, max_ngram: int = MAX_NGRAM,
@@ -68,15 +81,19 @@ def ngram_draft(history: jax.Array, position: jax.Array, k: int, max_ngram: int 
     return jnp.where((found_start[:, None] >= 0) & (follow <= end), draft, NO_TOKEN)
 
 
-def step(params, cache, state: DecodeState, k: int, cfg: ModelConfig):
-    """One decode step for every row that drafts up to `k` tokens per row from
-    `state.history` by n-gram lookup and verifies them (decode.speculative_step); when no
-    live row has a draft, it takes the plain one-token step (decode.step) instead, which
-    costs less. Returns (cache, state, emitted [rows, k + 1] (NO_TOKEN past a row's end), how
-    many [rows], the draft tokens proposed [rows], how many of them were accepted [rows])."""
+def step(params, cache, state: DecodeState, k: int, cfg: ModelConfig, method: str = "ngram"):
+    """One decode step for every row that drafts up to `k` tokens per row — by n-gram lookup
+    in `state.history` ("ngram") or with `params["draft"]`'s heads from `state.feature`
+    ("draft") — and verifies them (decode.speculative_step); when no live row has a draft, it
+    takes the plain one-token step (decode.step) instead, which costs less. Returns (cache,
+    state, emitted [rows, k + 1] (NO_TOKEN past a row's end), how many [rows], the draft
+    tokens proposed [rows], how many of them were accepted [rows])."""
     rows = state.last.shape[0]
-    draft = jnp.where(state.done[:, None], NO_TOKEN, ngram_draft(state.history, state.position,
-                                                                 k))
+    if method == "draft":
+        draft = draft_heads.propose(params["draft"], params, state.feature, state.last, k, cfg)
+    else:
+        draft = ngram_draft(state.history, state.position, k)
+    draft = jnp.where(state.done[:, None], NO_TOKEN, draft)
     proposed = jnp.sum(draft != NO_TOKEN, axis=1, dtype=jnp.int32)
 
     def verify(cache, state):

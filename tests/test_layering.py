@@ -21,10 +21,11 @@ LAYERS = [
     ("model execution", ["jaxinfer.models", "jaxinfer.cache", "jaxinfer.sampling",
                          "jaxinfer.decode", "jaxinfer.runtime", "jaxinfer.generate",
                          "jaxinfer.evaluate", "jaxinfer.tokenizer", "jaxinfer.watermark",
-                         "jaxinfer.speculative"]),
+                         "jaxinfer.speculative", "jaxinfer.draft_heads"]),
     ("weights", ["jaxinfer.checkpoints", "jaxinfer.quant"]),
     ("serving", ["jaxinfer.serving"]),
-    ("interface", ["jaxinfer.__init__", "jaxinfer.api", "jaxinfer.launch", "jaxinfer.bench"]),
+    ("interface", ["jaxinfer.__init__", "jaxinfer.api", "jaxinfer.launch", "jaxinfer.bench",
+                   "jaxinfer.distill"]),
 ]
 
 

@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
             model = jaxinfer.load_model(
                 opts["model"], dtype=opts["dtype"], attention=FLAGS.attention, mesh=mesh,
                 quant=presets.optional("quant"), kv_quant=presets.optional("kv_quant"),
-                cpu_kernels=FLAGS.cpu_kernels, progress=True,
+                cpu_kernels=FLAGS.cpu_kernels, draft=FLAGS.speculative_model, progress=True,
             )
             load_s = time.perf_counter() - start
             speculation = dict(speculative_method=FLAGS.speculative_method,

@@ -41,11 +41,15 @@ def define_weight_flags() -> None:
 
 def define_speculative_flags() -> None:
     """The speculative decoding flags the generate and serve launchers share (vLLM's names)."""
-    flags.DEFINE_enum("speculative_method", "none", ["none", "ngram"],
-                      "Speculative decoding: off (none), or drafts looked up in the prompt and "
-                      "output so far (ngram, prompt lookup), verified several per model call.")
+    flags.DEFINE_enum("speculative_method", "none", ["none", "ngram", "draft"],
+                      "Speculative decoding: off (none), drafts looked up in the prompt and "
+                      "output so far (ngram, prompt lookup), or proposed by draft heads "
+                      "(draft: --speculative_model), verified several per model call.")
     flags.DEFINE_integer("num_speculative_tokens", 4, "Speculative decoding: tokens drafted "
-                         "per request and step (1..7).")
+                         "per request and step (1..7; with draft heads, at most their number).")
+    flags.DEFINE_string("speculative_model", None, "Draft heads distilled for the model "
+                        "(python -m jaxinfer.launch.distill --output=PATH), for "
+                        "--speculative_method=draft.")
 
 
 def optional(name: str) -> str | None:

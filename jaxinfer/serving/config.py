@@ -41,7 +41,8 @@ class EngineConfig:
     # in chunks of this many, with the running requests decoding between chunks.
     max_num_batched_tokens: int = 512
     # Speculative decoding (jaxinfer.speculative): each decode step drafts up to
-    # num_speculative_tokens tokens per slot by n-gram lookup and verifies them in one call.
+    # num_speculative_tokens tokens per slot (by n-gram lookup, or with the draft heads the
+    # model was loaded with: load_model(draft=...)) and verifies them in one call.
     speculative_method: str = "none"
     num_speculative_tokens: int = 4
 

@@ -64,17 +64,18 @@ YNN_REDUCE_MIN_ELEMENTS = 4096  # XLA:CPU hands reductions this large to YNNPACK
 
 
 def _prefill(params, cache, tokens, lengths, page_rows, sampling, count, max_tokens, stop_ids,
-             bitmask, start, history=None, *, cfg: ModelConfig):
+             bitmask, start, history=None, *, cfg: ModelConfig, features: bool = False):
     """Prefills rows into the pages of `page_rows` [rows, pages_per_seq], row r's tokens from
     position start[r] on (its pages hold the positions before: a cached prefix, read only);
     returns their DecodeState [rows], the cache and the first tokens' logprobs. Padding past
     a prompt lands past its last position, where masking by position hides it until decode
     overwrites it (or on scratch page 0). `history` [rows, context]: each row's whole
-    sequence, which speculation's drafts look up (None: no speculation)."""
+    sequence, which n-gram drafts look up (None: none); `features`: keep the hidden states
+    draft heads read."""
     table = cache.page_table
     state, cache, logits = decode.prefill(
         params, dataclasses.replace(cache, page_table=page_rows), tokens, lengths, sampling,
-        count, max_tokens, stop_ids, bitmask=bitmask, cfg=cfg, start=start)
+        count, max_tokens, stop_ids, bitmask=bitmask, cfg=cfg, start=start, features=features)
     if history is not None:
         state = state.with_history(history)
     logprobs = token_logprobs(logits, state.last, sampling)
@@ -82,8 +83,8 @@ def _prefill(params, cache, tokens, lengths, page_rows, sampling, count, max_tok
 
 
 def _speculative_decode(params, cache, state: DecodeState, page_table, *, cfg: ModelConfig,
-                        steps: int, k: int):
-    """`steps` speculative steps (speculative.step, `k` drafts each) for the first
+                        steps: int, k: int, method: str):
+    """`steps` speculative steps (speculative.step, `k` drafts each by `method`) for the first
     `len(page_table)` rows of `state`. Returns the new state, tokens [width, steps * (k + 1)]
     (NO_TOKEN where a step emitted fewer), the cache, and counts int32 [3 + k]: steps with a
     draft, draft tokens, accepted tokens, then the drafts accepted at each draft position."""
@@ -94,7 +95,7 @@ def _speculative_decode(params, cache, state: DecodeState, page_table, *, cfg: M
     def body(carry, _):
         cache, rows = carry
         cache, rows, emitted, _, proposed, accepted = speculative.step(params, cache, rows, k,
-                                                                       cfg)
+                                                                       cfg, method)
         per_position = jnp.sum(accepted[:, None] > jnp.arange(k)[None], axis=0)
         counts = jnp.concatenate([jnp.stack([jnp.sum(proposed > 0), jnp.sum(proposed),
                                              jnp.sum(accepted)]), per_position])
@@ -159,11 +160,13 @@ def _write_page(cache: PagedKVCache, page, data: tuple):
 
 
 _PAGE_FIELDS = ("k_pages", "v_pages", "k_scales", "v_scales")
-_prefill_jit = jax.jit(_prefill, static_argnames=("cfg",), donate_argnames=("cache",))
+_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "features"),
+                      donate_argnames=("cache",))
 _prompt_logprobs_jit = jax.jit(decode.prompt_logprobs, static_argnames=("cfg",))
 _decode_jit = jax.jit(_decode, static_argnames=("cfg", "steps", "logits"),
                       donate_argnames=("cache", "state"))
-_speculative_decode_jit = jax.jit(_speculative_decode, static_argnames=("cfg", "steps", "k"),
+_speculative_decode_jit = jax.jit(_speculative_decode,
+                                  static_argnames=("cfg", "steps", "k", "method"),
                                   donate_argnames=("cache", "state"))
 
 
@@ -216,6 +219,8 @@ class Engine:
         self.params, self.tokenizer, self.mesh = model.params, model.tokenizer, mesh
         self.slots, self.steps = config.max_batch_size, config.decode_steps
         self.draft_tokens = config.draft_tokens  # k: drafted per slot and step (0: none)
+        speculative.check_options(config.speculative_method, config.num_speculative_tokens,
+                                  self.params)
         # The most positions past a slot's newest token that one generate() call writes.
         self.positions_per_call = self.steps * (self.draft_tokens + 1)
         self.last_speculation = np.zeros(3 + self.draft_tokens, np.int64)  # see generate()
@@ -240,13 +245,27 @@ class Engine:
 
     def init_state(self) -> DecodeState:
         """The decode state of `slots` free slots."""
-        return DecodeState.empty(self.slots, self.config.max_stop_token_ids,
-                                 self.model_config.vocab_size, self._history)
+        return self._empty_state(self.slots)
+
+    def _empty_state(self, rows: int) -> DecodeState:
+        method, cfg = self.config.speculative_method, self.model_config
+        return DecodeState.empty(rows, self.config.max_stop_token_ids, cfg.vocab_size,
+                                 self._history,
+                                 (cfg.embed_dim, cfg.dtype) if method == "draft" else None)
 
     @property
     def _history(self) -> int | None:
-        """Positions of the token history each slot keeps (None: no speculation)."""
-        return self.context if self.draft_tokens else None
+        """Positions of the token history each slot keeps (None: no n-gram drafts)."""
+        return self.context if self.config.speculative_method == "ngram" else None
+
+    @property
+    def _prefill_static(self) -> dict:
+        return {"cfg": self.model_config, "features": self.config.speculative_method == "draft"}
+
+    @property
+    def _speculative_static(self) -> dict:
+        return {"cfg": self.model_config, "k": self.draft_tokens,
+                "method": self.config.speculative_method}
 
     def prefill(self, rows: Sequence[PrefillRow]) -> Prefix:
         """Runs the prompts (at most prefill_batch_size) into their pages; see the module doc."""
@@ -285,7 +304,7 @@ class Engine:
             start[i] = row.start
         sampling = [r.sampling for r in rows] + [SamplingParams()] * (width - len(rows))
         history = None
-        if self.draft_tokens:
+        if self._history is not None:
             history = np.zeros((width, self.context), np.int32)
             for i, row in enumerate(rows):
                 before = list(row.before)[: row.start]
@@ -323,7 +342,7 @@ class Engine:
         steps = steps or self.steps
         if self.draft_tokens and bitmask is None and not (logits or logprobs):
             args = (self.params, self.cache, state, np.asarray(page_table[:width], np.int32))
-            static = {"cfg": self.model_config, "steps": steps, "k": self.draft_tokens}
+            static = {**self._speculative_static, "steps": steps}
             state, tokens, self.cache, counts = self._run(
                 _speculative_decode_jit, args, static,
                 f"speculative decode ({width} slots x {steps} steps, {self.draft_tokens} drafts)")
@@ -422,7 +441,7 @@ class Engine:
                 prefix, _ = self._prefill(*inputs, progress=progress)
             else:
                 programs.append((_prefill_jit, (self.params, self.cache, *inputs),
-                                 {"cfg": self.model_config}, f"prefill ({width} x {seq})"))
+                                 self._prefill_static, f"prefill ({width} x {seq})"))
         table = np.zeros((self.slots, self.pages_per_seq), np.int32)
         if run:
             state = self.insert(Prefix([0] * width, prefix), self.init_state(), 0)
@@ -431,9 +450,8 @@ class Engine:
                 state, _ = self.generate(state, table, w, steps=steps)
             jax.block_until_ready(self.cache)
             return
-        vocab = self.model_config.vocab_size
         state = self.init_state()
-        prefix = DecodeState.empty(width, stops, vocab, self._history)  # in shape
+        prefix = self._empty_state(width)  # in shape
         programs += [(_set_row, (state, np.int32(0), prefix, np.int32(0)), {}, "insert"),
                      (_move_row, (state, np.int32(0), np.int32(1), self._free_row.state), {},
                       "move")]
@@ -443,7 +461,7 @@ class Engine:
                                            self.any_token(w)), static,
                              f"decode ({w} slots x {steps} steps)"))
         for w in self.decode_widths if self.draft_tokens else ():
-            static = {"cfg": self.model_config, "steps": self.steps, "k": self.draft_tokens}
+            static = {**self._speculative_static, "steps": self.steps}
             programs.append((_speculative_decode_jit, (self.params, self.cache, state, table[:w]),
                              static, f"speculative decode ({w} slots x {self.steps} steps)"))
         for program in programs:
@@ -456,13 +474,12 @@ class Engine:
 
     @functools.cached_property
     def _free_row(self) -> Prefix:
-        return Prefix([], DecodeState.empty(1, self.config.max_stop_token_ids,
-                                            self.model_config.vocab_size, self._history))
+        return Prefix([], self._empty_state(1))
 
     def _prefill(self, *inputs, progress: bool = False) -> tuple[DecodeState, TokenLogprobs]:
         seq = inputs[0].shape[1]
         state, self.cache, logprobs = self._run(
-            _prefill_jit, (self.params, self.cache, *inputs), {"cfg": self.model_config},
+            _prefill_jit, (self.params, self.cache, *inputs), self._prefill_static,
             f"prefill ({inputs[0].shape[0]} x {seq})", progress)
         return state, logprobs
 
