@@ -193,8 +193,10 @@ def train(model: Model, data: Dataset, options: DistillOptions, output: Path,
     import orbax.checkpoint as ocp
 
     cfg, params = model.config, model.params
-    schedule = optax.warmup_cosine_decay_schedule(0.0, options.learning_rate,
-                                                  options.warmup_steps, options.steps)
+    if options.steps < 1:
+        raise ValueError(f"steps={options.steps}; it must be >= 1")
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, options.learning_rate, min(options.warmup_steps, options.steps - 1), options.steps)
     optimizer = optax.adamw(schedule, weight_decay=0.0)
     heads = draft_heads.init(jax.random.key(options.seed), cfg.embed_dim, options.num_heads,
                              options.hidden_dim)
