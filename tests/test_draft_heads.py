@@ -18,16 +18,11 @@ from jaxinfer import distill, draft_heads
 from jaxinfer.checkpoints import CheckpointError
 from jaxinfer.checkpoints import draft as draft_checkpoint
 from jaxinfer.sampling import SamplingParams
+from tests import test_speculative
 from tests.numerics import assert_greedy_agrees_until_a_near_tie
-from tests.test_speculative import (
-    ATOL,
-    MAX_NEW,
-    PROMPTS,
-    SAMPLING,
-    looping,  # noqa: F401 - fixtures
-    plain,  # noqa: F401
-    teacher_forced_logits,
-)
+from tests.test_speculative import ATOL, MAX_NEW, PROMPTS, SAMPLING, teacher_forced_logits
+
+looping, plain = test_speculative.looping, test_speculative.plain  # fixtures shared with it
 
 VOCAB = 256
 

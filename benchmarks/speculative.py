@@ -1,0 +1,120 @@
+"""Speculative decoding on the real SmolLM2: decode tok/s without it, with n-gram drafts and
+with distilled draft heads, at batch 1 and 8, on two workloads (issue 15).
+
+    python -m jaxinfer.launch.distill --prompts=examples/data/distill_prompts.txt \\
+        --output=/tmp/smollm2-draft
+    python benchmarks/speculative.py --draft=/tmp/smollm2-draft \\
+        --out=benchmarks/results/speculative.json
+
+Workloads, greedy, chat template, up to --tokens new tokens per row:
+(a) code editing: "repeat / lightly edit this code", whose answer copies its input;
+(b) free chat: questions on topics none of the distillation prompts has.
+Each configuration runs --repeats times after a warm-up run (which compiles); the best decode
+time counts. Reported per row of the table: decode tok/s, speedup over no speculation in the
+same run, model calls per token, and the acceptance rate (accepted / drafted tokens). Every
+configuration's tokens are checked against no speculation's (greedy: equal, up to a near-tie
+of the logits, which is reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jaxinfer
+
+CODE = [
+    "def area(width, height):\n    return width * height\n",
+    "def greet(name):\n    message = 'Hello, ' + name\n    print(message)\n    return message\n",
+    "total = 0\nfor value in values:\n    if value > 0:\n        total += value\nprint(total)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "def mean(numbers):\n    if not numbers:\n        return 0\n"
+    "    return sum(numbers) / len(numbers)\n",
+    "import os\n\nfor name in os.listdir('.'):\n    if name.endswith('.txt'):\n"
+    "        print(name)\n",
+    "def fizzbuzz(n):\n    for i in range(1, n + 1):\n        if i % 15 == 0:\n"
+    "            print('FizzBuzz')\n",
+    "def is_even(number):\n    return number % 2 == 0\n\nprint(is_even(4))\n",
+]
+EDITS = ["Repeat this code exactly:\n", "Rename nothing, but add a comment line at the top of "
+         "this code, then repeat it:\n"]
+CHAT = [
+    "What do octopuses eat?", "How does a lighthouse work?", "Describe a thunderstorm.",
+    "Why do owls hunt at night?", "What is the Silk Road?", "How are submarines powered?",
+    "What makes coral reefs colorful?", "How is chocolate made?",
+]
+METHODS = ("none", "ngram", "draft")
+
+
+def workload_prompts(tokenizer, workload: str, batch: int) -> list[list[int]]:
+    if workload == "code":
+        texts = [EDITS[i % len(EDITS)] + CODE[i % len(CODE)] for i in range(batch)]
+    else:
+        texts = [CHAT[i % len(CHAT)] for i in range(batch)]
+    return [tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": t}], add_generation_prompt=True), add_bos=False)
+        for t in texts]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--draft", required=True, help="draft heads (launch.distill --output)")
+    parser.add_argument("--quant", default=None, help="weights: none (float), int8, gguf")
+    parser.add_argument("--k", default="ngram:4,draft:3", help="method:k for each method")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    quant = None if args.quant in (None, "none") else args.quant
+    model = jaxinfer.load_model(args.model, quant=quant, draft=args.draft)
+    ks = {m: int(k) for m, k in (item.split(":") for item in args.k.split(","))}
+    rows = []
+    for workload in ("code", "chat"):
+        for batch in map(int, args.batches.split(",")):
+            prompts = workload_prompts(model.tokenizer, workload, batch)
+            base = None
+            for method in METHODS:
+                options = dict(max_new_tokens=args.tokens, stop_token_ids=model.tokenizer.stop_ids,
+                               speculative_method=method, num_speculative_tokens=ks.get(method, 4))
+                jaxinfer.generate(model.params, prompts, model.config, **options)  # compiles
+                best = None
+                for _ in range(args.repeats):
+                    result = jaxinfer.generate(model.params, prompts, model.config, **options)
+                    if best is None or result.timings["decode"] < best.timings["decode"]:
+                        best = result
+                tokens = sum(n - 1 for n in best.lengths)  # the prefill drew each first one
+                rate = tokens / best.timings["decode"]
+                base = base or (rate, best)
+                same = sum(a == b for a, b in zip(best.tokens, base[1].tokens, strict=True))
+                drafted, accepted = sum(best.draft_tokens), sum(best.accepted_tokens)
+                row = {"workload": workload, "batch": batch, "method": method,
+                       "k": ks.get(method, 0) if method != "none" else 0,
+                       "decode_tok_s": round(rate, 2), "speedup": round(rate / base[0], 3),
+                       "model_calls": best.decode_steps, "tokens": tokens,
+                       "acceptance": round(accepted / drafted, 3) if drafted else None,
+                       "rows_equal_to_none": f"{same}/{batch}"}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    load = os.getloadavg()[0]
+    print(f"\nload average {load:.1f}; {args.model}, {quant or 'float32'} weights, "
+          f"{args.tokens} new tokens, best of {args.repeats}\n")
+    print("| workload | batch | method | k | decode tok/s | speedup | model calls | "
+          "acceptance | rows equal |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['workload']} | {r['batch']} | {r['method']} | {r['k']} | "
+              f"{r['decode_tok_s']} | {r['speedup']:.2f}x | {r['model_calls']} | "
+              f"{r['acceptance'] if r['acceptance'] is not None else '-'} | "
+              f"{r['rows_equal_to_none']} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"load_average": load, "time": time.strftime("%Y-%m-%d %H:%M"),
+                       "args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
