@@ -111,20 +111,22 @@ def make_dataset(model: Model, encoded: Sequence[Sequence[int]], options: Distil
     parts: dict[str, list] = {"hidden": [], "next_token": [], "ids": [], "probs": []}
     examples, heldout, answer_end, rows = [], [], [], 0
     start = time.perf_counter()
-    for n, (prompt, sequence) in enumerate(sequences):
-        hidden, ids, probs = _targets(model.params, np.asarray(sequence, np.int32),
-                                      cfg=cfg, top_k=options.top_k_targets)
-        first = len(prompt) - 1  # the prompt's last position drew the answer's first token
-        count = len(sequence) - first
-        parts["hidden"].append(np.asarray(hidden[first:]))
-        parts["ids"].append(np.asarray(ids[first:]))
-        parts["probs"].append(np.asarray(probs[first:]))
-        parts["next_token"].append(np.append(sequence[first + 1:], -1).astype(np.int32))
-        examples += range(rows, rows + count - 1)
-        heldout += [n >= len(sequences) * 9 // 10] * (count - 1)
-        answer_end += [rows + count] * (count - 1)
-        rows += count
-        _progress(progress, "hidden states", n + 1, len(sequences), start)
+    for i in range(0, len(sequences), TARGET_BATCH):
+        batch = sequences[i: i + TARGET_BATCH]
+        hidden, ids, probs = _targets(model.params, [s for _, s in batch], cfg=cfg,
+                                      top_k=options.top_k_targets)
+        for j, (prompt, sequence) in enumerate(batch):
+            first = len(prompt) - 1  # the prompt's last position drew the answer's first token
+            count = len(sequence) - first
+            parts["hidden"].append(hidden[j, first: len(sequence)])
+            parts["ids"].append(ids[j, first: len(sequence)])
+            parts["probs"].append(probs[j, first: len(sequence)])
+            parts["next_token"].append(np.append(sequence[first + 1:], -1).astype(np.int32))
+            examples += range(rows, rows + count - 1)
+            heldout += [i + j >= len(sequences) * 9 // 10] * (count - 1)
+            answer_end += [rows + count] * (count - 1)
+            rows += count
+        _progress(progress, "hidden states", i + len(batch), len(sequences), start)
     return Dataset(hidden=np.concatenate(parts["hidden"]),
                    next_token=np.concatenate(parts["next_token"]),
                    target_ids=np.concatenate(parts["ids"]),
@@ -134,25 +136,26 @@ def make_dataset(model: Model, encoded: Sequence[Sequence[int]], options: Distil
 
 
 def _targets_impl(params, tokens, *, cfg, top_k):
-    """tokens [seq] -> final hidden states [seq, embed] float32 and the model's top-k next
-    token ids and probabilities (renormalized over the k) at each position."""
+    """tokens [rows, seq] -> final hidden states [rows, seq, embed] float32 and the model's
+    top-k next token ids and probabilities (renormalized over the k) at each position."""
     model = family(cfg.architecture)
-    seq = tokens.shape[0]
-    padded = jnp.zeros(bucket(seq, 16), jnp.int32).at[:seq].set(tokens)[None]
-    positions = jnp.arange(padded.shape[1], dtype=jnp.int32)[None]
-    hidden, _ = model.transformer(params, padded, positions,
-                                  KVCache.init(cfg, 1, padded.shape[1]), cfg)
-    logits = model.unembed(params, hidden, cfg)[0]
-    top, ids = jax.lax.top_k(logits, top_k)
-    return hidden[0].astype(jnp.float32), ids.astype(jnp.int32), jax.nn.softmax(top, axis=-1)
+    rows, seq = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (rows, seq))
+    hidden, _ = model.transformer(params, tokens, positions, KVCache.init(cfg, rows, seq), cfg)
+    top, ids = jax.lax.top_k(model.unembed(params, hidden, cfg), top_k)
+    return hidden.astype(jnp.float32), ids.astype(jnp.int32), jax.nn.softmax(top, axis=-1)
 
 
 _targets_jit = jax.jit(_targets_impl, static_argnames=("cfg", "top_k"))
+TARGET_BATCH = 4  # sequences per forward pass for the targets ([4, seq, vocab] logits)
 
 
-def _targets(params, tokens: np.ndarray, *, cfg, top_k):
-    hidden, ids, probs = _targets_jit(params, tokens, cfg=cfg, top_k=top_k)
-    return hidden[: len(tokens)], ids[: len(tokens)], probs[: len(tokens)]
+def _targets(params, sequences: list[list[int]], *, cfg, top_k):
+    """_targets_impl over `sequences`, padded to one bucket; numpy arrays [rows, seq, ...]."""
+    padded = np.zeros((TARGET_BATCH, bucket(max(map(len, sequences)), 16)), np.int32)
+    for i, sequence in enumerate(sequences):
+        padded[i, : len(sequence)] = sequence
+    return tuple(map(np.asarray, _targets_jit(params, padded, cfg=cfg, top_k=top_k)))
 
 
 def readout(params, cfg):
@@ -211,7 +214,7 @@ def train(model: Model, data: Dataset, options: DistillOptions, output: Path,
             print(f"resuming from step {latest}", file=sys.stderr)
 
     @jax.jit
-    def update(state, batch):
+    def update(state, batch, params):  # params as an argument: not folded into the program
         loss, grads = jax.value_and_grad(loss_fn)(state["heads"], batch, params, cfg)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["heads"])
         return {"heads": optax.apply_updates(state["heads"], updates),
@@ -222,7 +225,7 @@ def train(model: Model, data: Dataset, options: DistillOptions, output: Path,
     for step in range(first, options.steps):
         rng = np.random.default_rng((options.seed, step))  # resumes draw the same batches
         examples = np.sort(rng.choice(pool, min(options.batch_size, len(pool)), replace=False))
-        state, loss = update(state, batch_of(data, examples, options.num_heads))
+        state, loss = update(state, batch_of(data, examples, options.num_heads), params)
         losses.append(float(loss))
         if (step + 1) % options.checkpoint_every == 0 or step + 1 == options.steps:
             manager.save(step + 1, args=ocp.args.StandardSave(state))

@@ -103,6 +103,10 @@ def main(gguf_path: str, work_dir: str, prompts_json: str) -> None:
             "shard_shapes": shard_shapes(params),
             "cache_shard_shape": list(cache.k.addressable_shards[0].data.shape),
         }
+        if spec == MESHES[1]:  # speculative decoding (n-gram drafts) under a mesh
+            facts["meshes"][spec]["speculative_tokens"] = jaxinfer.generate(
+                params, prompts, cfg, max_new_tokens=MAX_NEW, speculative_method="ngram",
+                num_speculative_tokens=4).tokens
         del params
 
     # Convert with the launcher (one device), then restore onto a 2 x 4 mesh.

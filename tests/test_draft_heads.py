@@ -88,6 +88,23 @@ def test_generate_with_draft_heads_gives_the_tokens_plain_decoding_gives(tiny_cf
     assert all(0 <= a <= d for a, d in zip(got.accepted_tokens, got.draft_tokens, strict=True))
 
 
+@pytest.mark.numerics
+def test_smollm2_with_draft_heads_keeps_its_greedy_tokens(smollm2):
+    prompt = smollm2.tokenizer.encode(smollm2.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True), add_bos=False)
+    options = dict(max_new_tokens=24, stop_token_ids=smollm2.tokenizer.stop_ids)
+    want = jaxinfer.generate(smollm2.params, [prompt], smollm2.config, **options)
+    heads = _random_heads(smollm2.config, num_heads=3, scale=0.02)
+    got = jaxinfer.generate({**smollm2.params, "draft": heads}, [prompt], smollm2.config,
+                            **options, speculative_method="draft", num_speculative_tokens=3)
+    if got.tokens != want.tokens:
+        assert_greedy_agrees_until_a_near_tie(
+            got.tokens[0], want.tokens[0],
+            teacher_forced_logits(smollm2.params, smollm2.config, prompt, want.tokens[0]), ATOL)
+    assert got.draft_tokens[0] == 3 * got.decode_steps  # heads always propose k tokens
+
+
 def test_trained_heads_are_accepted_far_more_often_than_untrained_ones(cycling, cycling_data,
                                                                       tmp_path):
     cfg, params = cycling

@@ -137,6 +137,11 @@ def test_greedy_tokens_identical_to_one_device(runs, mesh):
 
 
 @pytest.mark.numerics
+def test_speculative_decoding_under_a_mesh_gives_the_one_device_tokens(runs):
+    assert_same_greedy_tokens(runs, runs["facts"]["meshes"][MESHES[1]]["speculative_tokens"])
+
+
+@pytest.mark.numerics
 @pytest.mark.parametrize("mesh", MESHES)
 def test_logits_close_to_one_device(runs, mesh):
     logits = np.load(runs["facts"]["meshes"][mesh]["logits"])

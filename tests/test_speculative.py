@@ -4,6 +4,8 @@ same keys, so the same distribution), in fewer model calls when the drafts are r
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -336,3 +338,47 @@ def test_a_speculating_scheduler_streams_generates_tokens_and_counts_vllms_metri
     accepted = total("spec_decode_num_accepted_tokens_total")
     assert 0 < accepted <= tokens <= 3 * drafts  # some drafts were kept, at most k per draft
     assert total("spec_decode_num_accepted_tokens_per_pos_total") == accepted
+
+
+# --- the HTTP server -----------------------------------------------------------------------
+
+def test_a_speculating_server_answers_as_generate_does_streamed_or_not(smollm2):
+    """The real SmolLM2 served with n-gram speculation: a greedy chat completion, whole and
+    streamed, has generate()'s tokens, and /metrics counts the accepted drafts."""
+    import httpx
+
+    from jaxinfer.serving import EngineConfig
+    from jaxinfer.serving.engine import Engine
+    from jaxinfer.serving.server import ServerState
+    from tests.test_serving import MODEL, serving
+
+    config = EngineConfig(max_batch_size=2, max_seq_len=256, page_size=16, num_pages=40,
+                          decode_steps=2, speculative_method="ngram", num_speculative_tokens=4)
+    messages = [{"role": "user", "content": "Repeat this code exactly:\n" + CODE}]
+    prompt = smollm2.tokenizer.encode(
+        smollm2.tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+        add_bos=False)
+    want = jaxinfer.generate(smollm2.params, [prompt], smollm2.config, max_new_tokens=40,
+                             stop_token_ids=smollm2.tokenizer.stop_ids, speculative_method="ngram",
+                             num_speculative_tokens=4)
+    want_text = smollm2.tokenizer.decode(
+        [t for t in want.tokens[0] if t not in smollm2.tokenizer.stop_ids])
+    state = ServerState(MODEL)
+    with serving(state) as url:
+        state.attach(Engine(smollm2, config))
+        body = {"model": MODEL, "messages": messages, "max_tokens": 40, "temperature": 0}
+        whole = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+        assert whole.status_code == 200, whole.text
+        assert whole.json()["choices"][0]["message"]["content"] == want_text
+        streamed = ""
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True},
+                          timeout=300) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    for choice in json.loads(line.removeprefix("data: "))["choices"]:
+                        streamed += choice["delta"].get("content") or ""
+        assert streamed == want_text
+        metrics = httpx.get(f"{url}/metrics").text
+    accepted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("jaxinfer:spec_decode_num_accepted_tokens_total"))
+    assert accepted >= 0.4 * 2 * want.lengths[0]  # both requests copy most of their answer

@@ -49,11 +49,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
+    from absl import logging as absl_logging
 
     import jaxinfer
     from jaxinfer import distill, draft_heads
     from jaxinfer.checkpoints import draft
 
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every checkpoint at INFO
     started = time.perf_counter()
     output = Path(FLAGS.output)
     options = distill.DistillOptions(
