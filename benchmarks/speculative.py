@@ -45,7 +45,6 @@ CHAT = [
     "Why do owls hunt at night?", "What is the Silk Road?", "How are submarines powered?",
     "What makes coral reefs colorful?", "How is chocolate made?",
 ]
-METHODS = ("none", "ngram", "draft")
 
 
 def workload_prompts(tokenizer, workload: str, batch: int) -> list[list[int]]:
@@ -63,7 +62,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--draft", required=True, help="draft heads (launch.distill --output)")
     parser.add_argument("--quant", default=None, help="weights: none (float), int8, gguf")
-    parser.add_argument("--k", default="ngram:4,draft:3", help="method:k for each method")
+    parser.add_argument("--k", default="ngram:4,draft:1,draft:2",
+                        help="the speculating runs, method:k each")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=2)
@@ -71,15 +71,16 @@ def main() -> None:
     args = parser.parse_args()
     quant = None if args.quant in (None, "none") else args.quant
     model = jaxinfer.load_model(args.model, quant=quant, draft=args.draft)
-    ks = {m: int(k) for m, k in (item.split(":") for item in args.k.split(","))}
+    runs = [("none", 1)] + [(m, int(k)) for m, k in (item.split(":")
+                                                     for item in args.k.split(","))]
     rows = []
     for workload in ("code", "chat"):
         for batch in map(int, args.batches.split(",")):
             prompts = workload_prompts(model.tokenizer, workload, batch)
             base = None
-            for method in METHODS:
+            for method, k in runs:
                 options = dict(max_new_tokens=args.tokens, stop_token_ids=model.tokenizer.stop_ids,
-                               speculative_method=method, num_speculative_tokens=ks.get(method, 4))
+                               speculative_method=method, num_speculative_tokens=k)
                 jaxinfer.generate(model.params, prompts, model.config, **options)  # compiles
                 best = None
                 for _ in range(args.repeats):
@@ -92,7 +93,7 @@ def main() -> None:
                 same = sum(a == b for a, b in zip(best.tokens, base[1].tokens, strict=True))
                 drafted, accepted = sum(best.draft_tokens), sum(best.accepted_tokens)
                 row = {"workload": workload, "batch": batch, "method": method,
-                       "k": ks.get(method, 0) if method != "none" else 0,
+                       "k": k if method != "none" else 0,
                        "decode_tok_s": round(rate, 2), "speedup": round(rate / base[0], 3),
                        "model_calls": best.decode_steps, "tokens": tokens,
                        "acceptance": round(accepted / drafted, 3) if drafted else None,

@@ -105,6 +105,9 @@ def step(params, cache, state: DecodeState, k: int, cfg: ModelConfig, method: st
         return (cache, state, emitted, (token != NO_TOKEN).astype(jnp.int32),
                 jnp.zeros(rows, jnp.int32))
 
-    cache, state, emitted, n, accepted = jax.lax.cond(jnp.any(proposed > 0), verify, plain,
-                                                      cache, state)
+    if method == "draft":  # heads always propose: a cond would only cost (its operand copies)
+        cache, state, emitted, n, accepted = verify(cache, state)
+    else:
+        cache, state, emitted, n, accepted = jax.lax.cond(jnp.any(proposed > 0), verify, plain,
+                                                          cache, state)
     return cache, state, emitted, n, proposed, accepted
