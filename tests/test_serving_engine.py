@@ -22,6 +22,7 @@ from jaxinfer.checkpoints import gguf_vocab
 from jaxinfer.models import family, llama
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving import EngineConfig
+from jaxinfer.serving import engine as engine_module
 from jaxinfer.serving.engine import NO_TOKEN, Engine, PrefillRow, prefill_buckets
 from jaxinfer.serving.pages import PageTable
 from jaxinfer.serving.scheduler import Output, QueueFull, Request, Scheduler
@@ -120,6 +121,24 @@ def test_request_inserted_mid_decode_matches_running_alone(tiny_model):
     late = run_engine(driver, {0: PROMPTS[0]}, 9)
     assert first[1] == reference(tiny_model, PROMPTS[3], 5)
     assert late[0] == reference(tiny_model, PROMPTS[0], 9)
+
+
+@pytest.mark.numerics
+def test_one_step_calls_run_on_the_warmed_up_program_and_decode_like_generate(tiny_model):
+    """Structured output decodes one step per call: the same program as decode_steps."""
+    engine = Engine(tiny_model, CONFIG)
+    engine.warmup()
+    programs = engine_module.compiled_programs()
+    driver = Driver(engine)
+    out = [driver.start(0, PROMPTS[0], 7)]
+    for _ in range(6):
+        driver.state, tokens = engine.generate(driver.state, driver.pages.table, steps=1)
+        assert tokens.shape == (engine.slots, 1)
+        out += [int(t) for t in tokens[0] if t != NO_TOKEN]
+    assert out == reference(tiny_model, PROMPTS[0], 7)
+    assert engine_module.compiled_programs() == programs
+    with pytest.raises(ValueError, match="1 to decode_steps=3 steps"):
+        engine.generate(driver.state, driver.pages.table, steps=4)
 
 
 def test_free_returns_pages_and_page_0_is_never_handed_out():
