@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from jax.sharding import Mesh
 
 from jaxinfer.checkpoints import Model, gguf, orbax, safetensors, sources
 from jaxinfer.config import QUANT_MODES, ModelConfig
 from jaxinfer.generate import GenerateResult, generate
+from jaxinfer.models import family
+from jaxinfer.progress import line
 from jaxinfer.quant import quantize_params
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.sharding import make_mesh
+from jaxinfer.tokenizer import Tokenizer
 
-__all__ = ["Model", "chat", "load_model"]  # Model lives with the loaders; re-exported here
+__all__ = ["Model", "chat", "load_model", "weight_shapes"]  # Model: re-exported from checkpoints
 
 
 def load_model(
@@ -29,6 +34,7 @@ def load_model(
     kv_quant: str | None = None,
     cpu_kernels: str = "int8",
     progress: bool = True,
+    while_loading: Callable[[ModelConfig, Tokenizer], None] | None = None,
 ) -> Model:
     """Loads a known model (see `sources.KNOWN_MODELS`), a local .gguf file, a Hugging Face
     model directory (config.json + safetensors + tokenizer.json), or a hub id ("org/name").
@@ -45,32 +51,88 @@ def load_model(
     quantized to int8 per block of 32 ("int8", as llama.cpp), in fp32 ("f32"), or XLA's own
     products ("off"); see ModelConfig.cpu_kernels.
     An Orbax checkpoint directory (`python -m jaxinfer.launch.convert`) loads too.
+    while_loading(config, tokenizer): run on a thread of its own once the checkpoint's config
+    and tokenizer are read, while the weights are (the config is the returned model's; with
+    `weight_shapes(config)` it can compile programs before the weights exist). load_model
+    returns when it has finished too, and raises what it raised.
     """
     start = time.perf_counter()
     if quant not in QUANT_MODES:
         raise ValueError(f"quant={quant!r}; allowed: {', '.join(map(str, QUANT_MODES))}")
     if isinstance(mesh, str):
         mesh = make_mesh(None if mesh == "auto" else mesh)
-    if orbax.is_checkpoint(name_or_path):
-        path = Path(name_or_path)
-        model = orbax.load(path, mesh=mesh, dtype=dtype)
-        cfg, params = _quantize(model.config, model.params, quant, path)
-        model = Model(cfg, params, model.tokenizer)
-        fix = "convert it again with python -m jaxinfer.launch.convert"
-    else:
-        path = sources.resolve(name_or_path)
-        loader = safetensors.load_hf if path.is_dir() else gguf.load_gguf
-        model = loader(path, dtype=dtype, mesh=mesh, quant=quant, progress=progress)
-        fix = "load the weights alone with jaxinfer.checkpoints.safetensors.load_hf"
-    if model.tokenizer is None:
-        raise ValueError(f"{path}: no tokenizer files (tokenizer.json); {fix}")
-    if model.tokenizer.chat_template is None:  # a preset may know the template its file lacks
-        model.tokenizer.chat_template = sources.chat_template(name_or_path)
-    config = dataclasses.replace(model.config, attention=attention, kv_quant=kv_quant,
-                                 cpu_kernels=cpu_kernels)
+    is_orbax = orbax.is_checkpoint(name_or_path)
+    path = Path(name_or_path) if is_orbax else sources.resolve(name_or_path)
+    fix = ("convert it again with python -m jaxinfer.launch.convert" if is_orbax else
+           "load the weights alone with jaxinfer.checkpoints.safetensors.load_hf")
+
+    def finish(cfg: ModelConfig, tokenizer: Tokenizer | None) -> ModelConfig:
+        """The config and tokenizer as returned; before any weight is read, so a file
+        without a tokenizer fails at once."""
+        if tokenizer is None:
+            raise ValueError(f"{path}: no tokenizer files (tokenizer.json); {fix}")
+        if tokenizer.chat_template is None:  # a preset may know the template its file lacks
+            tokenizer.chat_template = sources.chat_template(name_or_path)
+        if is_orbax and quant is not None:
+            cfg = dataclasses.replace(cfg, quant=quant)  # quantized after loading (_quantize)
+        return dataclasses.replace(cfg, attention=attention, kv_quant=kv_quant,
+                                   cpu_kernels=cpu_kernels)
+
+    background = _Background(while_loading)
+    on_config = lambda cfg, tokenizer: background.start(finish(cfg, tokenizer), tokenizer)  # noqa: E731
+    try:
+        if is_orbax:
+            model = orbax.load(path, mesh=mesh, dtype=dtype, on_config=on_config)
+            cfg, params = _quantize(model.config, model.params, quant, path)
+            model = Model(cfg, params, model.tokenizer)
+        else:
+            loader = safetensors.load_hf if path.is_dir() else gguf.load_gguf
+            model = loader(path, dtype=dtype, mesh=mesh, quant=quant, progress=progress,
+                           on_config=on_config)
+    except BaseException:  # the loader's own error goes first
+        background.wait()
+        raise
     if progress:
-        print(f"loaded {path.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    return model._replace(config=config)
+        line(f"loaded {path.name} in {time.perf_counter() - start:.1f}s")
+    if (error := background.wait()) is not None:
+        raise error
+    return model._replace(config=finish(model.config, model.tokenizer))
+
+
+def weight_shapes(cfg: ModelConfig) -> Any:
+    """The params pytree `load_model` returns for `cfg`, as jax.ShapeDtypeStructs, where the
+    config alone decides it (float weights); None where the file does (quantized weights:
+    which blocks a GGUF file's layers keep). Programs compiled on these run on the loaded
+    params."""
+    if cfg.quant is not None:
+        return None
+    return family(cfg.architecture).abstract_params(cfg)
+
+
+class _Background:
+    """`work(config, tokenizer)` on a thread of its own from start() to wait(), which
+    returns what it raised (nothing to do when `work` is None)."""
+
+    def __init__(self, work: Callable[[ModelConfig, Tokenizer], None] | None):
+        self.work, self.thread, self.error = work, None, None
+
+    def start(self, cfg: ModelConfig, tokenizer: Tokenizer) -> None:
+        if self.work is None:
+            return
+
+        def run() -> None:
+            try:
+                self.work(cfg, tokenizer)
+            except BaseException as e:  # noqa: BLE001 - load_model raises it
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name="jaxinfer-while-loading", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> BaseException | None:
+        if self.thread is not None:
+            self.thread.join()
+        return self.error
 
 
 def _quantize(cfg: ModelConfig, params, quant: str | None, path: Path):

@@ -216,8 +216,10 @@ class Engine:
     """The decode core over slots and a paged KV cache; see the module docstring for the API.
 
     `model`: anything with `config` (ModelConfig), `params` and `tokenizer`, such as what
-    `jaxinfer.load_model` returns. `mesh`: a jax Mesh the params are already sharded over;
-    the KV pool is then split like the model, else it lives on the default device.
+    `jaxinfer.load_model` returns; `params` may be jax.ShapeDtypeStructs (`api.weight_shapes`),
+    so that warm-up compiles while the weights load, which `use_params` then hands in.
+    `mesh`: a jax Mesh the params are already sharded over; the KV pool is then split like
+    the model, else it lives on the default device.
     """
 
     def __init__(self, model: Any, config: EngineConfig | None = None, mesh=None):
@@ -245,6 +247,14 @@ class Engine:
         widest = self.slots
         self.decode_widths = [w for w in (1 << i for i in range(widest.bit_length()))
                               if self.min_decode_width() <= w < widest] + [widest]
+
+    def use_params(self, params) -> None:
+        """Runs on `params` from now on: weights of the shapes and placement the engine was
+        built with, such as `load_model`'s after warm-up compiled on `api.weight_shapes`."""
+        if runtime.signature(params) != runtime.signature(self.params):
+            raise ValueError("these params differ in structure, shape, dtype or placement from "
+                             "the ones the engine was built with; build an Engine for them")
+        self.params = params
 
     # -- the engine calls ---------------------------------------------------------------------
 
