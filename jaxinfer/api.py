@@ -21,7 +21,8 @@ from jaxinfer.sampling import SamplingParams
 from jaxinfer.sharding import make_mesh
 from jaxinfer.tokenizer import Tokenizer
 
-__all__ = ["Model", "chat", "load_model", "weight_shapes"]  # Model: re-exported from checkpoints
+# Model lives with the loaders; re-exported here.
+__all__ = ["Model", "chat", "chat_tokens", "load_model", "weight_shapes"]
 
 
 def load_model(
@@ -158,13 +159,9 @@ def chat(
     """Answers a user message (or a list of chat messages) with the model's chat template.
     `eager`: run without compiling; `speculative_method`, `num_speculative_tokens`:
     speculative decoding (see `generate`)."""
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    tokens = model.tokenizer.encode(prompt, add_bos=False)  # the template places any BOS
     result = generate(
         model.params,
-        [tokens],
+        [chat_tokens(model.tokenizer, messages)],
         model.config,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
@@ -174,3 +171,12 @@ def chat(
         num_speculative_tokens=num_speculative_tokens,
     )
     return model.tokenizer.decode(result.tokens[0]), result
+
+
+def chat_tokens(tokenizer: Tokenizer, messages: str | list[dict[str, str]]) -> list[int]:
+    """The prompt `chat` generates after: a user message (or chat messages) through the
+    tokenizer's chat template, with the assistant's turn opened."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.encode(prompt, add_bos=False)  # the template places any BOS

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import jaxinfer
+from jaxinfer.api import weight_shapes
 from jaxinfer.cache import KVCache
 from jaxinfer.checkpoints import gguf_vocab
 from jaxinfer.models import family, llama
@@ -139,6 +140,21 @@ def test_one_step_calls_run_on_the_warmed_up_program_and_decode_like_generate(ti
     assert engine_module.compiled_programs() == programs
     with pytest.raises(ValueError, match="1 to decode_steps=3 steps"):
         engine.generate(driver.state, driver.pages.table, steps=4)
+
+
+@pytest.mark.numerics
+def test_warmed_up_on_the_weights_shapes_it_serves_the_weights_without_compiling(tiny_model):
+    shapes = weight_shapes(tiny_model.config)
+    engine = Engine(tiny_model._replace(params=shapes), CONFIG)
+    engine.warmup()
+    programs = engine_module.compiled_programs()
+    engine.use_params(tiny_model.params)
+    out = run_engine(Driver(engine), {0: PROMPTS[0], 1: PROMPTS[2]}, 6)
+    assert out[0] == reference(tiny_model, PROMPTS[0], 6)
+    assert out[1] == reference(tiny_model, PROMPTS[2], 6)
+    assert engine_module.compiled_programs() == programs
+    with pytest.raises(ValueError, match="differ in structure, shape, dtype or placement"):
+        engine.use_params(jax.tree.map(lambda x: x.astype("bfloat16"), tiny_model.params))
 
 
 def test_free_returns_pages_and_page_0_is_never_handed_out():

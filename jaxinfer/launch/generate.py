@@ -59,6 +59,8 @@ def main(argv: list[str]) -> None:
     from absl import logging as absl_logging
 
     import jaxinfer
+    from jaxinfer.api import chat_tokens, weight_shapes
+    from jaxinfer.generate import precompile
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # quiet jax's backend probing
     logging.getLogger("jaxinfer").setLevel(logging.INFO)  # progress of compiling
@@ -70,15 +72,29 @@ def main(argv: list[str]) -> None:
                 seed=opts["seed"],
             )
             mesh = distributed.setup(preset_mesh())  # --mesh (or the preset's) and multi-host flags
+            speculation = dict(speculative_method=FLAGS.speculative_method,
+                               num_speculative_tokens=FLAGS.num_speculative_tokens)
+            early_compile = []  # seconds compiling while the weights loaded
+
+            def compile_while_loading(cfg, tokenizer) -> None:
+                shapes = weight_shapes(cfg)  # None: quantized, the file decides the shapes
+                if shapes is None or mesh is not None or FLAGS.eager:
+                    return
+                prompt = (chat_tokens(tokenizer, opts["prompt"]) if opts["chat"]
+                          else tokenizer.encode(opts["prompt"]))
+                early_compile.append(precompile(
+                    shapes, [prompt], cfg, max_new_tokens=opts["max_new_tokens"],
+                    sampling=sampling, stop_token_ids=tokenizer.stop_ids, progress=True,
+                    **speculation))
+
             start = time.perf_counter()
             model = jaxinfer.load_model(
                 opts["model"], dtype=opts["dtype"], attention=FLAGS.attention, mesh=mesh,
                 quant=presets.optional("quant"), kv_quant=presets.optional("kv_quant"),
                 cpu_kernels=FLAGS.cpu_kernels, progress=True,
+                while_loading=compile_while_loading,
             )
             load_s = time.perf_counter() - start
-            speculation = dict(speculative_method=FLAGS.speculative_method,
-                               num_speculative_tokens=FLAGS.num_speculative_tokens)
             if opts["chat"]:
                 text, result = jaxinfer.chat(
                     model, opts["prompt"], max_new_tokens=opts["max_new_tokens"], sampling=sampling,
@@ -102,9 +118,11 @@ def main(argv: list[str]) -> None:
     quant = presets.optional("quant")
     weights = f", {quant} weights" if quant else ""
     decode_rate = (n - 1) / t["decode"] if n > 1 and t["decode"] > 0 else float("nan")
+    load = (f"load {load_s:.1f}s with compile {early_compile[0]:.1f}s beside it" if early_compile
+            else f"load {load_s:.1f}s, compile {t['compile']:.1f}s")
     print(
-        f"\n[{n} tokens, finish: {result.finish_reasons[0]}] load {load_s:.1f}s, "
-        f"compile {t['compile']:.1f}s, prefill {t['prefill'] * 1e3:.0f}ms "
+        f"\n[{n} tokens, finish: {result.finish_reasons[0]}] {load}, "
+        f"prefill {t['prefill'] * 1e3:.0f}ms "
         f"({result.prompt_lengths[0]} prompt tokens), decode {decode_rate:.1f} tok/s "
         f"({model.config.compute_dtype}{weights})",
         file=sys.stderr,
