@@ -155,11 +155,6 @@ class TokenCounts:
         seen = jnp.zeros((rows, vocab), bool).at[row, tokens].max(prompt)
         return cls(output=output, prompt=seen)
 
-    @classmethod
-    def empty(cls, rows: int, vocab: int) -> TokenCounts:
-        return cls(output=jnp.zeros((rows, vocab), jnp.int32),
-                   prompt=jnp.zeros((rows, vocab), bool))
-
     def add(self, token: jax.Array, live: jax.Array) -> TokenCounts:
         """Counts `token` [rows] once in every `live` [rows] row; or tokens [rows, n], each
         where `live` [rows, n]."""
