@@ -32,6 +32,7 @@ flags.DEFINE_enum("attention", "auto", ["auto", "xla", "pallas"],
                   "reference, or auto (Pallas on GPU/TPU, XLA on CPU).")
 presets.define_weight_flags()  # --quant, --kv_quant, --cpu_kernels
 presets.define_speculative_flags()
+presets.define_startup_flags()  # --compile_while_loading
 flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): every operation "
                      "one by one, for stepping through the model in a debugger. Slow.")
 
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> None:
                                num_speculative_tokens=FLAGS.num_speculative_tokens)
             early_compile = []  # seconds compiling while the weights loaded
 
-            def compile_while_loading(cfg, tokenizer) -> None:
+            def precompile_prompt(cfg, tokenizer) -> None:
                 shapes = weight_shapes(cfg)  # None: quantized, the file decides the shapes
                 if shapes is None or mesh is not None or FLAGS.eager:
                     return
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> None:
                 opts["model"], dtype=opts["dtype"], attention=FLAGS.attention, mesh=mesh,
                 quant=presets.optional("quant"), kv_quant=presets.optional("kv_quant"),
                 cpu_kernels=FLAGS.cpu_kernels, progress=True,
-                while_loading=compile_while_loading,
+                while_loading=precompile_prompt if presets.compile_while_loading() else None,
             )
             load_s = time.perf_counter() - start
             if opts["chat"]:

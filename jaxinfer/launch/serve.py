@@ -56,6 +56,7 @@ flags.DEFINE_float("host_kv_cache_gb", 0.0, "Host memory (GiB) for cached KV pag
 flags.DEFINE_boolean("enable_prefix_caching", True, "Reuse the KV pages of cached prompt "
                      "prefixes (--noenable_prefix_caching: prefill every prompt from token 0).")
 presets.define_speculative_flags()
+presets.define_startup_flags()  # --compile_while_loading
 flags.DEFINE_float("drain_timeout_s", None, "On SIGTERM, wait this long for requests.")
 flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): every operation "
                      "one by one, for stepping through the model in a debugger. Slow.")
@@ -151,7 +152,7 @@ def load_and_attach(opts: dict, config, state) -> None:
 def load_and_start(path: str, opts: dict, config, mesh, quant: str | None = None):
     """The engine of the model at `path`, every serving program compiled. The programs need
     only the weights' shapes: where the config decides those (float weights, one device),
-    warm-up runs while the weights load."""
+    warm-up runs while the weights load if --compile_while_loading says so."""
     from jaxinfer import Model
     from jaxinfer.api import weight_shapes
 
@@ -163,7 +164,8 @@ def load_and_start(path: str, opts: dict, config, mesh, quant: str | None = None
             early.append(start_engine(Model(cfg, shapes, tokenizer), config, mesh,
                                       note=" while the weights load"))
 
-    model = load_weights(path, opts, mesh, quant, while_loading=warm_up)
+    model = load_weights(path, opts, mesh, quant,
+                         while_loading=warm_up if presets.compile_while_loading() else None)
     if not early:
         return start_engine(model, config, mesh)
     early[0].use_params(model.params)
