@@ -55,6 +55,7 @@ def preset_mesh() -> str | None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import gc
     import logging
 
     from absl import logging as absl_logging
@@ -62,6 +63,10 @@ def main(argv: list[str]) -> None:
     import jaxinfer
     from jaxinfer.api import chat_tokens, weight_shapes
     from jaxinfer.generate import precompile
+
+    # The modules (and below, the model and programs) live until exit: out of the collector's
+    # sight, each full collection and the one at exit skip them (0.8-1 s of a 4.5 s run).
+    gc.freeze()
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # quiet jax's backend probing
     logging.getLogger("jaxinfer").setLevel(logging.INFO)  # progress of compiling
@@ -128,6 +133,7 @@ def main(argv: list[str]) -> None:
         f"({model.config.compute_dtype}{weights})",
         file=sys.stderr,
     )
+    gc.freeze()
     if FLAGS.speculative_method != "none":
         print(f"[speculative {FLAGS.speculative_method}: {result.decode_steps} model calls after "
               f"the prefill, {result.accepted_tokens[0]} of {result.draft_tokens[0]} drafted "
