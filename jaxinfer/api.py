@@ -103,8 +103,9 @@ def load_model(
 def weight_shapes(cfg: ModelConfig) -> Any:
     """The params pytree `load_model` returns for `cfg`, as jax.ShapeDtypeStructs, where the
     config alone decides it (float weights); None where the file does (quantized weights:
-    which blocks a GGUF file's layers keep). Programs compiled on these run on the loaded
-    params."""
+    which blocks a GGUF file's layers keep). Programs compiled on these run on the params
+    loaded onto one device (under a mesh, placement is part of what a program is compiled
+    for)."""
     if cfg.quant is not None:
         return None
     return family(cfg.architecture).abstract_params(cfg)
