@@ -155,61 +155,34 @@ def generate(
     result's decode_steps, draft_tokens and accepted_tokens say how much it saved.
     """
     speculative.check_options(speculative_method, num_speculative_tokens, params)
-    prompts = _check_prompts(tokens, cfg, max_new_tokens)
-    rows = len(prompts)
-    if sampling is None or isinstance(sampling, SamplingParams):
-        sampling = [sampling or SamplingParams()] * rows
-    if len(sampling) != rows:
-        raise ValueError(
-            f"got {len(sampling)} SamplingParams for {rows} prompts; pass one, or one per prompt"
-        )
-
     placed_on = sharding_rules.mesh_of(params)
     mesh = mesh or placed_on
+    batch = _Batch.of(tokens, cfg, max_new_tokens, sampling, stop_token_ids,
+                      data=mesh.shape["data"] if mesh is not None else 1)
     if mesh is not None and placed_on != mesh:
         params = sharding_rules.shard_params(params, cfg, mesh)
-    data = mesh.shape["data"] if mesh is not None else 1
-    batch = -(-bucket(rows) // data) * data  # rows split evenly over the data axis
-    seq = bucket(max(map(len, prompts)), MIN_SEQ_BUCKET, cfg.max_seq_len)
-    out_len = bucket(max_new_tokens, MIN_SEQ_BUCKET)
-    cache_len = min(seq + out_len, cfg.max_seq_len)
-    token_array = np.zeros((batch, seq), np.int32)
-    prompt_lens = np.zeros(batch, np.int32)
-    for i, prompt in enumerate(prompts):
-        token_array[i, : len(prompt)] = prompt
-        prompt_lens[i] = len(prompt)
-    sampling_arrays = SamplingArrays.stack(list(sampling) + [SamplingParams()] * (batch - rows))
-    # A fixed-size stop list keeps the compiled program independent of how many are given.
-    stop_ids = np.full((batch, bucket(len(stop_token_ids), 8)), NO_TOKEN, np.int32)
-    for i, row in enumerate(sampling):
-        if not row.ignore_eos:
-            stop_ids[i, : len(stop_token_ids)] = list(stop_token_ids)
-    max_new = np.int32(max_new_tokens)
-
-    timings: dict[str, float] = {"compile": 0.0}
-    inputs = (token_array, prompt_lens, sampling_arrays, stop_ids, max_new)
+    rows, prompts, inputs = batch.rows, batch.prompts, batch.inputs
     if mesh is not None:  # global arrays, so every process feeds the same program
         inputs = sharding_rules.replicate(inputs, mesh)
-    shape = f"batch {batch}, prompt {seq}, cache {cache_len}"
+    timings: dict[str, float] = {"compile": 0.0}
     options = dict(timings=timings, mesh=mesh, eager=eager)
-    features = speculative_method == "draft"
-    if features and mesh is not None:
+    if speculative_method == "draft" and mesh is not None:
         raise ValueError("speculative_method='draft' runs on one device; under a mesh use "
                          "'ngram' or none")
     state, cache = _timed(_prefill_jit, (params, *inputs),
-                          {"cfg": cfg, "cache_len": cache_len, "features": features},
-                          f"prefill ({shape})", "prefill", options)
+                          batch.prefill_static(cfg, speculative_method),
+                          f"prefill ({batch.shape})", "prefill", options)
     if speculative_method == "none":
         state, out_tokens, _ = _timed(_decode_jit, (params, cache, state),
-                                      {"cfg": cfg, "out_len": out_len}, f"decode ({shape})",
+                                      batch.decode_static(cfg), f"decode ({batch.shape})",
                                       "decode", options)
-        steps, drafted, accepted = None, np.zeros(batch, int), np.zeros(batch, int)
+        steps, drafted, accepted = None, np.zeros(batch.size, int), np.zeros(batch.size, int)
     else:
         k = num_speculative_tokens
         state, out_tokens, _, steps, drafted, accepted = _timed(
             _speculative_decode_jit, (params, cache, state, inputs[0]),
-            {"cfg": cfg, "out_len": out_len, "k": k, "method": speculative_method},
-            f"speculative decode ({shape}, {k} drafts)", "decode", options)
+            batch.decode_static(cfg, k, speculative_method),
+            f"speculative decode ({batch.shape}, {k} drafts)", "decode", options)
         drafted, accepted = (sharding_rules.to_host(x) for x in (drafted, accepted))
 
     out_tokens, lengths, stopped = (
@@ -226,6 +199,100 @@ def generate(
         draft_tokens=drafted[:rows].tolist(),
         accepted_tokens=accepted[:rows].tolist(),
     )
+
+
+def precompile(
+    params,
+    tokens: Sequence[Sequence[int]],
+    cfg: ModelConfig,
+    *,
+    max_new_tokens: int = 256,
+    sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+    stop_token_ids: Sequence[int] = (),
+    speculative_method: str = "none",
+    num_speculative_tokens: int = 4,
+    progress: bool = False,
+) -> float:
+    """Compiles (or reads from the persistent cache) the programs `generate` runs for these
+    arguments, running nothing, and returns the seconds it took. `params` may be
+    `api.weight_shapes(cfg)`: the programs need only the weights' shapes, so this can run
+    while they load. One device (under a mesh the programs follow the params' placement)."""
+    speculative.check_options(speculative_method, num_speculative_tokens, params)
+    batch = _Batch.of(tokens, cfg, max_new_tokens, sampling, stop_token_ids, data=1)
+    timings = {"compile": 0.0}
+    options = dict(timings=timings, progress=progress)
+    prefill = runtime.compiled(_prefill_jit, (params, *batch.inputs),
+                               batch.prefill_static(cfg, speculative_method),
+                               f"prefill ({batch.shape})", **options)
+    # The prefill's outputs in shape alone (their sharding and layout as any argument's).
+    state, cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                prefill.out_info)
+    if speculative_method == "none":
+        runtime.compiled(_decode_jit, (params, cache, state), batch.decode_static(cfg),
+                         f"decode ({batch.shape})", **options)
+    else:
+        k = num_speculative_tokens
+        runtime.compiled(_speculative_decode_jit, (params, cache, state, batch.inputs[0]),
+                         batch.decode_static(cfg, k, speculative_method),
+                         f"speculative decode ({batch.shape}, {k} drafts)", **options)
+    return timings["compile"]
+
+
+@dataclasses.dataclass
+class _Batch:
+    """generate()'s prompts and options as its programs take them: padded to the buckets."""
+
+    prompts: list[list[int]]
+    size: int  # rows, padded to a power of two (and to a multiple of the mesh's data axis)
+    seq: int  # prompt length bucket
+    out_len: int  # new tokens bucket
+    cache_len: int
+    # tokens [size, seq], prompt lengths [size], SamplingArrays [size], stop ids [size, stops],
+    # max_new_tokens
+    inputs: tuple
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def shape(self) -> str:
+        return f"batch {self.size}, prompt {self.seq}, cache {self.cache_len}"
+
+    def prefill_static(self, cfg: ModelConfig, method: str = "none") -> dict:
+        return {"cfg": cfg, "cache_len": self.cache_len, "features": method == "draft"}
+
+    def decode_static(self, cfg: ModelConfig, k: int | None = None,
+                      method: str = "none") -> dict:
+        return {"cfg": cfg, "out_len": self.out_len} | (
+            {} if k is None else {"k": k, "method": method})
+
+    @staticmethod
+    def of(tokens, cfg: ModelConfig, max_new_tokens: int, sampling, stop_token_ids,
+           data: int) -> _Batch:
+        prompts = _check_prompts(tokens, cfg, max_new_tokens)
+        rows = len(prompts)
+        if sampling is None or isinstance(sampling, SamplingParams):
+            sampling = [sampling or SamplingParams()] * rows
+        if len(sampling) != rows:
+            raise ValueError(f"got {len(sampling)} SamplingParams for {rows} prompts; pass one, "
+                             "or one per prompt")
+        size = -(-bucket(rows) // data) * data  # rows split evenly over the data axis
+        seq = bucket(max(map(len, prompts)), MIN_SEQ_BUCKET, cfg.max_seq_len)
+        out_len = bucket(max_new_tokens, MIN_SEQ_BUCKET)
+        token_array = np.zeros((size, seq), np.int32)
+        prompt_lens = np.zeros(size, np.int32)
+        for i, prompt in enumerate(prompts):
+            token_array[i, : len(prompt)] = prompt
+            prompt_lens[i] = len(prompt)
+        sampling_arrays = SamplingArrays.stack(list(sampling) + [SamplingParams()] * (size - rows))
+        # A fixed-size stop list keeps the compiled program independent of how many are given.
+        stop_ids = np.full((size, bucket(len(stop_token_ids), 8)), NO_TOKEN, np.int32)
+        for i, row in enumerate(sampling):
+            if not row.ignore_eos:
+                stop_ids[i, : len(stop_token_ids)] = list(stop_token_ids)
+        inputs = (token_array, prompt_lens, sampling_arrays, stop_ids, np.int32(max_new_tokens))
+        return _Batch(prompts, size, seq, out_len, min(seq + out_len, cfg.max_seq_len), inputs)
 
 
 def _timed(jitted, args, static, what: str, name: str, options: dict):

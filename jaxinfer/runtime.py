@@ -1,6 +1,6 @@
 """The program runtime both `generate()` and the serving engine call through: shape buckets,
-ahead-of-time compilation (timed, with optional progress lines), the persistent compilation
-cache, the count of compiled programs, and the eager (no-jit) debug mode.
+ahead-of-time compilation (timed, with optional progress lines on stderr), the persistent
+compilation cache, the count of compiled programs, and the eager (no-jit) debug mode.
 
 A program is a jitted function plus its static arguments; each new combination of argument
 shapes, dtypes and shardings compiles once, here, and later calls reuse the executable.
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+from jaxinfer.progress import line as progress_line
 
 log = logging.getLogger(__name__)
 _executables: dict = {}  # (function, static args, argument layout, mesh) -> compiled program
@@ -66,9 +68,7 @@ def compiled(jitted, args: tuple, static: dict, what: str, *, mesh=None,
     """The executable `run` would call for these arguments, compiled (or read from the
     persistent cache) now if this layout is new; nothing runs. Warm-up uses it to have
     every program ready without computing on dummy inputs."""
-    leaves, treedef = jax.tree.flatten(args)
-    layout = tuple((np.shape(x), np.result_type(x).name, _placement(x)) for x in leaves)
-    key = (jitted, tuple(sorted(static.items())), treedef, layout, mesh)
+    key = (jitted, tuple(sorted(static.items())), *signature(args), mesh)
     if key not in _executables:
         enable_compilation_cache()
         start = time.perf_counter()
@@ -76,10 +76,18 @@ def compiled(jitted, args: tuple, static: dict, what: str, *, mesh=None,
             _executables[key] = jitted.lower(*args, **static).compile()
         seconds = time.perf_counter() - start
         message = f"compiled {what} in {seconds:.1f}s"
-        print(message, flush=True) if progress else log.info(message)
+        progress_line(message) if progress else log.info(message)
         if timings is not None:
             timings["compile"] = timings.get("compile", 0.0) + seconds
     return _executables[key]
+
+
+def signature(tree) -> tuple:
+    """What a program is compiled for, of a pytree of arguments: its structure and each
+    leaf's shape, dtype and placement. jax.ShapeDtypeStructs have the signature of the
+    single-device arrays they describe, so programs can be compiled before the data exists."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(x), np.result_type(x).name, _placement(x)) for x in leaves)
 
 
 def _placement(x) -> jax.sharding.Sharding | None:

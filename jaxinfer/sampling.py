@@ -155,11 +155,6 @@ class TokenCounts:
         seen = jnp.zeros((rows, vocab), bool).at[row, tokens].max(prompt)
         return cls(output=output, prompt=seen)
 
-    @classmethod
-    def empty(cls, rows: int, vocab: int) -> TokenCounts:
-        return cls(output=jnp.zeros((rows, vocab), jnp.int32),
-                   prompt=jnp.zeros((rows, vocab), bool))
-
     def add(self, token: jax.Array, live: jax.Array) -> TokenCounts:
         """Counts `token` [rows] once in every `live` [rows] row; or tokens [rows, n], each
         where `live` [rows, n]."""
@@ -223,6 +218,13 @@ class TokenLogprobs:
     def row(self, index) -> TokenLogprobs:
         return jax.tree.map(lambda x: x[index], self)
 
+    @staticmethod
+    def zeros(shape: tuple[int, ...]) -> TokenLogprobs:
+        """All zeros, leading axes `shape`: what rows that asked for no logprobs get."""
+        top = (*shape, MAX_TOP_LOGPROBS)
+        return TokenLogprobs(jnp.zeros(shape, jnp.float32), jnp.zeros(top, jnp.int32),
+                             jnp.zeros(top, jnp.float32))
+
 
 def token_logprobs(logits: jax.Array, token: jax.Array, params: SamplingArrays) -> TokenLogprobs:
     """Logprobs of the raw model logits [batch, vocab] (vLLM's default, before temperature,
@@ -236,12 +238,8 @@ def token_logprobs(logits: jax.Array, token: jax.Array, params: SamplingArrays) 
         top, ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)
         return TokenLogprobs(chosen, ids.astype(jnp.int32), top)
 
-    def none():
-        return TokenLogprobs(jnp.zeros(batch, jnp.float32),
-                             jnp.zeros((batch, MAX_TOP_LOGPROBS), jnp.int32),
-                             jnp.zeros((batch, MAX_TOP_LOGPROBS), jnp.float32))
-
-    return jax.lax.cond(jnp.any(params.logprobs >= 0), compute, none)
+    return jax.lax.cond(jnp.any(params.logprobs >= 0), compute,
+                        lambda: TokenLogprobs.zeros((batch,)))
 
 
 def sample(logits: jax.Array, params: SamplingArrays, count: jax.Array) -> jax.Array:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import jaxinfer
+from jaxinfer.api import weight_shapes
 from jaxinfer.cache import KVCache
-from jaxinfer.generate import bucket, compiled_programs
+from jaxinfer.generate import bucket, compiled_programs, precompile
 from jaxinfer.models import llama
 from tests.numerics import assert_greedy_agrees_until_a_near_tie
 
@@ -120,6 +121,18 @@ def test_same_bucket_reuses_the_compiled_programs(tiny_cfg, tiny_params):
     # A new bucket does compile.
     jaxinfer.generate(tiny_params, [[2] * 40], tiny_cfg, max_new_tokens=30)
     assert compiled_programs() > programs
+
+
+@pytest.mark.parametrize("speculative_method", ["none", "ngram"])
+def test_precompile_on_the_weights_shapes_leaves_generate_nothing_to_compile(
+        tiny_cfg, tiny_params, speculative_method):
+    options = dict(max_new_tokens=12, speculative_method=speculative_method,
+                   stop_token_ids=[3])
+    seconds = precompile(weight_shapes(tiny_cfg), [[5, 6, 7] * 8], tiny_cfg, **options)
+    programs = compiled_programs()
+    result = jaxinfer.generate(tiny_params, [[5, 6, 7] * 7], tiny_cfg, **options)
+    assert seconds > 0 and result.timings["compile"] == 0.0
+    assert compiled_programs() == programs
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,14 @@ def test_preset_may_set_the_weight_format(smollm2_path, tmp_path):
     assert "gguf weights" in run.stderr
 
 
+def test_compiling_while_the_weights_load_gives_the_same_answer(smollm2_path):
+    beside = launch("--compile_while_loading=true")
+    after = launch("--compile_while_loading=false")
+    assert beside.returncode == 0 and after.returncode == 0, beside.stderr + after.stderr
+    assert beside.stdout == after.stdout and "Paris" in beside.stdout
+    assert "beside it" in beside.stderr and "beside it" not in after.stderr
+
+
 def test_unknown_model_exits_with_the_known_names():
     run = launch("--model=llama-9000")
     assert run.returncode == 1

@@ -13,7 +13,7 @@ PACKAGE = Path(jaxinfer.__file__).parent
 
 # Bottom up. A module belongs to the layer of its longest listed prefix.
 LAYERS = [
-    ("configuration", ["jaxinfer.config"]),
+    ("configuration", ["jaxinfer.config", "jaxinfer.progress"]),  # progress: stderr display
     ("hardware", ["jaxinfer.sharding", "jaxinfer.doctor"]),
     # The quantized products the models call are kernels; the quantizers are weights.
     ("kernels", ["jaxinfer.pallas", "jaxinfer.kernels", "jaxinfer.quant.qarray",

@@ -170,3 +170,51 @@ def test_load_gguf_returns_a_model_with_its_tokenizer(tmp_path, q4_1_gguf):
     model = gguf_loader.load_gguf(q4_1_gguf, progress=False, tokenizer_cache=tmp_path)
     assert model.tokenizer is not None and model.config.vocab_size == model.tokenizer.vocab_size
     assert model.params["layers"]["wq"].shape == (model.config.n_layers, 64, 4, 16)
+
+
+# -- load_model: work beside the weights' load --------------------------------------------
+
+
+def test_while_loading_runs_beside_the_weights_with_the_returned_config(monkeypatch,
+                                                                        q4_1_gguf):
+    import threading
+
+    import jaxinfer
+    from jaxinfer import runtime
+    from jaxinfer.api import weight_shapes
+
+    assembling, seen = threading.Event(), {}
+    assemble = pipeline.assemble
+
+    def watched_assemble(*args, **kwargs):
+        assembling.set()
+        return assemble(*args, **kwargs)
+
+    def work(cfg, tokenizer):  # returns only once the weights are being read
+        seen.update(cfg=cfg, tokenizer=tokenizer, beside=assembling.wait(timeout=60),
+                    thread=threading.current_thread())
+        seen["shapes"] = weight_shapes(cfg)
+
+    monkeypatch.setattr(pipeline, "assemble", watched_assemble)
+    model = jaxinfer.load_model(str(q4_1_gguf), attention="xla", progress=False,
+                                while_loading=work)
+    assert seen["beside"] and seen["thread"] is not threading.main_thread()
+    assert seen["cfg"] == model.config and seen["tokenizer"] is model.tokenizer
+    assert runtime.signature(seen["shapes"]) == runtime.signature(model.params)
+
+
+def test_while_loading_errors_are_raised_by_load_model(q4_1_gguf):
+    import jaxinfer
+
+    def work(cfg, tokenizer):
+        raise ValueError("prompt too long")
+
+    with pytest.raises(ValueError, match="prompt too long"):
+        jaxinfer.load_model(str(q4_1_gguf), progress=False, while_loading=work)
+
+
+def test_quantized_weights_have_no_shapes_before_the_file_is_read(tiny_cfg):
+    from jaxinfer.api import weight_shapes
+
+    assert weight_shapes(dataclasses.replace(tiny_cfg, quant="gguf")) is None
+    assert jax.tree.structure(weight_shapes(tiny_cfg)) is not None

@@ -444,7 +444,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     port = _free_port()
     command = [sys.executable, "-m", "jaxinfer.launch.serve", f"--port={port}",
                "--max_batch_size=8", "--max_seq_len=128", "--num_pages=33", "--decode_steps=4",
-               "--dtype=float32", "--drain_timeout_s=60"]
+               "--dtype=float32", "--drain_timeout_s=60",
+               "--compile_while_loading=true"]  # warm-up on the weights' shapes, then the weights
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
     url = f"http://127.0.0.1:{port}"
@@ -471,6 +472,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
         chunks = [json.loads(e[6:]) for e in events[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert process.wait(timeout=60) == 0
+        timeline = (tmp_path / "serve.log").read_text()  # load, each program, ready
+        assert "while the weights load" in timeline and "compiled decode" in timeline
+        assert "loaded " in timeline and "s after start)" in timeline
     finally:
         if process.poll() is None:
             process.kill()

@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 
 import jaxinfer
+from jaxinfer.api import weight_shapes
 from jaxinfer.cache import KVCache
 from jaxinfer.checkpoints import gguf_vocab
 from jaxinfer.models import family, llama
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving import EngineConfig
+from jaxinfer.serving import engine as engine_module
 from jaxinfer.serving.engine import NO_TOKEN, Engine, PrefillRow, prefill_buckets
 from jaxinfer.serving.pages import PageTable
 from jaxinfer.serving.scheduler import Output, QueueFull, Request, Scheduler
@@ -120,6 +122,39 @@ def test_request_inserted_mid_decode_matches_running_alone(tiny_model):
     late = run_engine(driver, {0: PROMPTS[0]}, 9)
     assert first[1] == reference(tiny_model, PROMPTS[3], 5)
     assert late[0] == reference(tiny_model, PROMPTS[0], 9)
+
+
+@pytest.mark.numerics
+def test_one_step_calls_run_on_the_warmed_up_program_and_decode_like_generate(tiny_model):
+    """Structured output decodes one step per call: the same program as decode_steps."""
+    engine = Engine(tiny_model, CONFIG)
+    engine.warmup()
+    programs = engine_module.compiled_programs()
+    driver = Driver(engine)
+    out = [driver.start(0, PROMPTS[0], 7)]
+    for _ in range(6):
+        driver.state, tokens = engine.generate(driver.state, driver.pages.table, steps=1)
+        assert tokens.shape == (engine.slots, 1)
+        out += [int(t) for t in tokens[0] if t != NO_TOKEN]
+    assert out == reference(tiny_model, PROMPTS[0], 7)
+    assert engine_module.compiled_programs() == programs
+    with pytest.raises(ValueError, match="1 to decode_steps=3 steps"):
+        engine.generate(driver.state, driver.pages.table, steps=4)
+
+
+@pytest.mark.numerics
+def test_warmed_up_on_the_weights_shapes_it_serves_the_weights_without_compiling(tiny_model):
+    shapes = weight_shapes(tiny_model.config)
+    engine = Engine(tiny_model._replace(params=shapes), CONFIG)
+    engine.warmup()
+    programs = engine_module.compiled_programs()
+    engine.use_params(tiny_model.params)
+    out = run_engine(Driver(engine), {0: PROMPTS[0], 1: PROMPTS[2]}, 6)
+    assert out[0] == reference(tiny_model, PROMPTS[0], 6)
+    assert out[1] == reference(tiny_model, PROMPTS[2], 6)
+    assert engine_module.compiled_programs() == programs
+    with pytest.raises(ValueError, match="differ in structure, shape, dtype or placement"):
+        engine.use_params(jax.tree.map(lambda x: x.astype("bfloat16"), tiny_model.params))
 
 
 def test_free_returns_pages_and_page_0_is_never_handed_out():

@@ -19,7 +19,7 @@ import numpy as np
 from jaxinfer.checkpoints import gguf_quant, gguf_vocab, pipeline
 from jaxinfer.checkpoints.families import quirks
 from jaxinfer.checkpoints.gguf_file import GGUFFile, GGUFTensor, open_gguf
-from jaxinfer.checkpoints.model import CheckpointError, Model
+from jaxinfer.checkpoints.model import CheckpointError, Model, OnConfig
 from jaxinfer.config import ModelConfig
 
 T = gguf.GGMLQuantizationType
@@ -227,12 +227,17 @@ def load_gguf(
     quant: str | None = None,
     progress: bool = True,
     tokenizer_cache: Path | None = gguf_vocab.CACHE,
+    on_config: OnConfig | None = None,
 ) -> Model:
     """A `Model` from a GGUF file: weights dequantized to `dtype` (or quantized, see
     `jaxinfer.load_model`) and, given a `jax.sharding.Mesh`, placed on their shardings over
     it as they are read. The tokenizer comes from `tokenizer_cache` when built before
-    (None: always build it)."""
+    (None: always build it). `on_config(config, tokenizer)` is called before any weight is
+    read."""
     reader = open_gguf(path)
     cfg = dataclasses.replace(model_config(reader).with_dtype(dtype), quant=quant)
+    tokenizer = gguf_vocab.tokenizer(reader, cache=tokenizer_cache)
+    if on_config is not None:
+        on_config(cfg, tokenizer)
     params = pipeline.assemble(GGUFSource(reader, cfg), cfg, mesh=mesh, progress=progress)
-    return Model(cfg, params, gguf_vocab.tokenizer(reader, cache=tokenizer_cache))
+    return Model(cfg, params, tokenizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from jaxinfer.config import ModelConfig
@@ -18,6 +19,10 @@ class Model(NamedTuple):
     config: ModelConfig
     params: Any
     tokenizer: Tokenizer | None
+
+
+# Called by a loader with the config and tokenizer it will return, before it reads any weight.
+OnConfig = Callable[[ModelConfig, Tokenizer | None], None]
 
 
 class CheckpointError(ValueError):

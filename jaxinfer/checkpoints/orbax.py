@@ -26,7 +26,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from jaxinfer.checkpoints.model import CheckpointError, Model
+from jaxinfer.checkpoints.model import CheckpointError, Model, OnConfig
 from jaxinfer.config import ModelConfig
 from jaxinfer.models import family
 from jaxinfer.quant import QArray, is_quantized
@@ -124,16 +124,20 @@ def load(
     mesh: Mesh | None = None,
     dtype: str | None = None,
     architecture: str | None = None,
+    on_config: OnConfig | None = None,
 ) -> Model:
     """A `Model` from a checkpoint (its tokenizer None if none was saved), each parameter
     read straight into its sharding on `mesh` (None: the default device), cast to `dtype`
-    if given."""
+    if given. `on_config(config, tokenizer)` is called before any weight is read."""
     path = Path(path).expanduser().absolute()
     cfg = read_config(path, architecture)
     if dtype is not None:
         cfg = cfg.with_dtype(dtype)
+    tokenizer = _load_tokenizer(path)
+    if on_config is not None:
+        on_config(cfg, tokenizer)
     if cfg.quant is not None:
-        return Model(cfg, _load_quantized(path, mesh), _load_tokenizer(path))
+        return Model(cfg, _load_quantized(path, mesh), tokenizer)
     abstract = family(cfg.architecture).abstract_params(cfg)
     if mesh is None:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
@@ -148,7 +152,7 @@ def load(
         _check_tree(path, saved, abstract)
         params = checkpointer.restore(path / PARAMS_DIR, target)
     print(f"restored {path.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    return Model(cfg, params, _load_tokenizer(path))
+    return Model(cfg, params, tokenizer)
 
 
 def _split_quantized(params: Any) -> tuple[Any, dict[str, dict]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
+import jaxinfer.progress
 from jaxinfer.checkpoints import gguf_quant
 from jaxinfer.checkpoints.model import CheckpointError
 from jaxinfer.config import NP_DTYPES, ModelConfig
@@ -135,8 +135,8 @@ def assemble(source: TensorSource, cfg: ModelConfig, *, mesh: Any = None,
         nonlocal done
         done += count
         if progress and (done % 16 < count or done == total):
-            print(f"\rloading {Path(source.name).name}: {done}/{total} tensors "
-                  f"({time.perf_counter() - start:.1f}s)", end="", file=sys.stderr, flush=True)
+            jaxinfer.progress.status(f"loading {Path(source.name).name}: {done}/{total} tensors "
+                                     f"({time.perf_counter() - start:.1f}s)")
 
     params: dict[str, Any] = {"layers": {}}
     for path, tensors in plan.items():
@@ -166,7 +166,7 @@ def assemble(source: TensorSource, cfg: ModelConfig, *, mesh: Any = None,
         if hasattr(source, "release"):
             source.release()
     if progress:
-        print(file=sys.stderr)
+        jaxinfer.progress.end_status()
     return params
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxinfer.checkpoints import pipeline
 from jaxinfer.checkpoints.families import quirks
-from jaxinfer.checkpoints.model import CheckpointError, Model
+from jaxinfer.checkpoints.model import CheckpointError, Model, OnConfig
 from jaxinfer.config import ModelConfig
 from jaxinfer.tokenizer import Tokenizer
 
@@ -476,11 +476,12 @@ def load_tokenizer(directory: Path, config: dict | None = None) -> Tokenizer | N
 
 def load_hf(
     path: str | os.PathLike, *, dtype: str = "float32", mesh: Any = None,
-    quant: str | None = None, progress: bool = True
+    quant: str | None = None, progress: bool = True, on_config: OnConfig | None = None
 ) -> Model:
     """A `Model` from a model directory (its tokenizer None without tokenizer.json); weights
     cast to `dtype` or quantized ("int8" / "int4") as they are read and, given a
-    `jax.sharding.Mesh`, placed on their shardings over it."""
+    `jax.sharding.Mesh`, placed on their shardings over it. `on_config(config, tokenizer)`
+    is called before any weight is read."""
     directory = Path(path)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -490,6 +491,9 @@ def load_hf(
                               "a GGUF file: use int8 or int4")
     config = json.loads(config_path.read_text())
     cfg = dataclasses.replace(model_config(config, config_path).with_dtype(dtype), quant=quant)
+    tokenizer = load_tokenizer(directory, config)
+    if on_config is not None:
+        on_config(cfg, tokenizer)
     params = pipeline.assemble(SafetensorsSource(directory, cfg), cfg, mesh=mesh,
                                progress=progress)
-    return Model(cfg, params, load_tokenizer(directory, config))
+    return Model(cfg, params, tokenizer)

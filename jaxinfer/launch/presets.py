@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from absl import app, flags
@@ -59,3 +60,22 @@ def optional(name: str) -> str | None:
 
     value = flags.FLAGS[name].value or load_preset(flags.FLAGS.preset).get(name, "none")
     return None if value == "none" else value
+
+
+def define_startup_flags() -> None:
+    """The start-up flag the generate and serve launchers share."""
+    flags.DEFINE_enum("compile_while_loading", "auto", ["auto", "true", "false"],
+                      "Compile the programs on the weights' shapes while the weights load "
+                      "(float weights on one device). auto: when a core is idle (the 1-minute "
+                      "load average under the cores less one): on 2 busy cores the two "
+                      "compete and start-up is slower than one after the other.")
+
+
+def compile_while_loading() -> bool:
+    """--compile_while_loading, with `auto` decided by the load on this machine's cores."""
+    choice = flags.FLAGS.compile_while_loading
+    if flags.FLAGS.speculative_method == "draft":  # the programs take the heads' weights too
+        return False
+    if choice != "auto":
+        return choice == "true"
+    return os.getloadavg()[0] < (os.cpu_count() or 1) - 1

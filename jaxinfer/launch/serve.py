@@ -56,6 +56,7 @@ flags.DEFINE_float("host_kv_cache_gb", 0.0, "Host memory (GiB) for cached KV pag
 flags.DEFINE_boolean("enable_prefix_caching", True, "Reuse the KV pages of cached prompt "
                      "prefixes (--noenable_prefix_caching: prefill every prompt from token 0).")
 presets.define_speculative_flags()
+presets.define_startup_flags()  # --compile_while_loading
 flags.DEFINE_float("drain_timeout_s", None, "On SIGTERM, wait this long for requests.")
 flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): every operation "
                      "one by one, for stepping through the model in a debugger. Slow.")
@@ -145,12 +146,35 @@ def load_and_attach(opts: dict, config, state) -> None:
         from jaxinfer.sharding import describe
 
         print(f"mesh: {describe(mesh)}", file=sys.stderr, flush=True)
-    model = load_weights(opts["model"], opts, mesh)
-    state.attach(start_engine(model, config, mesh))
+    state.attach(load_and_start(opts["model"], opts, config, mesh))
 
 
-def load_weights(path: str, opts: dict, mesh, quant: str | None = None):
-    """`path` loaded as the flags say; `quant` (a models file's entry) overrides --quant."""
+def load_and_start(path: str, opts: dict, config, mesh, quant: str | None = None):
+    """The engine of the model at `path`, every serving program compiled. The programs need
+    only the weights' shapes: where the config decides those (float weights, one device),
+    warm-up runs while the weights load if --compile_while_loading says so."""
+    from jaxinfer import Model
+    from jaxinfer.api import weight_shapes
+
+    early = []
+
+    def warm_up(cfg, tokenizer) -> None:  # on a thread of its own while the weights load
+        shapes = weight_shapes(cfg)
+        if shapes is not None and mesh is None:  # under a mesh, warm-up runs: real weights
+            early.append(start_engine(Model(cfg, shapes, tokenizer), config, mesh,
+                                      note=" while the weights load"))
+
+    model = load_weights(path, opts, mesh, quant,
+                         while_loading=warm_up if presets.compile_while_loading() else None)
+    if not early:
+        return start_engine(model, config, mesh)
+    early[0].use_params(model.params)
+    return early[0]
+
+
+def load_weights(path: str, opts: dict, mesh, quant: str | None = None, while_loading=None):
+    """`path` loaded as the flags say; `quant` (a models file's entry) overrides --quant.
+    `while_loading`: see `jaxinfer.load_model`."""
     import jaxinfer
 
     if quant is None:
@@ -160,24 +184,27 @@ def load_weights(path: str, opts: dict, mesh, quant: str | None = None):
                                kv_quant=presets.optional("kv_quant"),
                                cpu_kernels=FLAGS.cpu_kernels, progress=True,
                                draft=FLAGS.speculative_model
-                               if FLAGS.speculative_method == "draft" else None)
+                               if FLAGS.speculative_method == "draft" else None,
+                               while_loading=while_loading)
 
 
-def start_engine(model, config, mesh):
-    """The engine of `model`, every serving program compiled."""
+def start_engine(model, config, mesh, note: str = ""):
+    """The engine of `model`, every serving program compiled (`model.params` may be the
+    weights' shapes alone; see `load_and_start`)."""
+    from jaxinfer.progress import line
     from jaxinfer.serving.engine import Engine
 
     cfg = model.config
     engine = Engine(model, config, mesh=mesh)
-    print(f"KV cache: {engine.num_pages - 1} pages of {engine.page_size} tokens "
-          f"({(engine.num_pages - 1) * config.page_bytes(cfg) / 2**30:.2f} GiB); "
-          f"{engine.slots} slots, context {engine.context}; compiling "
-          f"{len(engine.buckets)} prefill buckets and decode widths {engine.decode_widths} ...",
-          file=sys.stderr, flush=True)
+    line(f"KV cache: {engine.num_pages - 1} pages of {engine.page_size} tokens "
+         f"({(engine.num_pages - 1) * config.page_bytes(cfg) / 2**30:.2f} GiB); "
+         f"{engine.slots} slots, context {engine.context}; compiling "
+         f"{len(engine.buckets)} prefill buckets and decode widths {engine.decode_widths}"
+         f"{note} ...")
     start = time.perf_counter()
     if not config.eager:
         engine.warmup(progress=True)
-    print(f"warm-up took {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    line(f"warm-up took {time.perf_counter() - start:.1f}s")
     return engine
 
 
@@ -257,16 +284,19 @@ class MultiModel:
         return load_weights(path, self.opts, self.mesh, self.models[name].get("quant"))
 
     def start_engine(self, name: str, model):
+        return start_engine(model, self.engine_config(name), self.mesh)
+
+    def engine_config(self, name: str):
         share = self.models[name].get("kv_cache_gb")  # this model's part of the memory
-        config = self.config if share is None else dataclasses.replace(
+        return self.config if share is None else dataclasses.replace(
             self.config, kv_cache_gb=share, num_pages=None)
-        return start_engine(model, config, self.mesh)
 
     def load_all(self) -> None:
         self.mesh = distributed.setup()
         for name, entry in self.models.items():
-            model = self.load_model(name, entry["path"])
-            self.router.states[name].attach(self.start_engine(name, model))
+            engine = load_and_start(entry["path"], self.opts, self.engine_config(name),
+                                    self.mesh, entry.get("quant"))
+            self.router.states[name].attach(engine)
 
 
 def main(argv: list[str]) -> None:

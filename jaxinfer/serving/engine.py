@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,28 +107,39 @@ def _speculative_decode(params, cache, state: DecodeState, page_table, *, cfg: M
     return state, tokens.swapaxes(0, 1).reshape(width, -1), cache, jnp.sum(counts, axis=0)
 
 
-def _decode(params, cache, state: DecodeState, page_table, bitmask, *, cfg: ModelConfig,
-            steps: int, logits: bool = False):
-    """`steps` decode steps for the first `len(page_table)` rows of `state` (the width), each
-    drawing from the tokens `bitmask` [width, ceil(vocab / 32)] allows (all bits set: any).
+def _decode(params, cache, state: DecodeState, page_table, bitmask, steps, *,
+            cfg: ModelConfig, max_steps: int, logits: bool = False):
+    """`steps` (a traced int32, 1 to `max_steps`) decode steps for the first
+    `len(page_table)` rows of `state` (the width), each drawing from the tokens `bitmask`
+    [width, ceil(vocab / 32)] allows (all bits set: any). One program serves every step
+    count up to `max_steps`: structured output's one-step calls run on decode_steps' program.
 
-    Returns the new state, tokens [width, steps], the cache, the tokens' TokenLogprobs
-    [width, steps, ...] (zeros unless a row asked for logprobs), and (with `logits`) the
-    logits [width, steps, vocab] each token was drawn from.
+    Returns the new state, tokens [width, max_steps] (NO_TOKEN past `steps`), the cache, the
+    tokens' TokenLogprobs [width, max_steps, ...] (zeros unless a row asked for logprobs, and
+    past `steps`), and (with `logits`) the logits [width, max_steps, vocab] each token was
+    drawn from.
     """
     width = page_table.shape[0]
     rows = jax.tree.map(lambda x: x[:width], state)
     table = cache.page_table
+    tokens = jnp.full((max_steps, width), NO_TOKEN, jnp.int32)
+    logprobs = TokenLogprobs.zeros((max_steps, width))
+    all_logits = jnp.zeros((max_steps, width, cfg.vocab_size), jnp.float32) if logits else None
 
-    def body(carry, _):
-        cache, rows = carry
+    def body(i, carry):
+        cache, rows, tokens, logprobs, all_logits = carry
         sampling = rows.sampling
         cache, rows, token, step_logits = decode.step(params, cache, rows, cfg, bitmask)
-        logprobs = token_logprobs(step_logits, token, sampling)
-        return (cache, rows), (token, logprobs, step_logits if logits else None)
+        put = lambda buffer, x: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
+            buffer, x.astype(buffer.dtype), i, 0)
+        logprobs = jax.tree.map(put, logprobs, token_logprobs(step_logits, token, sampling))
+        if logits:
+            all_logits = put(all_logits, step_logits)
+        return cache, rows, put(tokens, token), logprobs, all_logits
 
-    carry = (dataclasses.replace(cache, page_table=page_table), rows)
-    (cache, rows), (tokens, logprobs, all_logits) = jax.lax.scan(body, carry, None, length=steps)
+    carry = (dataclasses.replace(cache, page_table=page_table), rows, tokens, logprobs,
+             all_logits)
+    cache, rows, tokens, logprobs, all_logits = jax.lax.fori_loop(0, steps, body, carry)
     state = jax.tree.map(lambda x, r: x.at[:width].set(r), state, rows)
     cache = constrain_cache(dataclasses.replace(cache, page_table=table), cfg)
     logprobs = jax.tree.map(lambda x: x.swapaxes(0, 1), logprobs)
@@ -163,7 +173,7 @@ _PAGE_FIELDS = ("k_pages", "v_pages", "k_scales", "v_scales")
 _prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "features"),
                       donate_argnames=("cache",))
 _prompt_logprobs_jit = jax.jit(decode.prompt_logprobs, static_argnames=("cfg",))
-_decode_jit = jax.jit(_decode, static_argnames=("cfg", "steps", "logits"),
+_decode_jit = jax.jit(_decode, static_argnames=("cfg", "max_steps", "logits"),
                       donate_argnames=("cache", "state"))
 _speculative_decode_jit = jax.jit(_speculative_decode,
                                   static_argnames=("cfg", "steps", "k", "method"),
@@ -209,8 +219,10 @@ class Engine:
     """The decode core over slots and a paged KV cache; see the module docstring for the API.
 
     `model`: anything with `config` (ModelConfig), `params` and `tokenizer`, such as what
-    `jaxinfer.load_model` returns. `mesh`: a jax Mesh the params are already sharded over;
-    the KV pool is then split like the model, else it lives on the default device.
+    `jaxinfer.load_model` returns; `params` may be jax.ShapeDtypeStructs (`api.weight_shapes`),
+    so that warm-up compiles while the weights load, which `use_params` then hands in.
+    `mesh`: a jax Mesh the params are already sharded over; the KV pool is then split like
+    the model, else it lives on the default device.
     """
 
     def __init__(self, model: Any, config: EngineConfig | None = None, mesh=None):
@@ -240,6 +252,14 @@ class Engine:
         widest = self.slots
         self.decode_widths = [w for w in (1 << i for i in range(widest.bit_length()))
                               if self.min_decode_width() <= w < widest] + [widest]
+
+    def use_params(self, params) -> None:
+        """Runs on `params` from now on: weights of the shapes and placement the engine was
+        built with, such as `load_model`'s after warm-up compiled on `api.weight_shapes`."""
+        if runtime.signature(params) != runtime.signature(self.params):
+            raise ValueError("these params differ in structure, shape, dtype or placement from "
+                             "the ones the engine was built with; build an Engine for them")
+        self.params = params
 
     # -- the engine calls ---------------------------------------------------------------------
 
@@ -330,8 +350,9 @@ class Engine:
         TokenLogprobs [width, steps, ...] on the host (the same program: rows that asked for
         logprobs get them computed), and with `logits` the logits [width, steps, vocab] (a
         program of its own, not compiled by warm-up). `bitmask` [width, ceil(vocab / 32)]:
-        the tokens each slot may draw (default: any); `steps`: 1 while a structured-output
-        request runs, whose mask holds for one token (compiled on first use).
+        the tokens each slot may draw (default: any); `steps`: fewer steps than decode_steps
+        (1 while a structured-output request runs, whose mask holds for one token), on the
+        same program.
 
         With speculative decoding, a call without logprobs, logits or bitmask speculates:
         tokens [width, steps * (k + 1)], and `last_speculation` [3 + k] counts its steps
@@ -340,6 +361,9 @@ class Engine:
         if width not in self.decode_widths:
             raise ValueError(f"decode width {width}; compiled widths are {self.decode_widths}")
         steps = steps or self.steps
+        if not 1 <= steps <= self.steps:
+            raise ValueError(f"steps={steps}; a decode call takes 1 to decode_steps="
+                             f"{self.steps} steps")
         if self.draft_tokens and bitmask is None and not (logits or logprobs):
             args = (self.params, self.cache, state, np.asarray(page_table[:width], np.int32))
             static = {**self._speculative_static, "steps": steps}
@@ -351,14 +375,13 @@ class Engine:
         self.last_speculation = np.zeros_like(self.last_speculation)
         bitmask = self.any_token(width) if bitmask is None else bitmask
         args = (self.params, self.cache, state, np.asarray(page_table[:width], np.int32),
-                bitmask)
-        static = {"cfg": self.model_config, "steps": steps, "logits": logits}
+                bitmask, np.int32(steps))
         state, tokens, self.cache, step_logprobs, all_logits = self._run(
-            _decode_jit, args, static, f"decode ({width} slots x {steps} steps)")
-        out = (state, np.asarray(tokens))
+            _decode_jit, args, self._decode_static(logits), self._decode_name(width))
+        out = (state, np.asarray(tokens)[:, :steps])
         if logprobs:
-            out += (jax.tree.map(np.asarray, step_logprobs),)
-        return (*out, np.asarray(all_logits)) if logits else out
+            out += (jax.tree.map(lambda x: np.asarray(x)[:, :steps], step_logprobs),)
+        return (*out, np.asarray(all_logits)[:, :steps]) if logits else out
 
     def free(self, state: DecodeState, slot: int) -> DecodeState:
         """Empties `slot`: it stops emitting (its pages are the scheduler's to release)."""
@@ -421,11 +444,12 @@ class Engine:
 
     def warmup(self, progress: bool = False) -> None:
         """Compiles (or reads from the persistent cache) every prefill bucket, every decode
-        width (of `decode_steps` steps, and of one for structured output) and the row updates,
-        so serving never compiles. On one device nothing runs; under a mesh each runs once,
-        writing only to the scratch page, because its outputs' shardings are what the next
-        program is compiled for. (Compiling on several threads at once crashed jaxlib 0.10's
-        cache write with SIGABRT.)"""
+        width (one program for 1 to `decode_steps` steps: structured output takes one per
+        call) and the row updates, so serving never compiles. On one device nothing runs;
+        under a mesh each runs once, writing only to the scratch page, because its outputs'
+        shardings are what the next program is compiled for. One after another: two to four
+        threads compiling at once took 97-108% of the time on 2 cores (tracing and lowering,
+        70% of it, hold the GIL); they ran without the crash an earlier attempt saw."""
         width, stops = self.config.prefill_batch_size, self.config.max_stop_token_ids
         run = self.mesh is not None
         programs = []  # (jitted, args, static, what) to compile
@@ -446,8 +470,8 @@ class Engine:
         if run:
             state = self.insert(Prefix([0] * width, prefix), self.init_state(), 0)
             state = self.free(self.move(state, 0, self.slots - 1), self.slots - 1)
-            for w, steps in itertools.product(self.decode_widths, self._step_counts):
-                state, _ = self.generate(state, table, w, steps=steps)
+            for w in self.decode_widths:
+                state, _ = self.generate(state, table, w)
             jax.block_until_ready(self.cache)
             return
         state = self.init_state()
@@ -455,11 +479,10 @@ class Engine:
         programs += [(_set_row, (state, np.int32(0), prefix, np.int32(0)), {}, "insert"),
                      (_move_row, (state, np.int32(0), np.int32(1), self._free_row.state), {},
                       "move")]
-        for w, steps in itertools.product(self.decode_widths, self._step_counts):
-            static = {"cfg": self.model_config, "steps": steps, "logits": False}
+        for w in self.decode_widths:
             programs.append((_decode_jit, (self.params, self.cache, state, table[:w],
-                                           self.any_token(w)), static,
-                             f"decode ({w} slots x {steps} steps)"))
+                                           self.any_token(w), np.int32(self.steps)),
+                             self._decode_static(False), self._decode_name(w)))
         for w in self.decode_widths if self.draft_tokens else ():
             static = {**self._speculative_static, "steps": self.steps}
             programs.append((_speculative_decode_jit, (self.params, self.cache, state, table[:w]),
@@ -467,10 +490,11 @@ class Engine:
         for program in programs:
             self._compiled(*program, progress)
 
-    @property
-    def _step_counts(self) -> list[int]:
-        """Steps per decode call: decode_steps, and 1 while a structured-output request runs."""
-        return sorted({self.steps, 1}, reverse=True)
+    def _decode_static(self, logits: bool) -> dict:
+        return {"cfg": self.model_config, "max_steps": self.steps, "logits": logits}
+
+    def _decode_name(self, width: int) -> str:
+        return f"decode ({width} slots x 1 to {self.steps} steps)"
 
     @functools.cached_property
     def _free_row(self) -> Prefix:
