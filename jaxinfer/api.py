@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from jaxinfer.checkpoints import Model, gguf, orbax, safetensors, sources
 from jaxinfer.checkpoints import draft as draft_checkpoint
 from jaxinfer.config import QUANT_MODES, ModelConfig
-from jaxinfer.generate import GenerateResult, generate
+from jaxinfer.generate import PREFILL_CHUNK, GenerateResult, generate
 from jaxinfer.models import family
 from jaxinfer.progress import line
 from jaxinfer.quant import quantize_params
@@ -167,10 +167,11 @@ def chat(
     eager: bool = False,
     speculative_method: str = "none",
     num_speculative_tokens: int = 4,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> tuple[str, GenerateResult]:
     """Answers a user message (or a list of chat messages) with the model's chat template.
     `eager`: run without compiling; `speculative_method`, `num_speculative_tokens`:
-    speculative decoding (see `generate`)."""
+    speculative decoding; `prefill_chunk`: prompt tokens per prefill step (see `generate`)."""
     result = generate(
         model.params,
         [chat_tokens(model.tokenizer, messages)],
@@ -181,6 +182,7 @@ def chat(
         eager=eager,
         speculative_method=speculative_method,
         num_speculative_tokens=num_speculative_tokens,
+        prefill_chunk=prefill_chunk,
     )
     return model.tokenizer.decode(result.tokens[0]), result
 

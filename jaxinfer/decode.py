@@ -148,7 +148,8 @@ class DecodeState:
 def prefill(params, cache, tokens: jax.Array, lengths: jax.Array, sampling: SamplingArrays,
             count: jax.Array, max_tokens: jax.Array, stop_ids: jax.Array,
             live: jax.Array | bool = True, bitmask: jax.Array | None = None, *,
-            cfg: ModelConfig, start: jax.Array | None = None, features: bool = False):
+            cfg: ModelConfig, start: jax.Array | None = None, features: bool = False,
+            chunk: int | None = None):
     """Runs prompts `tokens` [rows, seq] (row r's in its first lengths[r] places) through the
     model, writing their keys and values into `cache`, and samples each row's first token.
 
@@ -159,25 +160,61 @@ def prefill(params, cache, tokens: jax.Array, lengths: jax.Array, sampling: Samp
     `start` [rows] (default 0): the position of each row's first token; the cache already
     holds the row's earlier positions (a cached prefix, or earlier chunks), which the tokens
     attend to. `features`: keep each row's last hidden state in the DecodeState (for draft
-    heads). Returns (DecodeState [rows], cache, the raw logits [rows, vocab] of the first
-    tokens).
+    heads). `chunk`: run the model over at most this many positions at a time, in a loop
+    whose chunks attend to the cache the earlier ones wrote (chunked prefill: activations and
+    the program's work per step stay those of one chunk however long the prompt). Returns
+    (DecodeState [rows], cache, the raw logits [rows, vocab] of the first tokens).
     """
     model = family(cfg.architecture)
     rows, seq = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (rows, seq))
-    if start is not None:
-        positions = positions + start[:, None]
-    hidden, cache = model.transformer(params, tokens, positions, cache, cfg)
-    last_hidden = hidden[jnp.arange(rows), jnp.maximum(lengths - 1, 0)]
+    last = jnp.maximum(lengths - 1, 0)  # each row's last prompt place
+    if chunk is not None and seq > chunk:
+        last_hidden, cache = _in_chunks(model, params, cache, tokens, last, start, cfg, chunk)
+    else:
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (rows, seq))
+        if start is not None:
+            positions = positions + start[:, None]
+        hidden, cache = model.transformer(params, tokens, positions, cache, cfg)
+        last_hidden = hidden[jnp.arange(rows), last]
     logits = model.unembed(params, last_hidden, cfg)
     counts = TokenCounts.of(tokens, lengths, count, logits.shape[-1])
-    previous = tokens[jnp.arange(rows), jnp.maximum(lengths - 1, 0)]  # the watermark's context
+    previous = tokens[jnp.arange(rows), last]  # the watermark's context
     adjusted = adjust_logits(logits, sampling, counts, stop_ids, count, bitmask, previous)
     first = sample(adjusted, sampling, count)
     position = lengths if start is None else start + lengths  # where the first token goes
     state = DecodeState.start(first, position, count, max_tokens, stop_ids, sampling, live,
                               counts, last_hidden if features else None)
     return state, cache, logits
+
+
+def _in_chunks(model, params, cache, tokens: jax.Array, last: jax.Array,
+               start: jax.Array | None, cfg: ModelConfig, chunk: int):
+    """The model over `tokens` [rows, seq], `chunk` places at a time in a `fori_loop` (one
+    compiled chunk whatever seq is): each chunk writes its keys and values, then the next
+    attends to them. Returns the final hidden state at each row's `last` place, and the cache.
+    Places past a row's prompt (padding) write positions it has not reached yet, as an
+    unchunked prefill's padding does; decoding overwrites each before attending to it."""
+    rows, seq = tokens.shape
+    n = -(-seq // chunk)
+    tokens = jnp.pad(tokens, ((0, 0), (0, n * chunk - seq)))
+    first = jnp.zeros(rows, jnp.int32) if start is None else start
+    places = jnp.arange(chunk, dtype=jnp.int32)
+
+    def body(i, carry):
+        cache, kept = carry
+        at = i * chunk
+        piece = jax.lax.dynamic_slice_in_dim(tokens, at, chunk, axis=1)
+        hidden, cache = model.transformer(params, piece, first[:, None] + at + places[None],
+                                          cache, cfg)
+        here = (last >= at) & (last < at + chunk)
+        newest = hidden[jnp.arange(rows), jnp.clip(last - at, 0, chunk - 1)]
+        return cache, jnp.where(here[:, None], newest, kept)
+
+    hidden = jax.eval_shape(lambda: model.transformer(
+        params, tokens[:, :chunk], jnp.broadcast_to(places, (rows, chunk)), cache, cfg)[0])
+    kept = jnp.zeros((rows, hidden.shape[-1]), hidden.dtype)
+    cache, kept = jax.lax.fori_loop(0, n, body, (cache, kept))
+    return kept, cache
 
 
 def step(params, cache, state: DecodeState, cfg: ModelConfig, bitmask: jax.Array | None = None):

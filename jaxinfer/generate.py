@@ -26,6 +26,7 @@ from jaxinfer.sampling import SamplingArrays, SamplingParams
 from jaxinfer.sharding import rules as sharding_rules
 
 MIN_SEQ_BUCKET = 16
+PREFILL_CHUNK = 512  # as the server's max_num_batched_tokens
 
 
 @dataclasses.dataclass
@@ -44,16 +45,17 @@ class GenerateResult:
 
 
 def _prefill(params, tokens, prompt_lens, sampling, stop_ids, max_new, *, cfg, cache_len,
-             features=False):
-    """Prefills the prompts [batch, seq] into a new dense cache; rows of length 0 (padding of
-    the batch bucket) start done. `features`: keep the hidden states draft heads read."""
+             features=False, chunk=None):
+    """Prefills the prompts [batch, seq] into a new dense cache, `chunk` positions at a time;
+    rows of length 0 (padding of the batch bucket) start done. `features`: keep the hidden
+    states draft heads read."""
     batch = tokens.shape[0]
     cache = sharding_rules.constrain_cache(KVCache.init(cfg, batch, cache_len), cfg)
     count = jnp.zeros(batch, jnp.int32)
     max_tokens = jnp.full(batch, max_new, jnp.int32)
     state, cache, _ = decode.prefill(params, cache, tokens, prompt_lens, sampling, count,
                                      max_tokens, stop_ids, prompt_lens > 0, cfg=cfg,
-                                     features=features)
+                                     features=features, chunk=chunk)
     return state, cache
 
 
@@ -109,7 +111,7 @@ def _speculative_decode(params, cache, state: DecodeState, prompts, *, cfg, out_
     return state, tokens, cache, steps, drafted, accepted
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "cache_len", "features"))
+_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "cache_len", "features", "chunk"))
 _decode_jit = jax.jit(_decode, static_argnames=("cfg", "out_len"), donate_argnames=("cache",))
 _speculative_decode_jit = jax.jit(_speculative_decode,
                                   static_argnames=("cfg", "out_len", "k", "method"),
@@ -133,6 +135,7 @@ def generate(
     eager: bool = False,
     speculative_method: str = "none",
     num_speculative_tokens: int = 4,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> GenerateResult:
     """Generates up to `max_new_tokens` tokens after each prompt in `tokens` (a list of id lists).
 
@@ -153,12 +156,18 @@ def generate(
     them; greedy rows get the same tokens as without (up to the last bits of the logits: the
     verifying call has another shape) and seeded rows the same draws from the same keys. The
     result's decode_steps, draft_tokens and accepted_tokens say how much it saved.
+
+    `prefill_chunk`: prompts longer than this many tokens are prefilled that many at a time,
+    each chunk attending to the cache the earlier ones wrote, so prompts up to the model's
+    whole context need only one chunk's activations (logits within rounding of one
+    unchunked prefill: the products have other shapes).
     """
     speculative.check_options(speculative_method, num_speculative_tokens, params)
+    _check_chunk(prefill_chunk)
     placed_on = sharding_rules.mesh_of(params)
     mesh = mesh or placed_on
     batch = _Batch.of(tokens, cfg, max_new_tokens, sampling, stop_token_ids,
-                      data=mesh.shape["data"] if mesh is not None else 1)
+                      data=mesh.shape["data"] if mesh is not None else 1, chunk=prefill_chunk)
     if mesh is not None and placed_on != mesh:
         params = sharding_rules.shard_params(params, cfg, mesh)
     rows, prompts, inputs = batch.rows, batch.prompts, batch.inputs
@@ -211,6 +220,7 @@ def precompile(
     stop_token_ids: Sequence[int] = (),
     speculative_method: str = "none",
     num_speculative_tokens: int = 4,
+    prefill_chunk: int = PREFILL_CHUNK,
     progress: bool = False,
 ) -> float:
     """Compiles (or reads from the persistent cache) the programs `generate` runs for these
@@ -218,7 +228,9 @@ def precompile(
     `api.weight_shapes(cfg)`: the programs need only the weights' shapes, so this can run
     while they load. One device (under a mesh the programs follow the params' placement)."""
     speculative.check_options(speculative_method, num_speculative_tokens, params)
-    batch = _Batch.of(tokens, cfg, max_new_tokens, sampling, stop_token_ids, data=1)
+    _check_chunk(prefill_chunk)
+    batch = _Batch.of(tokens, cfg, max_new_tokens, sampling, stop_token_ids, data=1,
+                      chunk=prefill_chunk)
     timings = {"compile": 0.0}
     options = dict(timings=timings, progress=progress)
     prefill = runtime.compiled(_prefill_jit, (params, *batch.inputs),
@@ -247,6 +259,7 @@ class _Batch:
     seq: int  # prompt length bucket
     out_len: int  # new tokens bucket
     cache_len: int
+    chunk: int  # the most prompt positions one step of the prefill runs
     # tokens [size, seq], prompt lengths [size], SamplingArrays [size], stop ids [size, stops],
     # max_new_tokens
     inputs: tuple
@@ -257,10 +270,12 @@ class _Batch:
 
     @property
     def shape(self) -> str:
-        return f"batch {self.size}, prompt {self.seq}, cache {self.cache_len}"
+        chunks = f" in chunks of {self.chunk}" if self.seq > self.chunk else ""
+        return f"batch {self.size}, prompt {self.seq}{chunks}, cache {self.cache_len}"
 
     def prefill_static(self, cfg: ModelConfig, method: str = "none") -> dict:
-        return {"cfg": cfg, "cache_len": self.cache_len, "features": method == "draft"}
+        return {"cfg": cfg, "cache_len": self.cache_len, "features": method == "draft",
+                "chunk": self.chunk if self.seq > self.chunk else None}
 
     def decode_static(self, cfg: ModelConfig, k: int | None = None,
                       method: str = "none") -> dict:
@@ -269,7 +284,7 @@ class _Batch:
 
     @staticmethod
     def of(tokens, cfg: ModelConfig, max_new_tokens: int, sampling, stop_token_ids,
-           data: int) -> _Batch:
+           data: int, chunk: int = 0) -> _Batch:
         prompts = _check_prompts(tokens, cfg, max_new_tokens)
         rows = len(prompts)
         if sampling is None or isinstance(sampling, SamplingParams):
@@ -292,7 +307,8 @@ class _Batch:
             if not row.ignore_eos:
                 stop_ids[i, : len(stop_token_ids)] = list(stop_token_ids)
         inputs = (token_array, prompt_lens, sampling_arrays, stop_ids, np.int32(max_new_tokens))
-        return _Batch(prompts, size, seq, out_len, min(seq + out_len, cfg.max_seq_len), inputs)
+        return _Batch(prompts, size, seq, out_len, min(seq + out_len, cfg.max_seq_len),
+                      chunk or seq, inputs)
 
 
 def _timed(jitted, args, static, what: str, name: str, options: dict):
@@ -303,6 +319,12 @@ def _timed(jitted, args, static, what: str, name: str, options: dict):
     out = jax.block_until_ready(runtime.run(jitted, args, static, what, **options))
     timings[name] = time.perf_counter() - start - (timings["compile"] - compile_before)
     return out
+
+
+def _check_chunk(chunk) -> None:
+    if isinstance(chunk, bool) or not isinstance(chunk, int | np.integer) or chunk < 1:
+        raise ValueError(f"prefill_chunk={chunk!r}; it must be a positive integer (tokens "
+                         "per prefill step)")
 
 
 def _check_prompts(tokens, cfg: ModelConfig, max_new_tokens: int) -> list[list[int]]:

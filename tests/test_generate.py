@@ -190,3 +190,96 @@ def test_bfloat16_policy_stays_close_to_float32(tiny_cfg, tiny_params):
     assert float(jnp.abs(out - ref).max()) < 0.03 * float(ref.max() - ref.min())
     result = jaxinfer.generate(params16, [[5, 17, 99]], bf16, max_new_tokens=4)
     assert result.lengths == [4]
+
+
+def _prefill_logits(params, cfg, prompts, chunk, cache_len):
+    """decode.prefill over `prompts` (padded to one array) in chunks of `chunk` (None: one
+    call): the first tokens' logits [rows, vocab] and the cache."""
+    from jaxinfer import decode
+    from jaxinfer.sampling import SamplingArrays, SamplingParams
+
+    rows, seq = len(prompts), max(map(len, prompts))
+    tokens = np.zeros((rows, seq), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    lengths = jnp.array([len(p) for p in prompts], jnp.int32)
+    zeros = jnp.zeros(rows, jnp.int32)
+    run = jax.jit(lambda params, cache, tokens: decode.prefill(
+        params, cache, tokens, lengths, SamplingArrays.stack([SamplingParams()] * rows), zeros,
+        zeros + 4, jnp.full((rows, 1), -1, jnp.int32), cfg=cfg, chunk=chunk))
+    _, cache, logits = run(params, KVCache.init(cfg, rows, cache_len), jnp.asarray(tokens))
+    return np.asarray(logits), cache
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("chunk", [16, 24, 50])
+def test_chunked_prefill_matches_one_prefill(tiny_cfg, tiny_params, chunk):
+    """Rows of lengths that end inside, at the edge of and before the last chunk, chunks
+    that do and do not divide the prompt: the first tokens' logits and every prompt
+    position's keys and values equal one unchunked prefill's within TINY_ATOL."""
+    rng = np.random.default_rng(chunk)
+    lengths = [100, 48, 7, 73]
+    prompts = [rng.integers(0, tiny_cfg.vocab_size, n).tolist() for n in lengths]
+    want, want_cache = _prefill_logits(tiny_params, tiny_cfg, prompts, None, 128)
+    got, got_cache = _prefill_logits(tiny_params, tiny_cfg, prompts, chunk, 128)
+    np.testing.assert_allclose(got, want, atol=TINY_ATOL, rtol=0)
+    for row, n in enumerate(lengths):
+        for name in ("k", "v"):  # [layers, batch, kv_heads, max_len, head_dim]
+            np.testing.assert_allclose(getattr(got_cache, name)[:, row, :, :n],
+                                       getattr(want_cache, name)[:, row, :, :n], atol=TINY_ATOL)
+
+
+def test_chunked_prefill_runs_one_chunk_at_a_time(tiny_cfg, tiny_params):
+    """The chunked program's scratch memory is that of one chunk, not of the whole prompt:
+    its temporaries are several times smaller than one 128-token prefill's."""
+    from jaxinfer.generate import _Batch, _prefill_jit
+
+    def temp_bytes(chunk):
+        batch = _Batch.of([[1] * 120] * 4, tiny_cfg, 8, None, (), data=1, chunk=chunk)
+        compiled = _prefill_jit.lower(tiny_params, *batch.inputs,
+                                      **batch.prefill_static(tiny_cfg)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    whole, chunked = temp_bytes(128), temp_bytes(16)
+    assert chunked * 3 < whole, (chunked, whole)
+
+
+@pytest.mark.numerics
+def test_generate_with_chunked_prefill_agrees_with_one_prefill(tiny_cfg, tiny_params):
+    """Equal up to a near-tie of the unchunked run (logits within TINY_ATOL, as above)."""
+    prompts = [[(7 * i + 3) % 256 for i in range(90)], [5, 17, 99, 3]]
+    whole = jaxinfer.generate(tiny_params, prompts, tiny_cfg, max_new_tokens=12,
+                              prefill_chunk=128)
+    chunked = jaxinfer.generate(tiny_params, prompts, tiny_cfg, max_new_tokens=12,
+                                prefill_chunk=32)
+    for row, prompt in enumerate(prompts):
+        logits = _teacher_forced_logits(tiny_params, tiny_cfg, prompt, whole.tokens[row])
+        assert_greedy_agrees_until_a_near_tie(chunked.tokens[row], whole.tokens[row], logits,
+                                              TINY_ATOL)
+    assert chunked.lengths == whole.lengths == [12, 12]
+
+
+@pytest.mark.parametrize("chunk", [0, -5, 2.5, True])
+def test_bad_prefill_chunk_is_a_clear_error(tiny_cfg, tiny_params, chunk):
+    with pytest.raises(ValueError, match=f"prefill_chunk={chunk!r}; it must be a positive"):
+        jaxinfer.generate(tiny_params, [[1, 2]], tiny_cfg, max_new_tokens=2,
+                          prefill_chunk=chunk)
+
+
+@pytest.mark.numerics
+def test_real_model_long_prompt_in_chunks(smollm2):
+    """A 1,300-token prompt (past the 1,024 the preset once capped prompt + output at) in
+    chunks of 512, the last one partial: first-token logits within 1e-4 of their range of one
+    unchunked prefill's, and generate() agrees with it up to a near-tie."""
+    cfg, params, tokenizer = smollm2
+    text = " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box holds {i * 7 % 13} "
+                    "marbles." for i in range(110))
+    prompt = tokenizer.encode(text + " Which item holds the most marbles?")[:1300]
+    assert len(prompt) == 1300
+    result = jaxinfer.generate(params, [prompt], cfg, max_new_tokens=8, prefill_chunk=512)
+    logits = _teacher_forced_logits(params, cfg, prompt, result.tokens[0])  # one forward
+    got, _ = _prefill_logits(params, cfg, [prompt], 512, 1312)
+    np.testing.assert_allclose(got[0], logits[0], atol=1e-4 * float(np.ptp(logits[0])), rtol=0)
+    reference = [int(t) for t in logits.argmax(-1)]  # teacher-forced along generate's tokens
+    assert_greedy_agrees_until_a_near_tie(result.tokens[0], reference, logits,
+                                          1e-4 * float(np.ptp(logits)))

@@ -33,6 +33,9 @@ flags.DEFINE_enum("attention", "auto", ["auto", "xla", "pallas"],
 presets.define_weight_flags()  # --quant, --kv_quant, --cpu_kernels
 presets.define_speculative_flags()
 presets.define_startup_flags()  # --compile_while_loading
+flags.DEFINE_integer("prefill_chunk", 512, "Prompts longer than this many tokens are "
+                     "prefilled this many at a time (chunked prefill), up to the model's "
+                     "whole context.", lower_bound=1)
 flags.DEFINE_boolean("eager", False, "Run without compiling (jax.disable_jit): every operation "
                      "one by one, for stepping through the model in a debugger. Slow.")
 
@@ -78,8 +81,9 @@ def main(argv: list[str]) -> None:
                 seed=opts["seed"],
             )
             mesh = distributed.setup(preset_mesh())  # --mesh (or the preset's) and multi-host flags
-            speculation = dict(speculative_method=FLAGS.speculative_method,
-                               num_speculative_tokens=FLAGS.num_speculative_tokens)
+            decoding = dict(speculative_method=FLAGS.speculative_method,
+                            num_speculative_tokens=FLAGS.num_speculative_tokens,
+                            prefill_chunk=FLAGS.prefill_chunk)
             early_compile = []  # seconds compiling while the weights loaded
 
             def precompile_prompt(cfg, tokenizer) -> None:
@@ -91,7 +95,7 @@ def main(argv: list[str]) -> None:
                 early_compile.append(precompile(
                     shapes, [prompt], cfg, max_new_tokens=opts["max_new_tokens"],
                     sampling=sampling, stop_token_ids=tokenizer.stop_ids, progress=True,
-                    **speculation))
+                    **decoding))
 
             start = time.perf_counter()
             model = jaxinfer.load_model(
@@ -104,14 +108,14 @@ def main(argv: list[str]) -> None:
             if opts["chat"]:
                 text, result = jaxinfer.chat(
                     model, opts["prompt"], max_new_tokens=opts["max_new_tokens"], sampling=sampling,
-                    eager=FLAGS.eager, **speculation,
+                    eager=FLAGS.eager, **decoding,
                 )
             else:
                 tokens = model.tokenizer.encode(opts["prompt"])
                 result = jaxinfer.generate(
                     model.params, [tokens], model.config, max_new_tokens=opts["max_new_tokens"],
                     sampling=sampling, stop_token_ids=model.tokenizer.stop_ids, eager=FLAGS.eager,
-                    **speculation,
+                    **decoding,
                 )
                 text = model.tokenizer.decode(result.tokens[0])
     except (ValueError, FileNotFoundError) as e:
