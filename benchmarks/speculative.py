@@ -7,7 +7,8 @@ with distilled draft heads, at batch 1 and 8, on two workloads (issue 15).
         --out=benchmarks/results/speculative.json
 
 Workloads, greedy, chat template, up to --tokens new tokens per row:
-(a) code editing: "repeat / lightly edit this code", whose answer copies its input;
+(a) code editing: "rename a function in / repeat this code" on a whole 20-25 line module,
+    whose answer copies its input;
 (b) free chat: questions on topics none of the distillation prompts has.
 Each configuration runs --repeats times after a warm-up run (which compiles); the best decode
 time counts. Reported per row of the table: decode tok/s, speedup over no speculation in the
@@ -25,21 +26,62 @@ import time
 
 import jaxinfer
 
+# Whole functions of realistic size: an edit's answer copies tens of lines of its input.
 CODE = [
-    "def area(width, height):\n    return width * height\n",
-    "def greet(name):\n    message = 'Hello, ' + name\n    print(message)\n    return message\n",
-    "total = 0\nfor value in values:\n    if value > 0:\n        total += value\nprint(total)\n",
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
-    "def mean(numbers):\n    if not numbers:\n        return 0\n"
-    "    return sum(numbers) / len(numbers)\n",
-    "import os\n\nfor name in os.listdir('.'):\n    if name.endswith('.txt'):\n"
-    "        print(name)\n",
-    "def fizzbuzz(n):\n    for i in range(1, n + 1):\n        if i % 15 == 0:\n"
-    "            print('FizzBuzz')\n",
-    "def is_even(number):\n    return number % 2 == 0\n\nprint(is_even(4))\n",
+    '''def parse_config(path):
+    """Reads a key = value file into a dict, skipping comments and blank lines."""
+    settings = {}
+    with open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if "=" not in line:
+                raise ValueError(f"line {number}: expected key = value, got {line!r}")
+            key, value = line.split("=", 1)
+            key, value = key.strip(), value.strip()
+            if value.isdigit():
+                value = int(value)
+            elif value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            settings[key] = value
+    return settings
+
+
+def merge_configs(base, override):
+    """Returns base updated with override, without changing either."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = value
+    return merged
+''',
+    '''class Inventory:
+    """Counts items by name; counts never go below zero."""
+
+    def __init__(self):
+        self.counts = {}
+
+    def add(self, name, amount=1):
+        if amount < 0:
+            raise ValueError("amount must not be negative")
+        self.counts[name] = self.counts.get(name, 0) + amount
+
+    def remove(self, name, amount=1):
+        have = self.counts.get(name, 0)
+        if amount > have:
+            raise ValueError(f"only {have} of {name} left")
+        self.counts[name] = have - amount
+
+    def total(self):
+        return sum(self.counts.values())
+
+    def report(self):
+        for name in sorted(self.counts):
+            print(f"{name}: {self.counts[name]}")
+''',
 ]
-EDITS = ["Repeat this code exactly:\n", "Rename nothing, but add a comment line at the top of "
-         "this code, then repeat it:\n"]
+EDITS = ["Rename the function parse_config to read_config everywhere in this code and show the "
+         "whole code:\n\n", "Repeat this code exactly:\n\n"]
 CHAT = [
     "What do octopuses eat?", "How does a lighthouse work?", "Describe a thunderstorm.",
     "Why do owls hunt at night?", "What is the Silk Road?", "How are submarines powered?",
@@ -49,7 +91,7 @@ CHAT = [
 
 def workload_prompts(tokenizer, workload: str, batch: int) -> list[list[int]]:
     if workload == "code":
-        texts = [EDITS[i % len(EDITS)] + CODE[i % len(CODE)] for i in range(batch)]
+        texts = [EDITS[i % len(EDITS)] + CODE[i // 2 % len(CODE)] for i in range(batch)]
     else:
         texts = [CHAT[i % len(CHAT)] for i in range(batch)]
     return [tokenizer.encode(tokenizer.apply_chat_template(
@@ -60,19 +102,22 @@ def workload_prompts(tokenizer, workload: str, batch: int) -> list[list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--draft", required=True, help="draft heads (launch.distill --output)")
+    parser.add_argument("--draft", default=None,
+                        help="draft heads (launch.distill --output); without them the "
+                        "draft runs are left out")
     parser.add_argument("--quant", default=None, help="weights: none (float), int8, gguf")
     parser.add_argument("--k", default="ngram:4,draft:1,draft:2",
                         help="the speculating runs, method:k each")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     quant = None if args.quant in (None, "none") else args.quant
     model = jaxinfer.load_model(args.model, quant=quant, draft=args.draft)
     runs = [("none", 1)] + [(m, int(k)) for m, k in (item.split(":")
-                                                     for item in args.k.split(","))]
+                                                     for item in args.k.split(","))
+                            if m != "draft" or args.draft]
     rows = []
     for workload in ("code", "chat"):
         for batch in map(int, args.batches.split(",")):
