@@ -210,9 +210,7 @@ def _in_chunks(model, params, cache, tokens: jax.Array, last: jax.Array,
         newest = hidden[jnp.arange(rows), jnp.clip(last - at, 0, chunk - 1)]
         return cache, jnp.where(here[:, None], newest, kept)
 
-    hidden = jax.eval_shape(lambda: model.transformer(
-        params, tokens[:, :chunk], jnp.broadcast_to(places, (rows, chunk)), cache, cfg)[0])
-    kept = jnp.zeros((rows, hidden.shape[-1]), hidden.dtype)
+    kept = jnp.zeros((rows, cfg.embed_dim), cfg.dtype)  # the final hidden state's shape
     cache, kept = jax.lax.fori_loop(0, n, body, (cache, kept))
     return kept, cache
 
