@@ -43,16 +43,17 @@ def _gguf_qarray(w: np.ndarray, kind) -> quant.QArray:
     return quant.QArray(values, scales, zeros, bits, 32, -1)
 
 
-# name -> (in sizes to draw from, make QArray from w [out, in]); `in` never a multiple of
-# the 64-byte step where the format allows it.
+# name -> (in sizes, make QArray from w [out, in]); every size is tried. Sizes that are not a
+# multiple of 64 take the row-tail paths; int4 rows of whole 32-byte chunks (in % 64 == 0)
+# take the AVX2 path's branch-free one.
 FORMATS = {
     "q8_0": ((96, 160, 544), lambda w: _gguf_qarray(w, T.Q8_0)),
-    "q4_0": ((96, 160, 544), lambda w: _gguf_qarray(w, T.Q4_0)),
-    "q4_1": ((96, 160, 544), lambda w: _gguf_qarray(w, T.Q4_1)),
+    "q4_0": ((96, 160, 544, 576), lambda w: _gguf_qarray(w, T.Q4_0)),
+    "q4_1": ((96, 160, 544, 576), lambda w: _gguf_qarray(w, T.Q4_1)),
     "q4_k": ((256, 768), lambda w: _gguf_qarray(w, T.Q4_K)),
     "int8_channel": ((96, 160, 544), lambda w: quant.quantize(w, "int8")),
     "int8_g64": ((192, 320), lambda w: quant.quantize(w, "int8", group=64)),
-    "int4_g32": ((96, 160, 544), lambda w: quant.quantize(w, "int4", group=32)),
+    "int4_g32": ((96, 160, 544, 576), lambda w: quant.quantize(w, "int4", group=32)),
     "int4_g128": ((384, 640), lambda w: quant.quantize(w, "int4", group=128)),
 }
 
@@ -101,17 +102,21 @@ def _call(x, q, layer=0, **kw):
 def test_kernel_matches_the_block_exact_reference(fmt, isa, activations):
     rng = np.random.default_rng(zlib.crc32(f"{fmt} {isa} {activations}".encode()))
     sizes, make = FORMATS[fmt]
-    rows, out, in_dim = int(rng.integers(1, 65)), int(rng.integers(1, 80)), int(rng.choice(sizes))
-    q = make(rng.standard_normal((out, in_dim)).astype(np.float32))
-    x = (rng.standard_normal((rows, in_dim)) * rng.uniform(0.1, 4, (rows, 1))).astype(np.float32)
-    _check(_call(x, q, isa=isa, activations=activations), x, q, activations)
+    for in_dim in sizes:
+        rows, out = int(rng.integers(1, 65)), int(rng.integers(1, 80))
+        q = make(rng.standard_normal((out, in_dim)).astype(np.float32))
+        x = rng.standard_normal((rows, in_dim)) * rng.uniform(0.1, 4, (rows, 1))
+        x = x.astype(np.float32)
+        _check(_call(x, q, isa=isa, activations=activations), x, q, activations)
 
 
+@pytest.mark.parametrize("in_dim", (544, 576))
 @pytest.mark.parametrize("activations", cpu.ACTIVATIONS)
 @pytest.mark.parametrize("isa", ISAS)
-def test_a_rows_output_is_bitwise_the_same_whatever_the_number_of_rows(isa, activations, rng):
-    q = FORMATS["q4_1"][1](rng.standard_normal((300, 544)).astype(np.float32))
-    x = rng.standard_normal((64, 544)).astype(np.float32)
+def test_a_rows_output_is_bitwise_the_same_whatever_the_number_of_rows(isa, activations, in_dim,
+                                                                        rng):
+    q = FORMATS["q4_1"][1](rng.standard_normal((300, in_dim)).astype(np.float32))
+    x = rng.standard_normal((64, in_dim)).astype(np.float32)
     full = np.asarray(_call(x, q, isa=isa, activations=activations))
     for n in (1, 2, 7, 8, 31, 32, 63):
         part = np.asarray(_call(x[:n], q, isa=isa, activations=activations))

@@ -3,6 +3,7 @@
 // of rows or threads, so a row's result does not depend on the batch it came in.
 #include <cpuid.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <memory>
@@ -70,6 +71,10 @@ struct Prepared {
   std::vector<float> dx, xsum;
 };
 
+// round-half-even in the default rounding mode without a libm call (|v| <= 2^22 here): the
+// compiler vectorizes the loops below for the baseline target.
+inline float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
+
 void Prepare(const Problem& p, bool quantize, Prepared& out) {
   const int64_t K = p.parts * p.in, g_count = ngroups(p), pad = 64;
   if (quantize) {
@@ -85,16 +90,24 @@ void Prepare(const Problem& p, bool quantize, Prepared& out) {
       const float* x = p.x + r * K + part * p.in;
       float* xsum = out.xsum.data() + (r * p.parts + part) * g_count;
       if (!quantize) {
-        for (int64_t e = 0; e < p.in; ++e) xsum[e / p.group] += x[e];
+        for (int64_t g = 0; g < g_count; ++g) {
+          float s = 0.0f;
+          for (int64_t e = g * p.group; e < (g + 1) * p.group; ++e) s += x[e];
+          xsum[g] = s;
+        }
         continue;
       }
       for (int64_t b = 0; b < p.in / 32; ++b) {
+        const float* xb = x + 32 * b;
         float amax = 0.0f;
-        for (int t = 0; t < 32; ++t) amax = std::fmax(amax, std::fabs(x[32 * b + t]));
+        for (int t = 0; t < 32; ++t) {
+          const float a = std::fabs(xb[t]);
+          amax = a > amax ? a : amax;
+        }
         const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
         int32_t sum = 0;
         for (int t = 0; t < 32; ++t) {
-          q[32 * b + t] = int8_t(std::nearbyint(x[32 * b + t] * inv));
+          q[32 * b + t] = int8_t(round_even(xb[t] * inv));
           sum += q[32 * b + t];
         }
         d[b] = scale;
@@ -103,17 +116,16 @@ void Prepare(const Problem& p, bool quantize, Prepared& out) {
       int8_t* qx = out.qx.data() + at;
       float* dx = out.dx.data() + at / 4;
       if (p.bits == 8) {
-        for (int64_t e = 0; e < p.in; ++e) qx[e] = q[e];
-        for (int64_t l = 0; l < p.in / 4; ++l) dx[l] = d[4 * l / 32];
+        std::copy(q.begin(), q.end(), qx);
+        for (int64_t l = 0; l < p.in / 4; ++l) dx[l] = d[l / 8];
       } else {  // byte j of group g: element g*G + j%(G/2) (low nibble) and + G/2 (high)
         const int64_t half = p.group / 2, n = p.in / 2;
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t lo = (j / half) * p.group + j % half, hi = lo + half;
-          qx[j] = q[lo];
-          qx[n + j] = q[hi];
-          if (j % 4 == 0) {
-            dx[j / 4] = d[lo / 32];
-            dx[n / 4 + j / 4] = d[hi / 32];
+        for (int64_t g = 0; g < g_count; ++g) {
+          std::copy_n(q.data() + g * p.group, half, qx + g * half);
+          std::copy_n(q.data() + g * p.group + half, half, qx + n + g * half);
+          for (int64_t l = 0; l < half / 4; ++l) {  // a lane's 4 values lie in one block
+            dx[g * half / 4 + l] = d[(g * p.group + 4 * l) / 32];
+            dx[n / 4 + g * half / 4 + l] = d[(g * p.group + half + 4 * l) / 32];
           }
         }
       }

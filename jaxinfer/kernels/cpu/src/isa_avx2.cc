@@ -17,6 +17,16 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+// The sum of two such products (pairs of nibble products stay under 2^15 too).
+inline __m256i dot2_u8s8(__m256i u, __m256i s, __m256i u2, __m256i s2) {
+#ifdef __AVXVNNI__
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s), u2, s2);
+#else
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u, s), _mm256_maddubs_epi16(u2, s2)),
+                           _mm256_set1_epi16(1));
+#endif
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -31,12 +41,32 @@ inline int group_shift(const Problem& p) {
   return __builtin_ctzll(bpg);  // groups are powers of two
 }
 
+// acc plus the zero-point terms of output o for row r, 8 groups per step (the activation
+// sums are padded, the zeros are not).
+inline __m256 add_zero_terms(const Problem& p, int64_t r, int64_t o, __m256 acc) {
+  if (!p.zeros) return acc;
+  const int64_t g = ngroups(p);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t part = 0; part < p.parts; ++part) {
+    const float* z = p.zeros + (part * p.out + o) * g;
+    const float* s = p.xsum + (r * p.parts + part) * g;
+    int64_t i = 0;
+    for (; i + 8 <= g; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(z + i), _mm256_loadu_ps(s + i), acc);
+    if (i < g) {
+      const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(g - i)), lane);
+      acc = _mm256_fmadd_ps(_mm256_maskload_ps(z + i, live), _mm256_loadu_ps(s + i), acc);
+    }
+  }
+  return acc;
+}
+
 template <int R>
 void block(const Problem& p, int shift, int64_t o, int64_t r0) {
   const int64_t g_count = ngroups(p);
   const int64_t row_bytes = p.bits == 8 ? p.in : p.in / 2;
   const __m256i nibble = _mm256_set1_epi8(15);
   const __m256i tail = _mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0);  // a 16-byte tail (int4)
+  const bool same_block = p.group == 32;
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t part = 0; part < p.parts; ++part) {
@@ -74,17 +104,124 @@ void block(const Problem& p, int shift, int64_t o, int64_t r0) {
           // that meet zero weight bytes.
           __m256i x_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + at));
           __m256i x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + n + at));
-          __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_u8s8(lo, x_lo)),
-                                   _mm256_loadu_ps(dx[r] + at / 4));
-          t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(hi, x_hi)),
-                              _mm256_loadu_ps(dx[r] + n / 4 + at / 4), t);
+          __m256 t;
+          if (same_block) {  // groups of 32: a byte's two nibbles meet one activation block
+            t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot2_u8s8(lo, x_lo, hi, x_hi)),
+                              _mm256_loadu_ps(dx[r] + at / 4));
+          } else {
+            t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_u8s8(lo, x_lo)),
+                              _mm256_loadu_ps(dx[r] + at / 4));
+            t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(hi, x_hi)),
+                                _mm256_loadu_ps(dx[r] + n / 4 + at / 4), t);
+          }
           acc[r] = _mm256_fmadd_ps(t, swl, acc[r]);
         }
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    p.y[(r0 + r) * p.out + o] = hsum(acc[r]) + zero_term(p, r0 + r, o);
+    p.y[(r0 + r) * p.out + o] = hsum(add_zero_terms(p, r0 + r, o, acc[r]));
+}
+
+// Rows of whole 32-byte chunks, which is every weight but int4 with in % 64 == 32: the same
+// sums as `block`, without its per-chunk branches, so the compiler keeps every accumulator in
+// a register; O outputs share each activation load. int4 groups of 32 (GGUF Q4_0 / Q4_1 /
+// Q4_K) add both nibbles' products in one integer sum (they meet one activation block), and
+// a chunk's two 16-byte halves lie in two groups; otherwise a chunk lies in one group
+// (`shift`: log2 of the bytes per group, 62 for one group per row).
+template <int R, int O, int BITS, bool G32>
+void block_fast(const Problem& p, int shift, int64_t o0, int64_t r0) {
+  const int64_t g_count = ngroups(p), row_bytes = BITS == 8 ? p.in : p.in / 2, n = p.in / 2;
+  const int64_t stride = p.parts * p.in;  // between rows of the prepared activations
+  const __m256i nibble = _mm256_set1_epi8(15);
+  const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  __m256 acc[O][R];
+#pragma GCC unroll 4
+  for (int j = 0; j < O; ++j)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
+  for (int64_t part = 0; part < p.parts; ++part) {
+    const uint8_t* w = weight_row(p, part, o0);
+    const float* sc = p.scales + (part * p.out + o0) * g_count;
+    const int8_t* q = p.qx + (r0 * p.parts + part) * p.in;
+    const float* dx = p.dx + ((r0 * p.parts + part) * p.in) / 4;
+    for (int64_t at = 0; at < row_bytes; at += 32) {
+      __m256i a[O], b[O];  // int8: |w| and w; int4: low and high nibbles
+      __m256 swl[O];
+#pragma GCC unroll 4
+      for (int j = 0; j < O; ++j) {
+        const __m256i v =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * row_bytes + at));
+        if (BITS == 8) {
+          a[j] = _mm256_abs_epi8(v);
+          b[j] = v;
+        } else {
+          a[j] = _mm256_and_si256(v, nibble);
+          b[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        }
+        if (G32) {
+          const __m128 two = _mm_castpd_ps(
+              _mm_load_sd(reinterpret_cast<const double*>(sc + j * g_count + at / 16)));
+          swl[j] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), halves);
+        } else {
+          swl[j] = _mm256_set1_ps(sc[j * g_count + (at >> shift)]);
+        }
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const int8_t* x = q + r * stride + at;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+        const __m256 d0 = _mm256_loadu_ps(dx + r * stride / 4 + at / 4);
+        if (BITS == 8) {
+#pragma GCC unroll 4
+          for (int j = 0; j < O; ++j) {
+            const __m256i s = dot_u8s8(a[j], _mm256_sign_epi8(x0, b[j]));
+            acc[j][r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s), d0), swl[j], acc[j][r]);
+          }
+        } else {
+          const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + n));
+#pragma GCC unroll 4
+          for (int j = 0; j < O; ++j) {
+            __m256 t;
+            if (G32) {
+              t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot2_u8s8(a[j], x0, b[j], x1)), d0);
+            } else {
+              const __m256 d1 = _mm256_loadu_ps(dx + r * stride / 4 + n / 4 + at / 4);
+              t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_u8s8(a[j], x0)), d0);
+              t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(b[j], x1)), d1, t);
+            }
+            acc[j][r] = _mm256_fmadd_ps(t, swl[j], acc[j][r]);
+          }
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < O; ++j)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+      p.y[(r0 + r) * p.out + o0 + j] = hsum(add_zero_terms(p, r0 + r, o0 + j, acc[j][r]));
+}
+
+template <int R, int BITS, bool G32>
+void outputs_fast(const Problem& p, int shift, int64_t o_begin, int64_t o_end, int64_t r) {
+  constexpr int O = R == 1 ? 4 : R == 2 ? 2 : 1;
+  int64_t o = o_begin;
+  for (; o + O <= o_end; o += O) block_fast<R, O, BITS, G32>(p, shift, o, r);
+  for (; o < o_end; ++o) block_fast<R, 1, BITS, G32>(p, shift, o, r);
+}
+
+template <int BITS, bool G32>
+void rows_fast(const Problem& p, int64_t o_begin, int64_t o_end) {
+  const int shift = ngroups(p) == 1 ? 62 : __builtin_ctzll(BITS == 8 ? p.group : p.group / 2);
+  int64_t r = 0;
+  for (; r + kMaxRows <= p.rows; r += kMaxRows)
+    outputs_fast<kMaxRows, BITS, G32>(p, shift, o_begin, o_end, r);
+  switch (p.rows - r) {
+    case 3: outputs_fast<3, BITS, G32>(p, shift, o_begin, o_end, r); break;
+    case 2: outputs_fast<2, BITS, G32>(p, shift, o_begin, o_end, r); break;
+    case 1: outputs_fast<1, BITS, G32>(p, shift, o_begin, o_end, r); break;
+  }
 }
 
 }  // namespace
@@ -96,6 +233,9 @@ void block(const Problem& p, int shift, int64_t o, int64_t r0) {
 #endif
 
 void ENTRY(int8_rows)(const Problem& p, int64_t o_begin, int64_t o_end) {
+  if (p.bits == 8) return rows_fast<8, false>(p, o_begin, o_end);
+  if (p.in % 64 == 0)
+    return p.group == 32 ? rows_fast<4, true>(p, o_begin, o_end) : rows_fast<4, false>(p, o_begin, o_end);
   const int shift = group_shift(p);
   for (int64_t o = o_begin; o < o_end; ++o) {
     int64_t r = 0;
