@@ -1,6 +1,8 @@
 // One-thread timing of the CPU kernels' activation quantization (Prepare) and one ISA's
-// product loop on SmolLM2's MLP shapes in Q4_1 layout (int4, groups of 32, zero points), with
-// no XLA around them: the figures in benchmarks/README.md ("after the AVX2 kernel rework").
+// product loop on SmolLM2's MLP shapes, with no XLA around them: the figures in
+// benchmarks/README.md ("after the AVX2 kernel rework"). The argument picks the weight format:
+// q4_1 (int4, groups of 32, zero points; the default), q8_0 (int8, groups of 32) or int8 (one
+// group per output channel).
 // Build and run from the repository root (KFN picks the path; the AVX-512 one needs a CPU
 // with AVX-512 VNNI to run):
 //   S=jaxinfer/kernels/cpu/src; I=$(python -c "import jax; print(jax.ffi.include_dir())")
@@ -9,7 +11,7 @@
 //   g++ $F -mavx2 -mfma -mavxvnni -c $S/isa_avx2.cc -o /tmp/v.o
 //   g++ $F -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mfma -c $S/isa_avx512.cc -o /tmp/z.o
 //   g++ $F -w -I$I -I$S -DKFN=jaxinfer_int8_rows_avx2 benchmarks/cpu_kernel_harness.cc \
-//       /tmp/s.o /tmp/a.o /tmp/v.o /tmp/z.o -o /tmp/harness && /tmp/harness
+//       /tmp/s.o /tmp/a.o /tmp/v.o /tmp/z.o -o /tmp/harness && /tmp/harness q4_1
 #include "ffi.cc"
 #ifndef KFN  // the product loop to time
 #define KFN jaxinfer_int8_rows_avx2
@@ -17,14 +19,17 @@
 #include <chrono>
 #include <cstdio>
 #include <random>
+#include <string>
 int main(int argc, char** argv) {
+  const std::string format = argc > 1 ? argv[1] : "q4_1";
+  const int bits = format == "q4_1" ? 4 : 8;
   std::mt19937 g(0);
   std::uniform_int_distribution<int> byte(0, 255);
   std::normal_distribution<float> nd;
   int shapes[][2] = {{1536, 576}, {576, 1536}};
   for (auto& sh : shapes) {
-    int64_t out = sh[0], in = sh[1], group = 32;
-    std::vector<uint8_t> vals(out * in / 2);
+    int64_t out = sh[0], in = sh[1], group = format == "int8" ? in : 32;
+    std::vector<uint8_t> vals(out * in * bits / 8);
     for (auto& v : vals) v = byte(g);
     std::vector<float> sc(out * in / group), zs(out * in / group);
     for (auto& s : sc) s = nd(g) * 0.01f;
@@ -33,8 +38,8 @@ int main(int argc, char** argv) {
       std::vector<float> x(rows * in), y(rows * out);
       for (auto& v : x) v = nd(g);
       Problem p{};
-      p.rows = rows; p.parts = 1; p.out = out; p.in = in; p.group = group; p.bits = 4;
-      p.x = x.data(); p.values = vals.data(); p.scales = sc.data(); p.zeros = zs.data(); p.y = y.data();
+      p.rows = rows; p.parts = 1; p.out = out; p.in = in; p.group = group; p.bits = bits;
+      p.x = x.data(); p.values = vals.data(); p.scales = sc.data(); p.zeros = bits == 4 ? zs.data() : nullptr; p.y = y.data();
       int iters = 200;
       double tp = 1e9, tk = 1e9;
       for (int rep = 0; rep < 5; ++rep) {
@@ -49,8 +54,8 @@ int main(int argc, char** argv) {
         tk = std::min(tk, std::chrono::duration<double>(t2 - t1).count() / iters);
       }
       double macs = double(rows) * out * in;
-      printf("%4ld x %4ld rows %2d: prepare %7.1f us  kernel %7.1f us  %5.1f GMAC/s (1 thread)\n",
-             out, in, rows, tp * 1e6, tk * 1e6, macs / tk / 1e9);
+      printf("%s %4ld x %4ld rows %2d: prepare %7.1f us  kernel %7.1f us  %5.1f GMAC/s\n",
+             format.c_str(), out, in, rows, tp * 1e6, tk * 1e6, macs / tk / 1e9);
     }
   }
 }

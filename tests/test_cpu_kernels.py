@@ -45,7 +45,7 @@ def _gguf_qarray(w: np.ndarray, kind) -> quant.QArray:
 
 # name -> (in sizes, make QArray from w [out, in]); every size is tried. Sizes that are not a
 # multiple of 64 take the row-tail paths; int4 rows of whole 32-byte chunks (in % 64 == 0)
-# take the AVX2 path's branch-free one.
+# take the branch-free paths (AVX-512: whole 64-byte chunks, then a 32-byte half if any).
 FORMATS = {
     "q8_0": ((96, 160, 544), lambda w: _gguf_qarray(w, T.Q8_0)),
     "q4_0": ((96, 160, 544, 576), lambda w: _gguf_qarray(w, T.Q4_0)),
@@ -54,6 +54,7 @@ FORMATS = {
     "int8_channel": ((96, 160, 544), lambda w: quant.quantize(w, "int8")),
     "int8_g64": ((192, 320), lambda w: quant.quantize(w, "int8", group=64)),
     "int4_g32": ((96, 160, 544, 576), lambda w: quant.quantize(w, "int4", group=32)),
+    "int4_g64": ((128, 192), lambda w: quant.quantize(w, "int4", group=64)),
     "int4_g128": ((384, 640), lambda w: quant.quantize(w, "int4", group=128)),
 }
 

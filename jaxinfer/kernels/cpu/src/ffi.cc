@@ -171,7 +171,8 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
     return ffi::Error::InvalidArgument("qmatmul: instruction set not available on this CPU");
   int64_t index = *layer.typed_data();
   index = index < 0 ? 0 : (index >= layers ? layers - 1 : index);
-  const int64_t layer_elems = p.parts * p.out * vd[3], layer_groups = p.parts * p.out * (p.in / group);
+  const int64_t layer_elems = p.parts * p.out * vd[3];
+  const int64_t layer_groups = p.parts * p.out * (p.in / group);
   p.values = static_cast<const uint8_t*>(values.untyped_data()) + index * layer_elems;
   p.scales = scales.typed_data() + index * layer_groups;
   p.zeros = bits == 4 ? zeros.typed_data() + index * layer_groups : nullptr;

@@ -22,8 +22,8 @@ inline __m256i dot2_u8s8(__m256i u, __m256i s, __m256i u2, __m256i s2) {
 #ifdef __AVXVNNI__
   return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s), u2, s2);
 #else
-  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u, s), _mm256_maddubs_epi16(u2, s2)),
-                           _mm256_set1_epi16(1));
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(u, s), _mm256_maddubs_epi16(u2, s2));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 #endif
 }
 
@@ -51,7 +51,8 @@ inline __m256 add_zero_terms(const Problem& p, int64_t r, int64_t o, __m256 acc)
     const float* z = p.zeros + (part * p.out + o) * g;
     const float* s = p.xsum + (r * p.parts + part) * g;
     int64_t i = 0;
-    for (; i + 8 <= g; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(z + i), _mm256_loadu_ps(s + i), acc);
+    for (; i + 8 <= g; i += 8)
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(z + i), _mm256_loadu_ps(s + i), acc);
     if (i < g) {
       const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(g - i)), lane);
       acc = _mm256_fmadd_ps(_mm256_maskload_ps(z + i, live), _mm256_loadu_ps(s + i), acc);
@@ -176,7 +177,8 @@ void block_fast(const Problem& p, int shift, int64_t o0, int64_t r0) {
 #pragma GCC unroll 4
           for (int j = 0; j < O; ++j) {
             const __m256i s = dot_u8s8(a[j], _mm256_sign_epi8(x0, b[j]));
-            acc[j][r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s), d0), swl[j], acc[j][r]);
+            const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(s), d0);
+            acc[j][r] = _mm256_fmadd_ps(t, swl[j], acc[j][r]);
           }
         } else {
           const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + n));
@@ -234,8 +236,10 @@ void rows_fast(const Problem& p, int64_t o_begin, int64_t o_end) {
 
 void ENTRY(int8_rows)(const Problem& p, int64_t o_begin, int64_t o_end) {
   if (p.bits == 8) return rows_fast<8, false>(p, o_begin, o_end);
-  if (p.in % 64 == 0)
-    return p.group == 32 ? rows_fast<4, true>(p, o_begin, o_end) : rows_fast<4, false>(p, o_begin, o_end);
+  if (p.in % 64 == 0) {
+    if (p.group == 32) return rows_fast<4, true>(p, o_begin, o_end);
+    return rows_fast<4, false>(p, o_begin, o_end);
+  }
   const int shift = group_shift(p);
   for (int64_t o = o_begin; o < o_end; ++o) {
     int64_t r = 0;

@@ -29,31 +29,6 @@ inline __m128 load_few(const float* f, int64_t n) {
   return n == 2 ? two : _mm_insert_ps(two, _mm_load_ss(f + 2), 0x20);
 }
 
-// Up to 16 floats (no read past n).
-inline __m512 load_upto16(const float* f, int64_t n) {
-  if (n >= 16) return _mm512_loadu_ps(f);
-  __m512 v = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    const __m128 q = _mm_loadu_ps(f + i);
-    switch (i / 4) {
-      case 0: v = _mm512_insertf32x4(v, q, 0); break;
-      case 1: v = _mm512_insertf32x4(v, q, 1); break;
-      default: v = _mm512_insertf32x4(v, q, 2); break;
-    }
-  }
-  if (i < n) {
-    const __m128 q = load_few(f + i, n - i);
-    switch (i / 4) {
-      case 0: v = _mm512_insertf32x4(v, q, 0); break;
-      case 1: v = _mm512_insertf32x4(v, q, 1); break;
-      case 2: v = _mm512_insertf32x4(v, q, 2); break;
-      default: v = _mm512_insertf32x4(v, q, 3); break;
-    }
-  }
-  return v;
-}
-
 // How the weight scales of a 64-byte chunk map onto its 16 lanes: lane l of the chunk at
 // byte `at` lies in group (at + 4 l) / bytes_per_group (a chunk spans at most 4 groups).
 struct Lanes {
@@ -83,8 +58,12 @@ inline __m512 add_zero_terms(const Problem& p, int64_t r, int64_t o, __m512 acc)
   for (int64_t part = 0; part < p.parts; ++part) {
     const float* z = p.zeros + (part * p.out + o) * g;
     const float* s = p.xsum + (r * p.parts + part) * g;
-    for (int64_t i = 0; i < g; i += 16) {
-      acc = _mm512_fmadd_ps(load_upto16(z + i, g - i), _mm512_loadu_ps(s + i), acc);
+    int64_t i = 0;
+    for (; i + 16 <= g; i += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(z + i), _mm512_loadu_ps(s + i), acc);
+    if (i < g) {
+      const __mmask16 live = __mmask16((1u << (g - i)) - 1);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, z + i), _mm512_loadu_ps(s + i), acc);
     }
   }
   return acc;
@@ -149,9 +128,164 @@ void block(const Problem& p, const Lanes& lanes, int64_t o, int64_t r0) {
     p.y[(r0 + r) * p.out + o] = _mm512_reduce_add_ps(add_zero_terms(p, r0 + r, o, acc[r]));
 }
 
+
+// The fast path below: rows of whole 64-byte chunks plus at most one 32-byte half (every int8
+// weight, int4 with in % 64 == 0), without `block`'s per-chunk branches, so the compiler keeps
+// every accumulator in a register; O outputs share each activation load. GPC: weight groups
+// per 64-byte chunk (1, 2 or 4). int4 groups of 32 (GGUF Q4_0 / Q4_1 / Q4_K) add both nibbles'
+// products in one integer sum, as they meet one activation block. A half chunk's upper lanes
+// are zero in weights, activations and their scales alike, so they add nothing.
+template <bool HALF>
+inline __m512i load_bytes(const void* at) {
+  if (HALF) return _mm512_zextsi256_si512(_mm256_loadu_si256(static_cast<const __m256i*>(at)));
+  return _mm512_loadu_si512(at);
+}
+
+template <bool HALF>
+inline __m512 load_floats(const float* at) {
+  return HALF ? _mm512_zextps256_ps512(_mm256_loadu_ps(at)) : _mm512_loadu_ps(at);
+}
+
+// The weight scale of each lane of the chunk at byte `at` (`shift`: log2 of the bytes per
+// group, 62 for one group per row); no read past the row's last group.
+template <int GPC, bool HALF>
+inline __m512 chunk_scales(const float* sc, int64_t at, int shift) {
+  if (GPC == 1) return _mm512_set1_ps(sc[at >> shift]);
+  const float* first = sc + (GPC == 2 ? at / 32 : at / 16);
+  const __m128 s = load_few(first, HALF ? GPC / 2 : GPC);
+  const __m512i lanes = GPC == 2
+      ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+      : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(s));
+}
+
+struct Rows {  // where one part's weights and activations start
+  const uint8_t* w;
+  const float* sc;
+  const int8_t* q;
+  const float* dx;
+  int64_t row_bytes, g_count, stride, n;
+  int shift;
+};
+
+template <int R, int O, int BITS, int GPC, bool HALF>
+__attribute__((always_inline)) inline void chunk(const Rows& t, int64_t at, __m512 (&acc)[O][R]) {
+  constexpr bool kG32 = BITS == 4 && GPC == 4;
+  const __m512i nibble = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+  __m512i a[O], b[O];  // int8: |w| and w's sign mask; int4: low and high nibbles
+  __mmask64 negative[O];
+  __m512 swl[O];
+#pragma GCC unroll 4
+  for (int j = 0; j < O; ++j) {
+    const __m512i v = load_bytes<HALF>(t.w + j * t.row_bytes + at);
+    if (BITS == 8) {
+      negative[j] = _mm512_movepi8_mask(v);
+      a[j] = _mm512_abs_epi8(v);
+    } else {
+      a[j] = _mm512_and_si512(v, nibble);
+      b[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    }
+    swl[j] = chunk_scales<GPC, HALF>(t.sc + j * t.g_count, at, t.shift);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const int8_t* x = t.q + r * t.stride + at;
+    const float* d = t.dx + (r * t.stride + at) / 4;
+    const __m512i x0 = load_bytes<HALF>(x);
+    const __m512 d0 = load_floats<HALF>(d);
+    if (BITS == 8) {
+#pragma GCC unroll 4
+      for (int j = 0; j < O; ++j) {
+        const __m512i signed_x = _mm512_mask_sub_epi8(x0, negative[j], zero, x0);
+        const __m512 s = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, a[j], signed_x));
+        acc[j][r] = _mm512_fmadd_ps(_mm512_mul_ps(s, d0), swl[j], acc[j][r]);
+      }
+    } else {
+      const __m512i x1 = load_bytes<HALF>(x + t.n);
+#pragma GCC unroll 4
+      for (int j = 0; j < O; ++j) {
+        const __m512i lo = _mm512_dpbusd_epi32(zero, a[j], x0);
+        __m512 s;
+        if (kG32) {
+          s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(lo, b[j], x1)), d0);
+        } else {
+          const __m512 d1 = load_floats<HALF>(d + t.n / 4);
+          s = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d0);
+          s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, b[j], x1)), d1, s);
+        }
+        acc[j][r] = _mm512_fmadd_ps(s, swl[j], acc[j][r]);
+      }
+    }
+  }
+}
+
+template <int R, int O, int BITS, int GPC>
+void block_fast(const Problem& p, int shift, int64_t o0, int64_t r0) {
+  Rows t;
+  t.row_bytes = BITS == 8 ? p.in : p.in / 2;
+  t.g_count = ngroups(p);
+  t.stride = p.parts * p.in;
+  t.n = p.in / 2;
+  t.shift = shift;
+  const int64_t whole = t.row_bytes & ~int64_t(63);
+  __m512 acc[O][R];
+#pragma GCC unroll 4
+  for (int j = 0; j < O; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  for (int64_t part = 0; part < p.parts; ++part) {
+    t.w = weight_row(p, part, o0);
+    t.sc = p.scales + (part * p.out + o0) * t.g_count;
+    t.q = p.qx + (r0 * p.parts + part) * p.in;
+    t.dx = p.dx + ((r0 * p.parts + part) * p.in) / 4;
+    for (int64_t at = 0; at < whole; at += 64) chunk<R, O, BITS, GPC, false>(t, at, acc);
+    if (whole < t.row_bytes) chunk<R, O, BITS, GPC, true>(t, whole, acc);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < O; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      p.y[(r0 + r) * p.out + o0 + j] =
+          _mm512_reduce_add_ps(add_zero_terms(p, r0 + r, o0 + j, acc[j][r]));
+}
+
+constexpr int kFastRows = 4;
+
+template <int R, int BITS, int GPC>
+void outputs_fast(const Problem& p, int shift, int64_t o_begin, int64_t o_end, int64_t r) {
+  constexpr int O = R == 1 ? 4 : 2;
+  int64_t o = o_begin;
+  for (; o + O <= o_end; o += O) block_fast<R, O, BITS, GPC>(p, shift, o, r);
+  for (; o < o_end; ++o) block_fast<R, 1, BITS, GPC>(p, shift, o, r);
+}
+
+template <int BITS, int GPC>
+void rows_fast(const Problem& p, int64_t o_begin, int64_t o_end) {
+  const int64_t bytes_per_group = BITS == 8 ? p.group : p.group / 2;
+  const int shift = ngroups(p) == 1 ? 62 : __builtin_ctzll(bytes_per_group);
+  int64_t r = 0;
+  for (; r + kFastRows <= p.rows; r += kFastRows)
+    outputs_fast<kFastRows, BITS, GPC>(p, shift, o_begin, o_end, r);
+  switch (p.rows - r) {
+    case 3: outputs_fast<3, BITS, GPC>(p, shift, o_begin, o_end, r); break;
+    case 2: outputs_fast<2, BITS, GPC>(p, shift, o_begin, o_end, r); break;
+    case 1: outputs_fast<1, BITS, GPC>(p, shift, o_begin, o_end, r); break;
+  }
+}
+
+// The fast path's instance for p, or nullptr (int4 with in % 64 == 32).
+inline RowsFn fast_rows(const Problem& p) {
+  const int64_t bytes_per_group = p.bits == 8 ? p.group : p.group / 2;
+  const int gpc = ngroups(p) == 1 || bytes_per_group >= 64 ? 1 : int(64 / bytes_per_group);
+  if (p.bits == 8) return gpc == 1 ? rows_fast<8, 1> : rows_fast<8, 2>;
+  if (p.in % 64) return nullptr;
+  return gpc == 1 ? rows_fast<4, 1> : gpc == 2 ? rows_fast<4, 2> : rows_fast<4, 4>;
+}
+
 }  // namespace
 
 void jaxinfer_int8_rows_avx512(const Problem& p, int64_t o_begin, int64_t o_end) {
+  if (const RowsFn fast = fast_rows(p)) return fast(p, o_begin, o_end);
   const Lanes lanes(p);
   for (int64_t o = o_begin; o < o_end; ++o) {
     int64_t r = 0;
