@@ -126,91 +126,70 @@ void block(const Problem& p, int shift, int64_t o, int64_t r0) {
 
 // Rows of whole 32-byte chunks, which is every weight but int4 with in % 64 == 32: the same
 // sums as `block`, without its per-chunk branches, so the compiler keeps every accumulator in
-// a register; O outputs share each activation load. int4 groups of 32 (GGUF Q4_0 / Q4_1 /
-// Q4_K) add both nibbles' products in one integer sum (they meet one activation block), and
-// a chunk's two 16-byte halves lie in two groups; otherwise a chunk lies in one group
-// (`shift`: log2 of the bytes per group, 62 for one group per row).
-template <int R, int O, int BITS, bool G32>
-void block_fast(const Problem& p, int shift, int64_t o0, int64_t r0) {
+// a register. int4 groups of 32 (GGUF Q4_0 / Q4_1 / Q4_K) add both nibbles' products in one
+// integer sum (they meet one activation block), and a chunk's two 16-byte halves lie in two
+// groups; otherwise a chunk lies in one group (`shift`: log2 of the bytes per group, 62 for
+// one group per row). One output at a time: reading several weight rows interleaved, each
+// activation load shared, was faster with the weights in cache but halved the bandwidth of a
+// product streamed from memory, [49,152 x 576] int8 at 1 row: 2.1 -> 1.0 ms.
+template <int R, int BITS, bool G32>
+void block_fast(const Problem& p, int shift, int64_t o, int64_t r0) {
   const int64_t g_count = ngroups(p), row_bytes = BITS == 8 ? p.in : p.in / 2, n = p.in / 2;
   const int64_t stride = p.parts * p.in;  // between rows of the prepared activations
   const __m256i nibble = _mm256_set1_epi8(15);
   const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-  __m256 acc[O][R];
+  __m256 acc[R];
 #pragma GCC unroll 4
-  for (int j = 0; j < O; ++j)
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t part = 0; part < p.parts; ++part) {
-    const uint8_t* w = weight_row(p, part, o0);
-    const float* sc = p.scales + (part * p.out + o0) * g_count;
+    const uint8_t* w = weight_row(p, part, o);
+    const float* sc = p.scales + (part * p.out + o) * g_count;
     const int8_t* q = p.qx + (r0 * p.parts + part) * p.in;
     const float* dx = p.dx + ((r0 * p.parts + part) * p.in) / 4;
     for (int64_t at = 0; at < row_bytes; at += 32) {
-      __m256i a[O], b[O];  // int8: |w| and w; int4: low and high nibbles
-      __m256 swl[O];
-#pragma GCC unroll 4
-      for (int j = 0; j < O; ++j) {
-        const __m256i v =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * row_bytes + at));
-        if (BITS == 8) {
-          a[j] = _mm256_abs_epi8(v);
-          b[j] = v;
-        } else {
-          a[j] = _mm256_and_si256(v, nibble);
-          b[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-        }
-        if (G32) {
-          const __m128 two = _mm_castpd_ps(
-              _mm_load_sd(reinterpret_cast<const double*>(sc + j * g_count + at / 16)));
-          swl[j] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), halves);
-        } else {
-          swl[j] = _mm256_set1_ps(sc[j * g_count + (at >> shift)]);
-        }
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + at));
+      // int8: |w| and w; int4: low and high nibbles
+      const __m256i a = BITS == 8 ? _mm256_abs_epi8(v) : _mm256_and_si256(v, nibble);
+      const __m256i b = BITS == 8 ? v : _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      __m256 swl;
+      if (G32) {
+        const __m128 two =
+            _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sc + at / 16)));
+        swl = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), halves);
+      } else {
+        swl = _mm256_set1_ps(sc[at >> shift]);
       }
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         const int8_t* x = q + r * stride + at;
         const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
         const __m256 d0 = _mm256_loadu_ps(dx + r * stride / 4 + at / 4);
+        __m256 t;
         if (BITS == 8) {
-#pragma GCC unroll 4
-          for (int j = 0; j < O; ++j) {
-            const __m256i s = dot_u8s8(a[j], _mm256_sign_epi8(x0, b[j]));
-            const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(s), d0);
-            acc[j][r] = _mm256_fmadd_ps(t, swl[j], acc[j][r]);
-          }
+          t = _mm256_cvtepi32_ps(dot_u8s8(a, _mm256_sign_epi8(x0, b)));
+          t = _mm256_mul_ps(t, d0);
         } else {
           const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + n));
-#pragma GCC unroll 4
-          for (int j = 0; j < O; ++j) {
-            __m256 t;
-            if (G32) {
-              t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot2_u8s8(a[j], x0, b[j], x1)), d0);
-            } else {
-              const __m256 d1 = _mm256_loadu_ps(dx + r * stride / 4 + n / 4 + at / 4);
-              t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_u8s8(a[j], x0)), d0);
-              t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(b[j], x1)), d1, t);
-            }
-            acc[j][r] = _mm256_fmadd_ps(t, swl[j], acc[j][r]);
+          if (G32) {
+            t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot2_u8s8(a, x0, b, x1)), d0);
+          } else {
+            const __m256 d1 = _mm256_loadu_ps(dx + r * stride / 4 + n / 4 + at / 4);
+            t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_u8s8(a, x0)), d0);
+            t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(b, x1)), d1, t);
           }
         }
+        acc[r] = _mm256_fmadd_ps(t, swl, acc[r]);
       }
     }
   }
 #pragma GCC unroll 4
-  for (int j = 0; j < O; ++j)
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r)
-      p.y[(r0 + r) * p.out + o0 + j] = hsum(add_zero_terms(p, r0 + r, o0 + j, acc[j][r]));
+  for (int r = 0; r < R; ++r)
+    p.y[(r0 + r) * p.out + o] = hsum(add_zero_terms(p, r0 + r, o, acc[r]));
 }
 
 template <int R, int BITS, bool G32>
 void outputs_fast(const Problem& p, int shift, int64_t o_begin, int64_t o_end, int64_t r) {
-  constexpr int O = R == 1 ? 4 : R == 2 ? 2 : 1;
-  int64_t o = o_begin;
-  for (; o + O <= o_end; o += O) block_fast<R, O, BITS, G32>(p, shift, o, r);
-  for (; o < o_end; ++o) block_fast<R, 1, BITS, G32>(p, shift, o, r);
+  for (int64_t o = o_begin; o < o_end; ++o) block_fast<R, BITS, G32>(p, shift, o, r);
 }
 
 template <int BITS, bool G32>

@@ -131,10 +131,12 @@ void block(const Problem& p, const Lanes& lanes, int64_t o, int64_t r0) {
 
 // The fast path below: rows of whole 64-byte chunks plus at most one 32-byte half (every int8
 // weight, int4 with in % 64 == 0), without `block`'s per-chunk branches, so the compiler keeps
-// every accumulator in a register; O outputs share each activation load. GPC: weight groups
-// per 64-byte chunk (1, 2 or 4). int4 groups of 32 (GGUF Q4_0 / Q4_1 / Q4_K) add both nibbles'
-// products in one integer sum, as they meet one activation block. A half chunk's upper lanes
-// are zero in weights, activations and their scales alike, so they add nothing.
+// every accumulator in a register. GPC: weight groups per 64-byte chunk (1, 2 or 4). int4
+// groups of 32 (GGUF Q4_0 / Q4_1 / Q4_K) add both nibbles' products in one integer sum, as
+// they meet one activation block. A half chunk's upper lanes are zero in weights, activations
+// and their scales alike, so they add nothing. One output at a time: reading two or four
+// weight rows interleaved (each activation load shared) halved the bandwidth of a product
+// streamed from memory, [49,152 x 576] int8 at 1 row: 33 -> 16 GB/s.
 template <bool HALF>
 inline __m512i load_bytes(const void* at) {
   if (HALF) return _mm512_zextsi256_si512(_mm256_loadu_si256(static_cast<const __m256i*>(at)));
@@ -164,99 +166,74 @@ struct Rows {  // where one part's weights and activations start
   const float* sc;
   const int8_t* q;
   const float* dx;
-  int64_t row_bytes, g_count, stride, n;
+  int64_t stride, n;
   int shift;
 };
 
-template <int R, int O, int BITS, int GPC, bool HALF>
-__attribute__((always_inline)) inline void chunk(const Rows& t, int64_t at, __m512 (&acc)[O][R]) {
+template <int R, int BITS, int GPC, bool HALF>
+__attribute__((always_inline)) inline void chunk(const Rows& t, int64_t at, __m512 (&acc)[R]) {
   constexpr bool kG32 = BITS == 4 && GPC == 4;
   const __m512i nibble = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
-  __m512i a[O], b[O];  // int8: |w| and w's sign mask; int4: low and high nibbles
-  __mmask64 negative[O];
-  __m512 swl[O];
-#pragma GCC unroll 4
-  for (int j = 0; j < O; ++j) {
-    const __m512i v = load_bytes<HALF>(t.w + j * t.row_bytes + at);
-    if (BITS == 8) {
-      negative[j] = _mm512_movepi8_mask(v);
-      a[j] = _mm512_abs_epi8(v);
-    } else {
-      a[j] = _mm512_and_si512(v, nibble);
-      b[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-    }
-    swl[j] = chunk_scales<GPC, HALF>(t.sc + j * t.g_count, at, t.shift);
-  }
+  const __m512i v = load_bytes<HALF>(t.w + at);
+  // int8: |w| and w's sign mask; int4: low and high nibbles
+  const __mmask64 negative = BITS == 8 ? _mm512_movepi8_mask(v) : 0;
+  const __m512i a = BITS == 8 ? _mm512_abs_epi8(v) : _mm512_and_si512(v, nibble);
+  const __m512i b = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+  const __m512 swl = chunk_scales<GPC, HALF>(t.sc, at, t.shift);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const int8_t* x = t.q + r * t.stride + at;
     const float* d = t.dx + (r * t.stride + at) / 4;
     const __m512i x0 = load_bytes<HALF>(x);
     const __m512 d0 = load_floats<HALF>(d);
+    __m512 s;
     if (BITS == 8) {
-#pragma GCC unroll 4
-      for (int j = 0; j < O; ++j) {
-        const __m512i signed_x = _mm512_mask_sub_epi8(x0, negative[j], zero, x0);
-        const __m512 s = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, a[j], signed_x));
-        acc[j][r] = _mm512_fmadd_ps(_mm512_mul_ps(s, d0), swl[j], acc[j][r]);
-      }
+      const __m512i signed_x = _mm512_mask_sub_epi8(x0, negative, zero, x0);
+      s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, a, signed_x)), d0);
     } else {
       const __m512i x1 = load_bytes<HALF>(x + t.n);
-#pragma GCC unroll 4
-      for (int j = 0; j < O; ++j) {
-        const __m512i lo = _mm512_dpbusd_epi32(zero, a[j], x0);
-        __m512 s;
-        if (kG32) {
-          s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(lo, b[j], x1)), d0);
-        } else {
-          const __m512 d1 = load_floats<HALF>(d + t.n / 4);
-          s = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d0);
-          s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, b[j], x1)), d1, s);
-        }
-        acc[j][r] = _mm512_fmadd_ps(s, swl[j], acc[j][r]);
+      const __m512i lo = _mm512_dpbusd_epi32(zero, a, x0);
+      if (kG32) {
+        s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(lo, b, x1)), d0);
+      } else {
+        const __m512 d1 = load_floats<HALF>(d + t.n / 4);
+        s = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d0);
+        s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, b, x1)), d1, s);
       }
     }
+    acc[r] = _mm512_fmadd_ps(s, swl, acc[r]);
   }
 }
 
-template <int R, int O, int BITS, int GPC>
-void block_fast(const Problem& p, int shift, int64_t o0, int64_t r0) {
+template <int R, int BITS, int GPC>
+void block_fast(const Problem& p, int shift, int64_t o, int64_t r0) {
+  const int64_t row_bytes = BITS == 8 ? p.in : p.in / 2;
+  const int64_t whole = row_bytes & ~int64_t(63);
   Rows t;
-  t.row_bytes = BITS == 8 ? p.in : p.in / 2;
-  t.g_count = ngroups(p);
   t.stride = p.parts * p.in;
   t.n = p.in / 2;
   t.shift = shift;
-  const int64_t whole = t.row_bytes & ~int64_t(63);
-  __m512 acc[O][R];
-#pragma GCC unroll 4
-  for (int j = 0; j < O; ++j)
+  __m512 acc[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t part = 0; part < p.parts; ++part) {
-    t.w = weight_row(p, part, o0);
-    t.sc = p.scales + (part * p.out + o0) * t.g_count;
+    t.w = weight_row(p, part, o);
+    t.sc = p.scales + (part * p.out + o) * ngroups(p);
     t.q = p.qx + (r0 * p.parts + part) * p.in;
     t.dx = p.dx + ((r0 * p.parts + part) * p.in) / 4;
-    for (int64_t at = 0; at < whole; at += 64) chunk<R, O, BITS, GPC, false>(t, at, acc);
-    if (whole < t.row_bytes) chunk<R, O, BITS, GPC, true>(t, whole, acc);
+    for (int64_t at = 0; at < whole; at += 64) chunk<R, BITS, GPC, false>(t, at, acc);
+    if (whole < row_bytes) chunk<R, BITS, GPC, true>(t, whole, acc);
   }
-#pragma GCC unroll 4
-  for (int j = 0; j < O; ++j)
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-      p.y[(r0 + r) * p.out + o0 + j] =
-          _mm512_reduce_add_ps(add_zero_terms(p, r0 + r, o0 + j, acc[j][r]));
+  for (int r = 0; r < R; ++r)
+    p.y[(r0 + r) * p.out + o] = _mm512_reduce_add_ps(add_zero_terms(p, r0 + r, o, acc[r]));
 }
 
 constexpr int kFastRows = 4;
 
 template <int R, int BITS, int GPC>
 void outputs_fast(const Problem& p, int shift, int64_t o_begin, int64_t o_end, int64_t r) {
-  constexpr int O = R == 1 ? 4 : 2;
-  int64_t o = o_begin;
-  for (; o + O <= o_end; o += O) block_fast<R, O, BITS, GPC>(p, shift, o, r);
-  for (; o < o_end; ++o) block_fast<R, 1, BITS, GPC>(p, shift, o, r);
+  for (int64_t o = o_begin; o < o_end; ++o) block_fast<R, BITS, GPC>(p, shift, o, r);
 }
 
 template <int BITS, int GPC>
