@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from jaxinfer.bench import machine
 from jaxinfer.bench.workload import Workload
 
 BENCH = [sys.executable, "-m", "jaxinfer.launch.bench"]
@@ -37,6 +38,16 @@ def test_report_holds_every_figure_for_the_engine(report):
     assert list(result["decode_tok_s"]) == ["1"] and result["decode_tok_s"]["1"] > 0
     assert result["peak_rss_bytes"] > result["param_bytes"]
     assert report["settings"]["prompt_tokens"] == 1 and report["ratios"] == {}
+
+
+def test_report_names_the_cpu_its_flags_and_a_timed_kernel_build(report):
+    from jaxinfer.kernels.cpu import build
+
+    cpu = report["machine"]["cpu"]
+    assert cpu["model"] and set(cpu["isa_flags"]) <= set(machine.ISA_FLAGS)
+    assert cpu["kernel_isas"] == build.available_isas()
+    if build.compiler() is not None:
+        assert 0 < cpu["kernel_build_s"] < 300
 
 
 def test_param_bytes_are_the_gguf_tensors_in_fp32(report, smollm2_path):

@@ -139,14 +139,20 @@ def test_the_layer_index_selects_a_layer_of_the_stacked_weight(rng):
         np.testing.assert_array_equal(np.asarray(scanned[i]), np.asarray(_call(x, layer)))
 
 
-def test_products_over_two_contracted_axes_use_the_parts_axis(rng):
-    """The attention output projection: "bthk,hkd->btd", stored [heads, embed, head_dim]."""
+@pytest.mark.parametrize("precision,activations",
+                         [("int4", "f32"), ("int4", "int8"), ("int8", "f32"), ("int8", "int8")])
+def test_products_over_two_contracted_axes_use_the_parts_axis(rng, precision, activations):
+    """The attention output projection: "bthk,hkd->btd", stored [heads, embed, head_dim], with
+    its own scale per head (int8: one per head and output)."""
     w = rng.standard_normal((3, 64, 96)).astype(np.float32)  # [heads, head_dim, embed]
-    q = quant.quantize(w, "int4", axis=-2)
-    x = rng.standard_normal((2, 1, 3, 64)).astype(np.float32)
-    got = quant.einsum("bthk,hkd->btd", jnp.asarray(x), quant.InPlace(q, None, "f32"))
-    want = np.einsum("bthk,hkd->btd", x, np.asarray(quant.dequantize(q)))
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    q = quant.quantize(w, precision, axis=-2)
+    x = rng.standard_normal((5, 1, 3, 64)).astype(np.float32)
+    got = quant.einsum("bthk,hkd->btd", jnp.asarray(x), quant.InPlace(q, None, activations))
+    xs = _quantized_activations(x.reshape(5, -1)) if activations == "int8" else x
+    w64 = np.asarray(quant.dequantize(q), np.float64)
+    want = np.einsum("bthk,hkd->btd", xs.reshape(x.shape), w64)
+    scale = np.einsum("bthk,hkd->btd", np.abs(xs).reshape(x.shape), np.abs(w64))
+    np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - want), 2e-6 * scale)
 
 
 def test_unsupported_requests_are_refused_with_the_numbers(rng):

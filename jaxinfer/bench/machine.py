@@ -72,3 +72,38 @@ def memory_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
     method = max(figures, key=figures.get)
     return {"gbps": figures[method] / 1e9, "method": method,
             "all_gbps": {k: v / 1e9 for k, v in figures.items()}, "array_mib": mib}
+
+
+# The /proc/cpuinfo flags that decide which kernels run (ours and llama.cpp's).
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+             "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+
+
+def cpu() -> dict:
+    """The CPU's model and instruction-set flags, the paths jaxinfer's CPU kernels can take
+    here, and the seconds a fresh build of those kernels takes (into a temporary directory;
+    None without a compiler)."""
+    import tempfile
+    from pathlib import Path
+
+    from jaxinfer.kernels.cpu import build
+
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    build_s, cxx = None, build.compiler()
+    if cxx is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            build.build(cxx, Path(tmp) / "lib.so")
+            build_s = time.perf_counter() - start
+    return {"model": model, "isa_flags": [f for f in ISA_FLAGS if f in flags],
+            "kernel_isas": build.available_isas(), "kernel_build_s": build_s}

@@ -120,6 +120,11 @@ def table(report: dict) -> str:
         f"{s['peer_omp_wait_policy']}; best of {s['repeats']}; decode "
         f"prompts {s['prompt_tokens']} tokens, {s['decode_tokens']} new tokens per row; "
         f"1-minute load average {m['load_avg_before']:.1f} before, {m['load_avg_after']:.1f} after")
+    if "cpu" in m:  # reports written before it was recorded lack it
+        c = m["cpu"]
+        built = "no compiler" if c["kernel_build_s"] is None else f"{c['kernel_build_s']:.1f} s"
+        parts.append(f"CPU {c['model']}; flags {' '.join(c['isa_flags'])}; kernel paths "
+                     f"{', '.join(c['kernel_isas']) or 'none'}; kernel build {built}")
     return "\n".join(parts)
 
 

@@ -72,6 +72,8 @@ def main(argv: list[str]) -> None:
     load_before = os.getloadavg()[0]
     log("machine", f"memory bandwidth ({FLAGS.bandwidth_mib} MiB arrays)")
     bandwidth = machine.memory_bandwidth(FLAGS.bandwidth_mib)
+    log("machine", "CPU flags and a fresh build of the CPU kernels")
+    cpu = machine.cpu()
     results = []
     for i, engine in enumerate(engines, 1):
         log("bench", f"engine {i}/{len(engines)}: {report.column_name(engine)}")
@@ -88,7 +90,7 @@ def main(argv: list[str]) -> None:
             "threads": threads, "repeats": work.repeats,
             "peer_omp_wait_policy": FLAGS.omp_wait_policy,
         },
-        "machine": {"cpus": os.cpu_count(), "bandwidth": bandwidth,
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu, "bandwidth": bandwidth,
                     "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
                     "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},
         "results": results,
