@@ -3,6 +3,8 @@
 // 32 weight bytes per step.
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "qmatmul.h"
 
 namespace {
@@ -195,13 +197,20 @@ void outputs_fast(const Problem& p, int shift, int64_t o_begin, int64_t o_end, i
 template <int BITS, bool G32>
 void rows_fast(const Problem& p, int64_t o_begin, int64_t o_end) {
   const int shift = ngroups(p) == 1 ? 62 : __builtin_ctzll(BITS == 8 ? p.group : p.group / 2);
-  int64_t r = 0;
-  for (; r + kMaxRows <= p.rows; r += kMaxRows)
-    outputs_fast<kMaxRows, BITS, G32>(p, shift, o_begin, o_end, r);
-  switch (p.rows - r) {
-    case 3: outputs_fast<3, BITS, G32>(p, shift, o_begin, o_end, r); break;
-    case 2: outputs_fast<2, BITS, G32>(p, shift, o_begin, o_end, r); break;
-    case 1: outputs_fast<1, BITS, G32>(p, shift, o_begin, o_end, r); break;
+  // Outputs in tiles of about 256 KB of weights, which every block of rows then reads from
+  // L2 rather than memory.
+  const int64_t row_bytes = p.parts * (BITS == 8 ? p.in : p.in / 2);
+  const int64_t tile = std::max<int64_t>(1, (256 << 10) / row_bytes);
+  for (int64_t begin = o_begin; begin < o_end; begin += tile) {
+    const int64_t end = std::min(begin + tile, o_end);
+    int64_t r = 0;
+    for (; r + kMaxRows <= p.rows; r += kMaxRows)
+      outputs_fast<kMaxRows, BITS, G32>(p, shift, begin, end, r);
+    switch (p.rows - r) {
+      case 3: outputs_fast<3, BITS, G32>(p, shift, begin, end, r); break;
+      case 2: outputs_fast<2, BITS, G32>(p, shift, begin, end, r); break;
+      case 1: outputs_fast<1, BITS, G32>(p, shift, begin, end, r); break;
+    }
   }
 }
 

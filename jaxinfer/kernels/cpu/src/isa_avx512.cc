@@ -2,6 +2,8 @@
 // nibbles (or |w| against sign-adjusted activations for int8) times int8 activations.
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "qmatmul.h"
 
 namespace {
@@ -240,13 +242,20 @@ template <int BITS, int GPC>
 void rows_fast(const Problem& p, int64_t o_begin, int64_t o_end) {
   const int64_t bytes_per_group = BITS == 8 ? p.group : p.group / 2;
   const int shift = ngroups(p) == 1 ? 62 : __builtin_ctzll(bytes_per_group);
-  int64_t r = 0;
-  for (; r + kFastRows <= p.rows; r += kFastRows)
-    outputs_fast<kFastRows, BITS, GPC>(p, shift, o_begin, o_end, r);
-  switch (p.rows - r) {
-    case 3: outputs_fast<3, BITS, GPC>(p, shift, o_begin, o_end, r); break;
-    case 2: outputs_fast<2, BITS, GPC>(p, shift, o_begin, o_end, r); break;
-    case 1: outputs_fast<1, BITS, GPC>(p, shift, o_begin, o_end, r); break;
+  // Outputs in tiles of about 256 KB of weights, which every block of rows then reads from
+  // L2 rather than memory.
+  const int64_t row_bytes = p.parts * (BITS == 8 ? p.in : p.in / 2);
+  const int64_t tile = std::max<int64_t>(1, (256 << 10) / row_bytes);
+  for (int64_t begin = o_begin; begin < o_end; begin += tile) {
+    const int64_t end = std::min(begin + tile, o_end);
+    int64_t r = 0;
+    for (; r + kFastRows <= p.rows; r += kFastRows)
+      outputs_fast<kFastRows, BITS, GPC>(p, shift, begin, end, r);
+    switch (p.rows - r) {
+      case 3: outputs_fast<3, BITS, GPC>(p, shift, begin, end, r); break;
+      case 2: outputs_fast<2, BITS, GPC>(p, shift, begin, end, r); break;
+      case 1: outputs_fast<1, BITS, GPC>(p, shift, begin, end, r); break;
+    }
   }
 }
 
