@@ -3,8 +3,6 @@
 // 32 weight bytes per step.
 #include <immintrin.h>
 
-#include <algorithm>
-
 #include "qmatmul.h"
 
 namespace {
@@ -189,29 +187,13 @@ void block_fast(const Problem& p, int shift, int64_t o, int64_t r0) {
     p.y[(r0 + r) * p.out + o] = hsum(add_zero_terms(p, r0 + r, o, acc[r]));
 }
 
-template <int R, int BITS, bool G32>
-void outputs_fast(const Problem& p, int shift, int64_t o_begin, int64_t o_end, int64_t r) {
-  for (int64_t o = o_begin; o < o_end; ++o) block_fast<R, BITS, G32>(p, shift, o, r);
-}
-
 template <int BITS, bool G32>
 void rows_fast(const Problem& p, int64_t o_begin, int64_t o_end) {
   const int shift = ngroups(p) == 1 ? 62 : __builtin_ctzll(BITS == 8 ? p.group : p.group / 2);
-  // Outputs in tiles of about 256 KB of weights, which every block of rows then reads from
-  // L2 rather than memory.
-  const int64_t row_bytes = p.parts * (BITS == 8 ? p.in : p.in / 2);
-  const int64_t tile = std::max<int64_t>(1, (256 << 10) / row_bytes);
-  for (int64_t begin = o_begin; begin < o_end; begin += tile) {
-    const int64_t end = std::min(begin + tile, o_end);
-    int64_t r = 0;
-    for (; r + kMaxRows <= p.rows; r += kMaxRows)
-      outputs_fast<kMaxRows, BITS, G32>(p, shift, begin, end, r);
-    switch (p.rows - r) {
-      case 3: outputs_fast<3, BITS, G32>(p, shift, begin, end, r); break;
-      case 2: outputs_fast<2, BITS, G32>(p, shift, begin, end, r); break;
-      case 1: outputs_fast<1, BITS, G32>(p, shift, begin, end, r); break;
-    }
-  }
+  tiled_rows(p, o_begin, o_end, [&](auto rows, int64_t begin, int64_t end, int64_t r) {
+    for (int64_t o = begin; o < end; ++o)
+      block_fast<decltype(rows)::value, BITS, G32>(p, shift, o, r);
+  });
 }
 
 }  // namespace

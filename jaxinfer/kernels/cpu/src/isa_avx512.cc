@@ -2,8 +2,6 @@
 // nibbles (or |w| against sign-adjusted activations for int8) times int8 activations.
 #include <immintrin.h>
 
-#include <algorithm>
-
 #include "qmatmul.h"
 
 namespace {
@@ -231,32 +229,14 @@ void block_fast(const Problem& p, int shift, int64_t o, int64_t r0) {
     p.y[(r0 + r) * p.out + o] = _mm512_reduce_add_ps(add_zero_terms(p, r0 + r, o, acc[r]));
 }
 
-constexpr int kFastRows = 4;
-
-template <int R, int BITS, int GPC>
-void outputs_fast(const Problem& p, int shift, int64_t o_begin, int64_t o_end, int64_t r) {
-  for (int64_t o = o_begin; o < o_end; ++o) block_fast<R, BITS, GPC>(p, shift, o, r);
-}
-
 template <int BITS, int GPC>
 void rows_fast(const Problem& p, int64_t o_begin, int64_t o_end) {
   const int64_t bytes_per_group = BITS == 8 ? p.group : p.group / 2;
   const int shift = ngroups(p) == 1 ? 62 : __builtin_ctzll(bytes_per_group);
-  // Outputs in tiles of about 256 KB of weights, which every block of rows then reads from
-  // L2 rather than memory.
-  const int64_t row_bytes = p.parts * (BITS == 8 ? p.in : p.in / 2);
-  const int64_t tile = std::max<int64_t>(1, (256 << 10) / row_bytes);
-  for (int64_t begin = o_begin; begin < o_end; begin += tile) {
-    const int64_t end = std::min(begin + tile, o_end);
-    int64_t r = 0;
-    for (; r + kFastRows <= p.rows; r += kFastRows)
-      outputs_fast<kFastRows, BITS, GPC>(p, shift, begin, end, r);
-    switch (p.rows - r) {
-      case 3: outputs_fast<3, BITS, GPC>(p, shift, begin, end, r); break;
-      case 2: outputs_fast<2, BITS, GPC>(p, shift, begin, end, r); break;
-      case 1: outputs_fast<1, BITS, GPC>(p, shift, begin, end, r); break;
-    }
-  }
+  tiled_rows(p, o_begin, o_end, [&](auto rows, int64_t begin, int64_t end, int64_t r) {
+    for (int64_t o = begin; o < end; ++o)
+      block_fast<decltype(rows)::value, BITS, GPC>(p, shift, o, r);
+  });
 }
 
 // The fast path's instance for p, or nullptr (int4 with in % 64 == 32).

@@ -11,6 +11,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
+#include <type_traits>
+
 struct Problem {
   int64_t rows, parts, out, in, group, bits;
   const float* x;         // [rows, parts * in]
@@ -119,6 +122,25 @@ inline void int8_rows_scalar(const Problem& p, int64_t o_begin, int64_t o_end) {
         }
       }
       p.y[r * p.out + o] = acc + zero_term(p, r, o);
+    }
+  }
+}
+
+// The branch-free paths' loop over one thread's outputs [o_begin, o_end): tiles of about
+// 256 KB of weights, which every block of 4 rows then reads from L2 rather than memory;
+// run(std::integral_constant<int, R>, begin, end, r) computes rows [r, r + R) of a tile.
+template <typename Run>
+inline void tiled_rows(const Problem& p, int64_t o_begin, int64_t o_end, Run run) {
+  const int64_t row_bytes = p.parts * (p.bits == 8 ? p.in : p.in / 2);
+  const int64_t tile = std::max<int64_t>(1, (256 << 10) / row_bytes);
+  for (int64_t begin = o_begin; begin < o_end; begin += tile) {
+    const int64_t end = std::min(begin + tile, o_end);
+    int64_t r = 0;
+    for (; r + 4 <= p.rows; r += 4) run(std::integral_constant<int, 4>(), begin, end, r);
+    switch (p.rows - r) {
+      case 3: run(std::integral_constant<int, 3>(), begin, end, r); break;
+      case 2: run(std::integral_constant<int, 2>(), begin, end, r); break;
+      case 1: run(std::integral_constant<int, 1>(), begin, end, r); break;
     }
   }
 }
