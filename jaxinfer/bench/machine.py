@@ -81,29 +81,33 @@ ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "a
 
 def cpu() -> dict:
     """The CPU's model and instruction-set flags, the paths jaxinfer's CPU kernels can take
-    here, and the seconds a fresh build of those kernels takes (into a temporary directory;
-    None without a compiler)."""
+    here, and the seconds a build of those kernels takes (None without a compiler). The build
+    is timed afresh into a temporary file, which becomes the cached library if there is none
+    yet, so a cold machine builds once."""
     import tempfile
     from pathlib import Path
 
     from jaxinfer.kernels.cpu import build
 
-    model, flags = "unknown", set()
+    model = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
+            if key.strip() == "model name":
                 model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
                 break
     except OSError:
         pass
+    flags = set(build.cpu_flags().split())
     build_s, cxx = None, build.compiler()
     if cxx is not None:
-        with tempfile.TemporaryDirectory() as tmp:
+        cached = build.library_path(cxx)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
             start = time.perf_counter()
             build.build(cxx, Path(tmp) / "lib.so")
             build_s = time.perf_counter() - start
+            if not cached.exists():
+                os.replace(Path(tmp) / "lib.so", cached)
     return {"model": model, "isa_flags": [f for f in ISA_FLAGS if f in flags],
             "kernel_isas": build.available_isas(), "kernel_build_s": build_s}

@@ -48,7 +48,7 @@ def compiler() -> str | None:
     return shutil.which("g++") or shutil.which("c++")
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -63,7 +63,7 @@ def cache_key(cxx: str) -> str:
     for path in sorted(SRC.iterdir()):
         h.update(path.name.encode() + path.read_bytes())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    for part in (repr(UNITS), repr(COMMON_FLAGS), _cpu_flags(), jaxlib.__version__, version):
+    for part in (repr(UNITS), repr(COMMON_FLAGS), cpu_flags(), jaxlib.__version__, version):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -71,6 +71,11 @@ def cache_key(cxx: str) -> str:
 def library_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "jaxinfer" / "kernels"
+
+
+def library_path(cxx: str) -> Path:
+    """Where the library for these sources, this CPU and this compiler is cached."""
+    return library_dir() / f"jaxinfer_cpu_{cache_key(cxx)}.so"
 
 
 def build(cxx: str, out: Path) -> None:
@@ -107,7 +112,7 @@ def load() -> ctypes.CDLL | None:
             cxx = compiler()
             if cxx is None:
                 raise RuntimeError("no C++ compiler (g++) found")
-            path = library_dir() / f"jaxinfer_cpu_{cache_key(cxx)}.so"
+            path = library_path(cxx)
             if not path.exists():
                 build(cxx, path)
             lib = ctypes.CDLL(str(path))

@@ -128,7 +128,6 @@ void block(const Problem& p, const Lanes& lanes, int64_t o, int64_t r0) {
     p.y[(r0 + r) * p.out + o] = _mm512_reduce_add_ps(add_zero_terms(p, r0 + r, o, acc[r]));
 }
 
-
 // The fast path below: rows of whole 64-byte chunks plus at most one 32-byte half (every int8
 // weight, int4 with in % 64 == 0), without `block`'s per-chunk branches, so the compiler keeps
 // every accumulator in a register. GPC: weight groups per 64-byte chunk (1, 2 or 4). int4
