@@ -189,8 +189,8 @@ class PagedKVCache:
         pages, are gathered into a dense [batch, kv_heads, max_len, head_dim] view first, then
         `pallas.attention` runs on it.
         """
-        xla = pallas.resolve(options.get("impl", "xla"), q.shape[-1]) == "xla"
-        if xla or options.get("sinks") is not None:  # sinks: the XLA path only
+        in_place = pallas.resolve(options.get("impl", "xla"), q.shape[-1]) != "pallas"
+        if in_place or options.get("sinks") is not None:  # sinks: the XLA and CPU paths only
             scales = None if self.k_scales is None else (self.k_scales, self.v_scales)
             return pallas.paged_attention(q, self.k_pages, self.v_pages, self.page_table,
                                           positions, layer=layer, scales=scales, **options)

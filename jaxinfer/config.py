@@ -23,7 +23,7 @@ CPU_KERNELS = ("int8", "f32", "off")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 # jaxinfer.pallas.IMPLEMENTATIONS, named here so that configuration imports no kernels
 # (tests/test_layering.py keeps the two equal).
-ATTENTION_IMPLS = ("auto", "xla", "pallas")
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +63,9 @@ class ModelConfig:
     rope_attention_factor: float = 1.0  # cos and sin scaled by this (YaRN's attention factor)
     param_dtype: str = "float32"  # how weights are stored
     compute_dtype: str = "float32"  # activations and the KV cache; softmax and norms run in fp32
-    # Attention implementation (jaxinfer.pallas.resolve): "xla" (jnp reference), "pallas"
-    # (kernels; interpreted on CPU) or "auto" (Pallas on GPU/TPU if head_dim fits, else XLA).
+    # Attention implementation (jaxinfer.pallas.resolve): "xla" (blocked jnp), "pallas"
+    # (kernels; interpreted on CPU), "cpu" (the CPU decode kernel) or "auto" (Pallas on GPU/TPU
+    # if head_dim fits; on CPU the kernel unless cpu_kernels is "off"; else XLA).
     attention: str = "auto"
     # How the weights are held: None (floats), "int8" / "int4" (quantized at load) or "gguf"
     # (the file's own Q8_0 / Q4_0 / Q4_1 / Q4_K blocks kept as they are); see jaxinfer.quant.

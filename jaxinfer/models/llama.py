@@ -165,8 +165,11 @@ def decoder_layer(
     cache = cache.update(index, positions, k, v)
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
     sinks = {"sinks": layer["sinks"]} if cfg.attn_sinks else {}
+    impl = cfg.attention  # cpu_kernels "off" keeps "auto" off the CPU kernel too
+    if impl == "auto" and cfg.cpu_kernels == "off" and jax.default_backend() == "cpu":
+        impl = "xla"
     attn = cache.attend(index, q, positions, window=data.get("window"),
-                        softcap=cfg.attn_softcap, scale=scale, impl=cfg.attention, **sinks)
+                        softcap=cfg.attn_softcap, scale=scale, impl=impl, **sinks)
     out = quant.einsum("bthk,hkd->btd", attn, layer["wo"])
     if cfg.o_bias:
         out = out + layer["bo"]

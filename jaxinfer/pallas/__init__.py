@@ -1,35 +1,41 @@
 """The one attention entry point models call; it picks an implementation per backend.
 
-impl="xla": blocked attention in plain XLA (blocked.py), the CPU path: it reads only the cache
-blocks some query can see, and is tested against the plain-jnp references (reference.py).
-impl="pallas": the Pallas
-kernels (flash_attention.py for prefill, paged_attention.py for decode against a paged
-cache), compiled for the GPU (Triton) or TPU (Mosaic), and run with `interpret=True` on any
-other backend (how CI checks them on CPU). impl="auto": Pallas on GPU and TPU when the
-kernels support the shape (head_dim 64/128/256), otherwise XLA.
+impl="xla": blocked attention in plain XLA (blocked.py): it reads only the cache blocks some
+query can see, and is tested against the plain-jnp references (reference.py).
+impl="cpu": the CPU decode-attention kernel (jaxinfer.kernels.cpu.attention) for up to
+MAX_QUERIES queries per row, each query reading only its own visible keys; longer calls
+(prefill) take the XLA path. impl="pallas": the Pallas kernels (flash_attention.py for
+prefill, paged_attention.py for decode against a paged cache), compiled for the GPU (Triton)
+or TPU (Mosaic), and run with `interpret=True` on any other backend (how CI checks them on
+CPU). impl="auto": Pallas on GPU and TPU when the kernels support the shape (head_dim
+64/128/256); on CPU the kernel when it is built (and no multi-device mesh is active: a custom
+call is opaque to the partitioner); otherwise XLA.
 """
 
 from __future__ import annotations
 
 import jax
 
+from jaxinfer.kernels import cpu
 from jaxinfer.pallas import blocked, reference  # noqa: F401  (callers use pallas.reference)
 from jaxinfer.pallas.flash_attention import SUPPORTED_HEAD_DIMS, flash_attention
 from jaxinfer.pallas.paged_attention import paged_attention as paged_kernel
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "cpu")
 KERNEL_BACKENDS = ("gpu", "tpu")  # where the kernels compile; elsewhere they are interpreted
 
 
 def resolve(impl: str, head_dim: int | None = None) -> str:
-    """"xla" or "pallas" for `impl` on the current backend ("auto": Pallas on GPU/TPU when
-    the kernels support head_dim, else XLA)."""
+    """"xla", "cpu" or "pallas" for `impl` on the current backend ("auto": see above)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention={impl!r}; allowed: {', '.join(IMPLEMENTATIONS)}")
     if impl != "auto":
         return impl
     supported = head_dim is None or head_dim in SUPPORTED_HEAD_DIMS
-    return "pallas" if jax.default_backend() in KERNEL_BACKENDS and supported else "xla"
+    if jax.default_backend() in KERNEL_BACKENDS and supported:
+        return "pallas"
+    mesh = jax.sharding.get_abstract_mesh()
+    return "cpu" if cpu.available() and (mesh.empty or mesh.size == 1) else "xla"
 
 
 def _interpret() -> bool:
@@ -57,10 +63,14 @@ def attention(
     `reference.attention`. window may be a traced int32 scalar. `sinks` [heads] (gpt-oss's
     attention sinks) run on the XLA path only: the kernels have no sink term yet."""
     options = dict(window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths)
+    chosen = resolve(impl, q.shape[-1])
+    if chosen == "cpu" and cpu.attention_supports(q, k):
+        return cpu.attention(q, k, v, q_positions, layer=layer, scales=scales, sinks=sinks,
+                             **options)
     if sinks is not None:
         return blocked.attention(q, k, v, q_positions, layer=layer, scales=scales,
                                  sinks=sinks, **options)
-    if resolve(impl, q.shape[-1]) == "pallas":
+    if chosen == "pallas":
         if layer is not None:
             k, v = k[layer], v[layer]
             scales = None if scales is None else (scales[0][layer], scales[1][layer])
@@ -95,7 +105,11 @@ def paged_attention(
     head_dim; XLA path only). Masking and output as in `reference.paged_attention`.
     """
     options = dict(window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths)
-    if resolve(impl, q.shape[-1]) == "pallas" and sinks is None:
+    chosen = resolve(impl, q.shape[-1])
+    if chosen == "cpu" and cpu.attention_supports(q, k_pages):
+        return cpu.attention(q, k_pages, v_pages, q_positions, page_table=page_table,
+                             layer=layer, scales=scales, sinks=sinks, **options)
+    if chosen == "pallas" and sinks is None:
         if scales is not None:
             raise ValueError("the paged Pallas kernel reads float pages; dequantize int8 "
                              "pages into a dense view and call attention()")

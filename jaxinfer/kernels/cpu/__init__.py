@@ -11,6 +11,11 @@ Activations are quantized inside the kernel per block of 32 values to int8, as l
 does ("int8", the default: integer dot products with VNNI), or used as fp32 ("f32").
 Outputs are split over XLA's intra-op threads by output rows only, so every output is the
 same whatever the number of rows. The library is built on first use (`build.load`).
+
+`attention` is decode attention against a dense or paged KV cache (fp32, bf16 or int8 with
+per-token scales), read in place: each (row, query, kv head) reads only the keys its query
+sees, so the work follows each row's own length, and a row's output is bitwise the same
+whatever else is in the batch and however many queries its row has.
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ from jaxinfer.kernels.cpu.build import ISAS, available_isas, load
 
 ACTIVATIONS = ("int8", "f32")
 MAX_ROWS = 64  # beyond this many rows (prefill), XLA's dense products are faster
+# Beyond this many queries per row (prefill), blocked XLA attention's batched dots are faster:
+# the kernel takes one query at a time.
+MAX_QUERIES = 16
+CACHE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 
-__all__ = ["ACTIVATIONS", "ISAS", "MAX_ROWS", "available", "available_isas", "qmatmul",
-           "set_enabled", "supports"]
+__all__ = ["ACTIVATIONS", "ISAS", "MAX_QUERIES", "MAX_ROWS", "attention", "attention_supports",
+           "available", "available_isas", "qmatmul", "set_enabled", "supports"]
 
 _enabled = True
 
@@ -48,6 +57,12 @@ def supports(bits: int, group: int, in_dim: int) -> bool:
     of 32, and groups of a power of two from 32 up (or one group per row)."""
     power_of_two = group >= 32 and group & (group - 1) == 0
     return bits in (4, 8) and in_dim % 32 == 0 and (power_of_two or group == in_dim)
+
+
+def _isa_attr(isa: str) -> np.int64:
+    if isa != "auto" and isa not in available_isas():
+        raise ValueError(f"isa={isa!r}; this CPU runs: {', '.join(available_isas())}")
+    return np.int64(ISAS.get(isa, 0))
 
 
 def qmatmul(
@@ -84,8 +99,7 @@ def qmatmul(
         raise ValueError(f"scales {scales.shape}; expected {(layers, parts, out, in_dim // group)}")
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations={activations!r}; allowed: {', '.join(ACTIVATIONS)}")
-    if isa != "auto" and isa not in available_isas():
-        raise ValueError(f"isa={isa!r}; this CPU runs: {', '.join(available_isas())}")
+    isa_attr = _isa_attr(isa)
     call = jax.ffi.ffi_call(
         "jaxinfer_qmatmul", jax.ShapeDtypeStruct((x.shape[0], out), jnp.float32),
         vmap_method="sequential",
@@ -94,6 +108,74 @@ def qmatmul(
         x.astype(jnp.float32), values, scales.astype(jnp.float32),
         scales.astype(jnp.float32) if zeros is None else zeros.astype(jnp.float32),
         jnp.asarray(layer, jnp.int32),
-        bits=np.int64(bits), group=np.int64(group), isa=np.int64(ISAS.get(isa, 0)),
+        bits=np.int64(bits), group=np.int64(group), isa=isa_attr,
         act_int8=np.int64(activations == "int8"),
     )
+
+
+def attention_supports(q: jax.Array, k: jax.Array) -> bool:
+    """Whether `attention` takes these queries [batch, seq, heads, head_dim] against a cache
+    of k's dtype (the kernels must be available: see `available`)."""
+    return q.shape[1] <= MAX_QUERIES and any(k.dtype == t for t in CACHE_DTYPES)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    *,
+    layer: jax.Array | int | None = None,
+    scales: tuple[jax.Array, jax.Array] | None = None,
+    page_table: jax.Array | None = None,
+    window: jax.Array | int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    kv_lengths: jax.Array | None = None,
+    sinks: jax.Array | None = None,
+    isa: str = "auto",
+) -> jax.Array:
+    """`jaxinfer.pallas.reference.attention` (page_table None: k, v [batch, kv_heads, max_len,
+    head_dim]) or `reference.paged_attention` (k, v [kv_heads, num_pages, page_size,
+    head_dim], page_table [batch, pages_per_seq]); either with a leading layers axis when
+    `layer` picks one (read in place). An int8 cache comes with `scales` (k's, v's: k's shape
+    without head_dim); `sinks` [heads]: gpt-oss's per-head logit in each softmax's
+    denominator. Output [batch, seq, heads, head_dim] in q's dtype."""
+    if load() is None:
+        raise RuntimeError("the CPU kernels are not available (see the warning at load)")
+    if not attention_supports(q, k):
+        raise ValueError(f"the attention kernel takes up to {MAX_QUERIES} queries per row "
+                         f"against a float32, bfloat16 or int8 cache; got q {q.shape}, "
+                         f"cache {k.dtype}")
+    if (k.dtype == jnp.int8) != (scales is not None):
+        raise ValueError("an int8 cache needs its scales, and only an int8 cache has them")
+    batch, seq, heads, head_dim = q.shape
+    if layer is None:
+        k, v = k[None], v[None]
+        scales = None if scales is None else (scales[0][None], scales[1][None])
+    paged = page_table is not None
+    kv_heads = k.shape[1] if paged else k.shape[2]
+    if k.ndim != 5 or k.shape[-1] != head_dim or heads % kv_heads or (
+            not paged and k.shape[1] != batch):
+        raise ValueError(f"q {q.shape} does not fit the cache {k.shape}")
+    none = jnp.zeros((1,), jnp.int32)
+    k_scale, v_scale = (jnp.zeros((1,), jnp.float32),) * 2 if scales is None else scales
+    call = jax.ffi.ffi_call(
+        "jaxinfer_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        vmap_method="sequential",
+    )
+    out = call(
+        q.astype(jnp.float32), k, v, k_scale.astype(jnp.float32), v_scale.astype(jnp.float32),
+        page_table.astype(jnp.int32) if paged else none.reshape(1, 1),
+        q_positions.astype(jnp.int32),
+        none if kv_lengths is None else kv_lengths.astype(jnp.int32),
+        jnp.asarray(0 if window is None else window, jnp.int32),
+        jnp.zeros((1,), jnp.float32) if sinks is None else sinks.astype(jnp.float32),
+        jnp.asarray(0 if layer is None else layer, jnp.int32),
+        paged=np.int64(paged), has_lengths=np.int64(kv_lengths is not None),
+        has_window=np.int64(window is not None), has_sinks=np.int64(sinks is not None),
+        softcap=np.float32(softcap or 0.0), scale=np.float32(head_dim**-0.5 if scale is None
+                                                            else scale),
+        isa=_isa_attr(isa),
+    )
+    return out.astype(q.dtype)

@@ -33,10 +33,14 @@ UNITS = (
     ("avx2vnni", "isa_avx2.cc", ("-mavx2", "-mfma", "-mavxvnni")),
     ("avx512", "isa_avx512.cc", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
                                   "-mfma")),
+    ("attention_scalar", "attention.cc", ("-DJAXINFER_ISA=scalar",)),
+    ("attention_avx2", "attention.cc", ("-mavx2", "-mfma", "-DJAXINFER_ISA=avx2")),
+    ("attention_avx512", "attention.cc", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma",
+                                          "-DJAXINFER_ISA=avx512")),
     ("ffi", "ffi.cc", ()),
 )
 COMMON_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-fno-math-errno")
-TARGETS = {"jaxinfer_qmatmul": "JaxinferQMatmul"}
+TARGETS = {"jaxinfer_qmatmul": "JaxinferQMatmul", "jaxinfer_attention": "JaxinferAttention"}
 # Instruction-set numbers of the handler's `isa` attribute (0: the best available).
 ISAS = {"scalar": 1, "avx2": 2, "avx2vnni": 3, "avx512vnni": 4}
 

@@ -6,10 +6,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
 
+#include "attention.h"
 #include "qmatmul.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -23,6 +25,9 @@ void jaxinfer_int8_rows_avx2vnni(const Problem&, int64_t, int64_t);
 void jaxinfer_f32_rows_avx2vnni(const Problem&, int64_t, int64_t);
 void jaxinfer_int8_rows_avx512(const Problem&, int64_t, int64_t);
 void jaxinfer_f32_rows_avx512(const Problem&, int64_t, int64_t);
+void jaxinfer_attention_scalar(const Attention&, int64_t, int64_t, float*);
+void jaxinfer_attention_avx2(const Attention&, int64_t, int64_t, float*);
+void jaxinfer_attention_avx512(const Attention&, int64_t, int64_t, float*);
 
 namespace {
 
@@ -33,6 +38,8 @@ const RowsFn kInt8Rows[] = {nullptr, jaxinfer_int8_rows_scalar, jaxinfer_int8_ro
                             jaxinfer_int8_rows_avx2vnni, jaxinfer_int8_rows_avx512};
 const RowsFn kF32Rows[] = {nullptr, jaxinfer_f32_rows_scalar, jaxinfer_f32_rows_avx2,
                            jaxinfer_f32_rows_avx2vnni, jaxinfer_f32_rows_avx512};
+const AttentionFn kAttention[] = {nullptr, jaxinfer_attention_scalar, jaxinfer_attention_avx2,
+                                  jaxinfer_attention_avx2, jaxinfer_attention_avx512};
 
 // Bit i set: Isa i runs here. Checks both CPUID and that the OS saves the vector state
 // (XGETBV), so an instruction set the kernel has not enabled is never used.
@@ -133,20 +140,43 @@ void Prepare(const Problem& p, bool quantize, Prepared& out) {
   }
 }
 
+// Runs fn(begin, end) over [0, total) in chunks on the calling thread and XLA's intra-op pool.
 struct Work {
-  Problem problem;
-  RowsFn rows_fn;
-  int64_t chunk, n_chunks;
+  std::function<void(int64_t, int64_t)> fn;
+  int64_t total, chunk, n_chunks;
   std::atomic<int64_t> next{0}, done{0};
 
   void Run() {
     for (int64_t c; (c = next.fetch_add(1)) < n_chunks;) {
-      int64_t begin = c * chunk, end = std::min(begin + chunk, problem.out);
-      rows_fn(problem, begin, end);
+      fn(c * chunk, std::min((c + 1) * chunk, total));
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t chunk,
+                 std::function<void(int64_t, int64_t)> fn) {
+  auto work = std::make_shared<Work>();
+  work->fn = std::move(fn);
+  work->total = total;
+  work->chunk = chunk;
+  work->n_chunks = (total + chunk - 1) / chunk;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t helpers = std::min<int64_t>(threads, work->n_chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  // Only chunks another thread has claimed (and is running) remain: wait for them.
+  while (work->done.load(std::memory_order_acquire) < work->n_chunks) std::this_thread::yield();
+}
+
+ffi::Error CheckIsa(int64_t& isa) {
+  if (isa == kAuto) isa = BestIsa();
+  if (isa < kScalar || isa > kAvx512Vnni || !(kIsas & (1 << isa)))
+    return ffi::Error::InvalidArgument("instruction set not available on this CPU");
+  return ffi::Error::Success();
+}
+
+int64_t Clamp(int64_t i, int64_t n) { return i < 0 ? 0 : (i >= n ? n - 1 : i); }
 
 ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
                    ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> zeros,
@@ -166,11 +196,8 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   p.bits = bits;
   if (x.dimensions()[1] != p.parts * p.in || p.in % 32 || group % 32)
     return ffi::Error::InvalidArgument("qmatmul: shapes do not match");
-  if (isa == kAuto) isa = BestIsa();
-  if (isa < kScalar || isa > kAvx512Vnni || !(kIsas & (1 << isa)))
-    return ffi::Error::InvalidArgument("qmatmul: instruction set not available on this CPU");
-  int64_t index = *layer.typed_data();
-  index = index < 0 ? 0 : (index >= layers ? layers - 1 : index);
+  if (ffi::Error e = CheckIsa(isa); e.failure()) return e;
+  const int64_t index = Clamp(*layer.typed_data(), layers);
   const int64_t layer_elems = p.parts * p.out * vd[3];
   const int64_t layer_groups = p.parts * p.out * (p.in / group);
   p.values = static_cast<const uint8_t*>(values.untyped_data()) + index * layer_elems;
@@ -184,17 +211,77 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   p.dx = prepared.dx.data();
   p.xsum = prepared.xsum.data();
 
-  auto work = std::make_shared<Work>();
-  work->problem = p;
-  work->rows_fn = act_int8 ? kInt8Rows[isa] : kF32Rows[isa];
+  const RowsFn rows_fn = act_int8 ? kInt8Rows[isa] : kF32Rows[isa];
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  work->chunk = std::max<int64_t>(8, p.out / (8 * threads));
-  work->n_chunks = (p.out + work->chunk - 1) / work->chunk;
-  const int64_t helpers = std::min<int64_t>(threads, work->n_chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  // Only chunks another thread has claimed (and is running) remain: wait for them.
-  while (work->done.load(std::memory_order_acquire) < work->n_chunks) std::this_thread::yield();
+  ParallelFor(pool, p.out, std::max<int64_t>(8, p.out / (8 * threads)),
+              [&](int64_t begin, int64_t end) { rows_fn(p, begin, end); });
+  return ffi::Error::Success();
+}
+
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                           ffi::AnyBuffer v, ffi::Buffer<ffi::F32> k_scale,
+                           ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> page_table,
+                           ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> kv_lengths,
+                           ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::F32> sinks,
+                           ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out,
+                           int64_t paged, int64_t has_lengths, int64_t has_window,
+                           int64_t has_sinks, float softcap, float scale, int64_t isa) {
+  // q, out [batch, queries, heads, head_dim]; k, v: dense [layers, batch, kv_heads, kv_len,
+  // head_dim] or paged [layers, kv_heads, num_pages, page_size, head_dim].
+  auto qd = q.dimensions(), kd = k.dimensions();
+  auto vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 5 || k.element_type() != v.element_type() ||
+      !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()))
+    return ffi::Error::InvalidArgument("attention: q must be 4-d, k and v 5-d and alike");
+  Attention a{};
+  a.batch = qd[0];
+  a.queries = qd[1];
+  a.heads = qd[2];
+  a.head_dim = qd[3];
+  a.kv_heads = paged ? kd[1] : kd[2];
+  if (kd[4] != a.head_dim || a.heads % a.kv_heads || (!paged && kd[1] != a.batch))
+    return ffi::Error::InvalidArgument("attention: q and the cache do not match");
+  if (paged) {
+    a.num_pages = kd[2];
+    a.page_size = kd[3];
+    a.pages_per_seq = page_table.dimensions()[1];
+    a.kv_len = a.pages_per_seq * a.page_size;
+  } else {
+    a.kv_len = kd[3];
+  }
+  switch (k.element_type()) {
+    case ffi::DataType::F32: a.type = kF32; break;
+    case ffi::DataType::BF16: a.type = kBF16; break;
+    case ffi::DataType::S8: a.type = kS8; break;
+    default: return ffi::Error::InvalidArgument("attention: the cache must be f32, bf16 or s8");
+  }
+  if (ffi::Error e = CheckIsa(isa); e.failure()) return e;
+  const int64_t index = Clamp(*layer.typed_data(), kd[0]);
+  const int64_t layer_tokens = kd[1] * kd[2] * kd[3];
+  const int64_t layer_bytes = layer_tokens * a.head_dim * (a.type == kF32 ? 4 : 3 - a.type);
+  a.k = static_cast<const char*>(k.untyped_data()) + index * layer_bytes;
+  a.v = static_cast<const char*>(v.untyped_data()) + index * layer_bytes;
+  if (a.type == kS8) {
+    a.k_scale = k_scale.typed_data() + index * layer_tokens;
+    a.v_scale = v_scale.typed_data() + index * layer_tokens;
+  }
+  a.q = q.typed_data();
+  a.page_table = paged ? page_table.typed_data() : nullptr;
+  a.positions = positions.typed_data();
+  a.kv_lengths = has_lengths ? kv_lengths.typed_data() : nullptr;
+  a.window = has_window ? std::max<int64_t>(*window.typed_data(), 0) : 0;
+  if (has_window && a.window == 0) a.window = -1;  // a window of 0 sees nothing
+  a.softcap = softcap;
+  a.scale = scale;
+  a.sinks = has_sinks ? sinks.typed_data() : nullptr;
+  a.out = out->typed_data();
+  const AttentionFn fn = kAttention[isa];
+  const int64_t scratch = a.heads / a.kv_heads * (a.kv_len + a.head_dim + 1);
+  ParallelFor(pool, a.batch * a.queries * a.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(scratch);
+    fn(a, begin, end, buffer.data());
+  });
   return ffi::Error::Success();
 }
 
@@ -214,6 +301,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferQMatmul, QMatmul,
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("act_int8"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("paged")
+                                  .Attr<int64_t>("has_lengths")
+                                  .Attr<int64_t>("has_window")
+                                  .Attr<int64_t>("has_sinks")
+                                  .Attr<float>("softcap")
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("isa"));
 
 extern "C" int jaxinfer_cpu_isas() { return kIsas; }
 #pragma GCC visibility pop
