@@ -35,6 +35,7 @@ def load_model(
     quant: str | None = None,
     kv_quant: str | None = None,
     cpu_kernels: str = "int8",
+    batch_invariant: bool = False,
     draft: str | None = None,
     progress: bool = True,
     while_loading: Callable[[ModelConfig, Tokenizer], None] | None = None,
@@ -53,6 +54,9 @@ def load_model(
     cpu_kernels: quantized products on CPU through jaxinfer.kernels.cpu with activations
     quantized to int8 per block of 32 ("int8", as llama.cpp), in fp32 ("f32"), or XLA's own
     products ("off"); see ModelConfig.cpu_kernels.
+    batch_invariant: on CPU, a request's logits bitwise the same alone or in any batch (every
+    product and attention call on the kernels, prefill included: slower prefill); see
+    ModelConfig.batch_invariant.
     draft: a directory of draft heads distilled for this model (`python -m
     jaxinfer.launch.distill`), kept as params["draft"] for `speculative_method="draft"`.
     An Orbax checkpoint directory (`python -m jaxinfer.launch.convert`) loads too.
@@ -84,7 +88,7 @@ def load_model(
         if is_orbax and quant is not None:
             cfg = dataclasses.replace(cfg, quant=quant)  # quantized after loading (_quantize)
         return dataclasses.replace(cfg, attention=attention, kv_quant=kv_quant,
-                                   cpu_kernels=cpu_kernels)
+                                   cpu_kernels=cpu_kernels, batch_invariant=batch_invariant)
 
     background = _Background(while_loading)
     on_config = lambda cfg, tokenizer: background.start(finish(cfg, tokenizer), tokenizer)  # noqa: E731

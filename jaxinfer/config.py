@@ -75,6 +75,13 @@ class ModelConfig:
     # per block of 32 inside the kernel, as llama.cpp does), "f32" (fp32 activations) or
     # "off" (XLA's own products). Ignored on GPU/TPU and under a multi-device mesh.
     cpu_kernels: str = "int8"
+    # Batch-invariant numerics on CPU (as vLLM's VLLM_BATCH_INVARIANT, SGLang's deterministic
+    # inference): every quantized product and every attention call, prefill included, runs
+    # on the CPU kernels, whose per-row arithmetic never depends on the other rows or the
+    # number of tokens, so a request's logits are bitwise the same alone or in any batch.
+    # Costs prefill speed (the kernels beat XLA at decode, not at long prefills); needs
+    # quantized weights and cpu_kernels on; ignored on GPU/TPU.
+    batch_invariant: bool = False
     # Mixture of experts (jaxinfer/models/moe.py): every layer's MLP is `n_experts` gated MLPs
     # of width `expert_mlp_dim`, each token through the `experts_per_token` its router picks.
     n_experts: int = 0  # 0: the dense MLP of width mlp_dim

@@ -42,6 +42,9 @@ class GenerateResult:
     decode_steps: int = 0  # model calls after the prefill (one per loop step)
     draft_tokens: list[int] = dataclasses.field(default_factory=list)  # per row: proposed
     accepted_tokens: list[int] = dataclasses.field(default_factory=list)  # per row: kept
+    # return_logits=True: per row, the fp32 logits [length, vocab] each generated token was
+    # drawn from (before the sampler's penalties, masks and temperature); else None.
+    logits: list[np.ndarray] | None = None
 
 
 def _prefill(params, tokens, prompt_lens, sampling, stop_ids, max_new, *, cfg, cache_len,
@@ -53,34 +56,45 @@ def _prefill(params, tokens, prompt_lens, sampling, stop_ids, max_new, *, cfg, c
     cache = sharding_rules.constrain_cache(KVCache.init(cfg, batch, cache_len), cfg)
     count = jnp.zeros(batch, jnp.int32)
     max_tokens = jnp.full(batch, max_new, jnp.int32)
-    state, cache, _ = decode.prefill(params, cache, tokens, prompt_lens, sampling, count,
-                                     max_tokens, stop_ids, prompt_lens > 0, cfg=cfg,
-                                     features=features, chunk=chunk)
-    return state, cache
+    return decode.prefill(params, cache, tokens, prompt_lens, sampling, count, max_tokens,
+                          stop_ids, prompt_lens > 0, cfg=cfg, features=features, chunk=chunk)
 
 
-def _decode(params, cache, state: DecodeState, *, cfg, out_len):
+def _logits_buffer(first_logits, out_len: int, keep: bool):
+    """[batch, out_len, vocab] holding the prefill's logits in column 0 (None unless `keep`)."""
+    if not keep:
+        return None
+    batch, vocab = first_logits.shape
+    return jnp.zeros((batch, out_len, vocab), jnp.float32).at[:, 0].set(first_logits)
+
+
+def _decode(params, cache, state: DecodeState, first_logits, *, cfg, out_len, keep_logits):
     """Steps until every row is done; returns the final state, tokens [batch, out_len]
-    (NO_TOKEN past a row's end; the prefill's first token in column 0) and the cache."""
+    (NO_TOKEN past a row's end; the prefill's first token in column 0), the cache, and with
+    `keep_logits` the logits each token was drawn from [batch, out_len, vocab] (else None)."""
     tokens = jnp.full((state.last.shape[0], out_len), NO_TOKEN, jnp.int32)
     tokens = tokens.at[:, 0].set(state.last)
+    kept = _logits_buffer(first_logits, out_len, keep_logits)
 
     def cond(carry):
-        _, state, _, step = carry
+        _, state, _, _, step = carry
         return (step < out_len) & ~jnp.all(state.done)
 
     def body(carry):
-        cache, state, tokens, step = carry
-        cache, state, token, _ = decode.step(params, cache, state, cfg)
-        return cache, state, jax.lax.dynamic_update_index_in_dim(tokens, token, step, 1), step + 1
+        cache, state, tokens, kept, step = carry
+        cache, state, token, logits = decode.step(params, cache, state, cfg)
+        if kept is not None:
+            kept = jax.lax.dynamic_update_index_in_dim(kept, logits, step, 1)
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, 1)
+        return cache, state, tokens, kept, step + 1
 
-    cache, state, tokens, _ = jax.lax.while_loop(cond, body, (cache, state, tokens,
-                                                               jnp.int32(1)))
-    return state, tokens, cache  # the cache, donated, is updated in place
+    cache, state, tokens, kept, _ = jax.lax.while_loop(cond, body, (cache, state, tokens, kept,
+                                                                     jnp.int32(1)))
+    return state, tokens, cache, kept  # the cache, donated, is updated in place
 
 
-def _speculative_decode(params, cache, state: DecodeState, prompts, *, cfg, out_len, k,
-                        method):
+def _speculative_decode(params, cache, state: DecodeState, first_logits, prompts, *, cfg,
+                        out_len, keep_logits, k, method):
     """`_decode` with up to `k` drafts verified per step (speculative.step), each row drafting
     with `method`: "ngram" looks them up in `prompts` [batch, seq] and its output so far,
     "draft" asks the draft heads. Also returns the steps taken (the prefill's included) and
@@ -88,33 +102,38 @@ def _speculative_decode(params, cache, state: DecodeState, prompts, *, cfg, out_
     batch = state.last.shape[0]
     rows, place = jnp.arange(batch)[:, None], jnp.arange(k + 1)[None]
     tokens = jnp.full((batch, out_len), NO_TOKEN, jnp.int32).at[:, 0].set(state.last)
+    kept = _logits_buffer(first_logits, out_len, keep_logits)
     if method == "ngram":
         state = state.with_history(jnp.pad(prompts, ((0, 0),
                                                      (0, cache.max_len - prompts.shape[1]))))
     zeros = jnp.zeros(batch, jnp.int32)
 
     def cond(carry):
-        _, state, _, step, _, _ = carry
+        _, state, _, _, step, _, _ = carry
         return (step < out_len) & ~jnp.all(state.done)
 
     def body(carry):
-        cache, state, tokens, step, drafted, accepted = carry
+        cache, state, tokens, kept, step, drafted, accepted = carry
         start = state.count  # the emitted tokens' columns start here
-        cache, state, emitted, n, proposed, kept = speculative.step(params, cache, state, k, cfg,
-                                                                    method)
+        cache, state, emitted, n, proposed, taken, *logits = speculative.step(
+            params, cache, state, k, cfg, method, with_logits=keep_logits)
         columns = jnp.where(place < n[:, None], start[:, None] + place, out_len)  # else dropped
         tokens = tokens.at[rows, columns].set(emitted, mode="drop")
-        return cache, state, tokens, step + 1, drafted + proposed, accepted + kept
+        if keep_logits:
+            kept = kept.at[rows, columns].set(logits[0], mode="drop")
+        return cache, state, tokens, kept, step + 1, drafted + proposed, accepted + taken
 
-    carry = (cache, state, tokens, jnp.int32(1), zeros, zeros)
-    cache, state, tokens, steps, drafted, accepted = jax.lax.while_loop(cond, body, carry)
-    return state, tokens, cache, steps, drafted, accepted
+    carry = (cache, state, tokens, kept, jnp.int32(1), zeros, zeros)
+    cache, state, tokens, kept, steps, drafted, accepted = jax.lax.while_loop(cond, body, carry)
+    return state, tokens, cache, kept, steps, drafted, accepted
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "cache_len", "features", "chunk"))
-_decode_jit = jax.jit(_decode, static_argnames=("cfg", "out_len"), donate_argnames=("cache",))
+_decode_jit = jax.jit(_decode, static_argnames=("cfg", "out_len", "keep_logits"),
+                      donate_argnames=("cache",))
 _speculative_decode_jit = jax.jit(_speculative_decode,
-                                  static_argnames=("cfg", "out_len", "k", "method"),
+                                  static_argnames=("cfg", "out_len", "keep_logits", "k",
+                                                   "method"),
                                   donate_argnames=("cache",))
 
 
@@ -136,6 +155,7 @@ def generate(
     speculative_method: str = "none",
     num_speculative_tokens: int = 4,
     prefill_chunk: int = PREFILL_CHUNK,
+    return_logits: bool = False,
 ) -> GenerateResult:
     """Generates up to `max_new_tokens` tokens after each prompt in `tokens` (a list of id lists).
 
@@ -161,6 +181,9 @@ def generate(
     each chunk attending to the cache the earlier ones wrote, so prompts up to the model's
     whole context need only one chunk's activations (logits within rounding of one
     unchunked prefill: the products have other shapes).
+
+    `return_logits`: also return the logits each token was drawn from (GenerateResult.logits;
+    the program then keeps [rows, new tokens, vocab] fp32 of them).
     """
     speculative.check_options(speculative_method, num_speculative_tokens, params)
     _check_chunk(prefill_chunk)
@@ -178,24 +201,26 @@ def generate(
     if speculative_method == "draft" and mesh is not None:
         raise ValueError("speculative_method='draft' runs on one device; under a mesh use "
                          "'ngram' or none")
-    state, cache = _timed(_prefill_jit, (params, *inputs),
-                          batch.prefill_static(cfg, speculative_method),
-                          f"prefill ({batch.shape})", "prefill", options)
+    state, cache, first_logits = _timed(_prefill_jit, (params, *inputs),
+                                        batch.prefill_static(cfg, speculative_method),
+                                        f"prefill ({batch.shape})", "prefill", options)
     if speculative_method == "none":
-        state, out_tokens, _ = _timed(_decode_jit, (params, cache, state),
-                                      batch.decode_static(cfg), f"decode ({batch.shape})",
-                                      "decode", options)
+        state, out_tokens, _, logits = _timed(
+            _decode_jit, (params, cache, state, first_logits),
+            batch.decode_static(cfg, keep_logits=return_logits), f"decode ({batch.shape})",
+            "decode", options)
         steps, drafted, accepted = None, np.zeros(batch.size, int), np.zeros(batch.size, int)
     else:
         k = num_speculative_tokens
-        state, out_tokens, _, steps, drafted, accepted = _timed(
-            _speculative_decode_jit, (params, cache, state, inputs[0]),
-            batch.decode_static(cfg, k, speculative_method),
+        state, out_tokens, _, logits, steps, drafted, accepted = _timed(
+            _speculative_decode_jit, (params, cache, state, first_logits, inputs[0]),
+            batch.decode_static(cfg, k, speculative_method, keep_logits=return_logits),
             f"speculative decode ({batch.shape}, {k} drafts)", "decode", options)
         drafted, accepted = (sharding_rules.to_host(x) for x in (drafted, accepted))
 
     out_tokens, lengths, stopped = (
         sharding_rules.to_host(x) for x in (out_tokens, state.count, state.stopped))
+    logits = None if logits is None else sharding_rules.to_host(logits)
     # Without speculation every step adds one token to each unfinished row.
     steps = int(max(lengths[:rows])) if steps is None else int(sharding_rules.to_host(steps))
     return GenerateResult(
@@ -207,6 +232,7 @@ def generate(
         decode_steps=steps - 1,
         draft_tokens=drafted[:rows].tolist(),
         accepted_tokens=accepted[:rows].tolist(),
+        logits=None if logits is None else [logits[i, : lengths[i]] for i in range(rows)],
     )
 
 
@@ -237,14 +263,15 @@ def precompile(
                                batch.prefill_static(cfg, speculative_method),
                                f"prefill ({batch.shape})", **options)
     # The prefill's outputs in shape alone (their sharding and layout as any argument's).
-    state, cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                prefill.out_info)
+    state, cache, first_logits = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                              prefill.out_info)
     if speculative_method == "none":
-        runtime.compiled(_decode_jit, (params, cache, state), batch.decode_static(cfg),
-                         f"decode ({batch.shape})", **options)
+        runtime.compiled(_decode_jit, (params, cache, state, first_logits),
+                         batch.decode_static(cfg), f"decode ({batch.shape})", **options)
     else:
         k = num_speculative_tokens
-        runtime.compiled(_speculative_decode_jit, (params, cache, state, batch.inputs[0]),
+        runtime.compiled(_speculative_decode_jit,
+                         (params, cache, state, first_logits, batch.inputs[0]),
                          batch.decode_static(cfg, k, speculative_method),
                          f"speculative decode ({batch.shape}, {k} drafts)", **options)
     return timings["compile"]
@@ -277,9 +304,9 @@ class _Batch:
         return {"cfg": cfg, "cache_len": self.cache_len, "features": method == "draft",
                 "chunk": self.chunk if self.seq > self.chunk else None}
 
-    def decode_static(self, cfg: ModelConfig, k: int | None = None,
-                      method: str = "none") -> dict:
-        return {"cfg": cfg, "out_len": self.out_len} | (
+    def decode_static(self, cfg: ModelConfig, k: int | None = None, method: str = "none",
+                      keep_logits: bool = False) -> dict:
+        return {"cfg": cfg, "out_len": self.out_len, "keep_logits": keep_logits} | (
             {} if k is None else {"k": k, "method": method})
 
     @staticmethod

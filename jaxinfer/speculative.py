@@ -81,13 +81,15 @@ def ngram_draft(history: jax.Array, position: jax.Array, k: int, max_ngram: int 
     return jnp.where((found_start[:, None] >= 0) & (follow <= end), draft, NO_TOKEN)
 
 
-def step(params, cache, state: DecodeState, k: int, cfg: ModelConfig, method: str = "ngram"):
+def step(params, cache, state: DecodeState, k: int, cfg: ModelConfig, method: str = "ngram",
+         with_logits: bool = False):
     """One decode step for every row that drafts up to `k` tokens per row — by n-gram lookup
     in `state.history` ("ngram") or with `params["draft"]`'s heads from `state.feature`
     ("draft") — and verifies them (decode.speculative_step); when no live row has a draft, it
     takes the plain one-token step (decode.step) instead, which costs less. Returns (cache,
     state, emitted [rows, k + 1] (NO_TOKEN past a row's end), how many [rows], the draft
-    tokens proposed [rows], how many of them were accepted [rows])."""
+    tokens proposed [rows], how many of them were accepted [rows]); `with_logits`: and the fp32
+    logits [rows, k + 1, vocab] each emitted token was drawn from (zeros past the emitted)."""
     rows = state.last.shape[0]
     if method == "draft":
         draft = draft_heads.propose(params["draft"], params, state.feature, state.last, k, cfg)
@@ -97,17 +99,19 @@ def step(params, cache, state: DecodeState, k: int, cfg: ModelConfig, method: st
     proposed = jnp.sum(draft != NO_TOKEN, axis=1, dtype=jnp.int32)
 
     def verify(cache, state):
-        return decode.speculative_step(params, cache, state, draft, cfg)[:5]
+        out = decode.speculative_step(params, cache, state, draft, cfg)
+        return out if with_logits else out[:5]
 
     def plain(cache, state):
-        cache, state, token, _ = decode.step(params, cache, state, cfg)
+        cache, state, token, logits = decode.step(params, cache, state, cfg)
         emitted = jnp.full((rows, k + 1), NO_TOKEN, jnp.int32).at[:, 0].set(token)
-        return (cache, state, emitted, (token != NO_TOKEN).astype(jnp.int32),
-                jnp.zeros(rows, jnp.int32))
+        out = (cache, state, emitted, (token != NO_TOKEN).astype(jnp.int32),
+               jnp.zeros(rows, jnp.int32))
+        return out + (jnp.pad(logits[:, None], ((0, 0), (0, k), (0, 0))),) if with_logits else out
 
     if method == "draft":  # heads always propose: a cond would only cost (its operand copies)
-        cache, state, emitted, n, accepted = verify(cache, state)
+        out = verify(cache, state)
     else:
-        cache, state, emitted, n, accepted = jax.lax.cond(jnp.any(proposed > 0), verify, plain,
-                                                          cache, state)
-    return cache, state, emitted, n, proposed, accepted
+        out = jax.lax.cond(jnp.any(proposed > 0), verify, plain, cache, state)
+    cache, state, emitted, n, accepted = out[:5]
+    return (cache, state, emitted, n, proposed, accepted) + out[5:]

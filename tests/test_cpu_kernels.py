@@ -21,6 +21,7 @@ from jaxinfer.cache import KVCache
 from jaxinfer.checkpoints import gguf_quant
 from jaxinfer.kernels import cpu
 from jaxinfer.models import llama
+from jaxinfer.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="CPU kernels not built or off")
 
@@ -317,3 +318,55 @@ def test_a_build_writes_the_library_whole_under_its_key(tmp_path):
     out = tmp_path / "lib.so"
     build.build(build.compiler(), out)
     assert [p.name for p in tmp_path.iterdir()] == ["lib.so"] and out.stat().st_size > 10_000
+
+
+# -- batch_invariant: a request's logits bitwise the same alone or in any batch -------------------
+
+@pytest.fixture(scope="module")
+def smollm2_invariant(smollm2_path):
+    return jaxinfer.load_model(str(smollm2_path), dtype="float32", quant="gguf",
+                               batch_invariant=True, progress=False)
+
+
+TARGET_PROMPT = "The lighthouse keeper opened the letter and read"
+
+
+def test_generate_gives_a_request_the_same_logits_alone_or_among_1_7_31_others(
+        smollm2_invariant, rng):
+    """The target (greedy) alone, then beside 1, 7 and 31 random prompts of 1-200 tokens
+    (other prompt buckets, so other prefill shapes) sampled or greedy: its tokens and every
+    logit they were drawn from are bit-identical."""
+    model = smollm2_invariant
+    target = model.tokenizer.encode(TARGET_PROMPT)
+    alone = jaxinfer.generate(model.params, [target], model.config, max_new_tokens=10,
+                              return_logits=True)
+    for others in (1, 7, 31):
+        prompts = [target] + [rng.integers(0, model.config.vocab_size,
+                                           int(rng.integers(1, 200))).tolist()
+                              for _ in range(others)]
+        sampling = [SamplingParams()] + [
+            SamplingParams(temperature=float(rng.choice([0.0, 1.0])), seed=int(rng.integers(99)))
+            for _ in range(others)]
+        batch = jaxinfer.generate(model.params, prompts, model.config, max_new_tokens=10,
+                                  sampling=sampling, return_logits=True)
+        assert batch.tokens[0] == alone.tokens[0], others
+        np.testing.assert_array_equal(batch.logits[0], alone.logits[0], err_msg=f"{others}")
+
+
+@pytest.mark.parametrize("k", [1, 4, 7])
+def test_speculation_accepts_tokens_with_bitwise_the_logits_of_plain_decoding(
+        smollm2_invariant, k):
+    """n-gram speculation on a prompt that repeats itself (drafts accepted), beside a row of
+    random tokens (drafts found rarely): each row's tokens and their logits equal plain
+    decoding's bit for bit, while most of row 0's tokens came from accepted drafts."""
+    model = smollm2_invariant
+    code = model.tokenizer.encode("def add(a, b):\n    return a + b\n\n" * 4 + "def add(a, b):")
+    noise = np.random.default_rng(k).integers(0, model.config.vocab_size, 30).tolist()
+    options = dict(max_new_tokens=24, return_logits=True)
+    plain = jaxinfer.generate(model.params, [code, noise], model.config, **options)
+    spec = jaxinfer.generate(model.params, [code, noise], model.config, **options,
+                             speculative_method="ngram", num_speculative_tokens=k)
+    assert spec.tokens == plain.tokens
+    for row in range(2):
+        np.testing.assert_array_equal(spec.logits[row], plain.logits[row], err_msg=f"row {row}")
+    assert spec.accepted_tokens[0] >= len(spec.tokens[0]) // 2

@@ -27,6 +27,20 @@ def _teacher_forced_logits(params, cfg, prompt, tokens):
     return np.asarray(logits[0, len(prompt) - 1:])
 
 
+@pytest.mark.parametrize("method", ["none", "ngram"])
+def test_generate_returns_the_logits_each_token_was_drawn_from(tiny_cfg, tiny_params, method):
+    """return_logits: one [length, vocab] array per row, within TINY_ATOL of the teacher-forced
+    forward's logits for the tokens generated (speculation included), greedy's argmax."""
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6] * 2, [7, 7, 8]]
+    result = jaxinfer.generate(tiny_params, prompts, tiny_cfg, max_new_tokens=9,
+                               return_logits=True, speculative_method=method)
+    assert jaxinfer.generate(tiny_params, prompts, tiny_cfg, max_new_tokens=2).logits is None
+    for prompt, tokens, logits in zip(prompts, result.tokens, result.logits, strict=True):
+        assert logits.shape == (len(tokens), tiny_cfg.vocab_size) and logits.dtype == np.float32
+        want = _teacher_forced_logits(tiny_params, tiny_cfg, prompt, tokens)
+        np.testing.assert_allclose(logits, want, atol=TINY_ATOL, rtol=0)
+
+
 @pytest.mark.numerics
 def test_prefill_then_decode_logits_equal_one_full_forward(tiny_cfg, tiny_params):
     tokens = jnp.array([[5, 17, 99, 3, 250, 42, 7, 8]])

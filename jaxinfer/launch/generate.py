@@ -101,7 +101,8 @@ def main(argv: list[str]) -> None:
             model = jaxinfer.load_model(
                 opts["model"], dtype=opts["dtype"], attention=FLAGS.attention, mesh=mesh,
                 quant=presets.optional("quant"), kv_quant=presets.optional("kv_quant"),
-                cpu_kernels=FLAGS.cpu_kernels, draft=FLAGS.speculative_model, progress=True,
+                cpu_kernels=FLAGS.cpu_kernels, batch_invariant=FLAGS.batch_invariant,
+                draft=FLAGS.speculative_model, progress=True,
                 while_loading=precompile_prompt if presets.compile_while_loading() else None,
             )
             load_s = time.perf_counter() - start

@@ -38,6 +38,10 @@ def define_weight_flags() -> None:
                       "Quantized products on CPU: jaxinfer's kernels with activations quantized "
                       "per block of 32 (int8, as llama.cpp) or in fp32 (f32), or XLA's own "
                       "(off).")
+    flags.DEFINE_bool("batch_invariant", False,
+                      "On CPU, a request's logits bitwise the same alone or in any batch: "
+                      "every product and attention call on the CPU kernels, prefill included "
+                      "(slower prefill; needs quantized weights).")
 
 
 def define_speculative_flags() -> None:

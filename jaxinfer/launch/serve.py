@@ -182,7 +182,8 @@ def load_weights(path: str, opts: dict, mesh, quant: str | None = None, while_lo
     return jaxinfer.load_model(path, dtype=opts["dtype"], attention=opts["attention"],
                                mesh=mesh, quant=None if quant == "none" else quant,
                                kv_quant=presets.optional("kv_quant"),
-                               cpu_kernels=FLAGS.cpu_kernels, progress=True,
+                               cpu_kernels=FLAGS.cpu_kernels,
+                               batch_invariant=FLAGS.batch_invariant, progress=True,
                                draft=FLAGS.speculative_model
                                if FLAGS.speculative_method == "draft" else None,
                                while_loading=while_loading)

@@ -9,6 +9,19 @@ import numpy as np
 from jaxinfer.quant import qarray as quant  # the products only: quantizers sit above
 
 
+def row_sum(x: jax.Array) -> jax.Array:
+    """The sum over the last axis (kept, as size 1) in one fixed order, halving pairwise with
+    elementwise adds. XLA's own reduction picks its summation order by the whole array's size
+    (on CPU: YNNPACK from 4,096 elements, reduce-window plus reduce below), so a row's sum
+    would change with the number of rows; elementwise adds round the same for any shape."""
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        pairs = x[..., :half] + x[..., half:2 * half]
+        x = pairs if x.shape[-1] % 2 == 0 else jnp.concatenate(
+            [pairs[..., :1] + x[..., -1:], pairs[..., 1:]], axis=-1)
+    return x
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
     """RMSNorm over the last axis, scaled by `offset + weight`, as Hugging Face computes it.
 
@@ -16,7 +29,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -
     offset 1 (Gemma's (1 + w)): normalise and scale in fp32, then cast.
     """
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    mean = row_sum(x32 * x32) / x.shape[-1]
+    normed = x32 * jax.lax.rsqrt(mean + eps)
     if offset:
         return (normed * (offset + weight.astype(jnp.float32))).astype(x.dtype)
     return weight.astype(x.dtype) * normed.astype(x.dtype)

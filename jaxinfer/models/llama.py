@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxinfer.cache import KVCache
 from jaxinfer.config import DTYPES, ModelConfig
+from jaxinfer.kernels import cpu
 from jaxinfer.models import moe
 from jaxinfer.models.layers import (
     apply_rope,
@@ -169,7 +170,8 @@ def decoder_layer(
     if impl == "auto" and cfg.cpu_kernels == "off" and jax.default_backend() == "cpu":
         impl = "xla"
     attn = cache.attend(index, q, positions, window=data.get("window"),
-                        softcap=cfg.attn_softcap, scale=scale, impl=impl, **sinks)
+                        softcap=cfg.attn_softcap, scale=scale, impl=impl,
+                        batch_invariant=cfg.batch_invariant, **sinks)
     out = quant.einsum("bthk,hkd->btd", attn, layer["wo"])
     if cfg.o_bias:
         out = out + layer["bo"]
@@ -184,6 +186,11 @@ def decoder_layer(
     if cfg.post_norms:
         out = rms_norm(out, layer["post_mlp_norm"], eps, offset)
     return x + out, cache
+
+
+def _max_rows(cfg: ModelConfig) -> int | None:
+    """The most rows a product runs on the CPU kernels with (None: all, batch_invariant)."""
+    return None if cfg.batch_invariant else cpu.MAX_ROWS
 
 
 def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -207,7 +214,8 @@ def transformer(
     def step(carry, layer_and_index):
         x, cache = carry
         layer, data, index = layer_and_index
-        layer = {**layer, **cpu_kernels.layer_views(whole, index, cfg.cpu_kernels)}
+        layer = {**layer, **cpu_kernels.layer_views(whole, index, cfg.cpu_kernels,
+                                                     _max_rows(cfg))}
         x = constrain(x)  # under a mesh: the residual stream is [batch -> data] between layers
         return decoder_layer(x, layer, index, cache, positions, data, cfg), None
 
@@ -219,8 +227,8 @@ def transformer(
 def unembed(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """hidden [..., embed] -> fp32 logits [..., vocab] (soft-capped when the config says so)."""
     head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-    logits = quant.einsum("...d,vd->...v", hidden, cpu_kernels.in_place(head, cfg.cpu_kernels),
-                          jnp.float32)
+    head = cpu_kernels.in_place(head, cfg.cpu_kernels, _max_rows(cfg))
+    logits = quant.einsum("...d,vd->...v", hidden, head, jnp.float32)
     return softcap(logits, cfg.final_softcap)
 
 

@@ -56,17 +56,20 @@ def attention(
     kv_lengths: jax.Array | None = None,
     impl: str = "xla",
     sinks: jax.Array | None = None,
+    batch_invariant: bool = False,
 ) -> jax.Array:
     """Causal GQA attention against a dense cache k, v [batch, kv_heads, max_len, head_dim],
     or [layers, ...] with `layer` (may be traced) picking one; an int8 cache comes with
     `scales` (k's and v's, shaped as k without head_dim). Shapes and masking as in
     `reference.attention`. window may be a traced int32 scalar. `sinks` [heads] (gpt-oss's
-    attention sinks) run on the XLA path only: the kernels have no sink term yet."""
+    attention sinks) run on the XLA and CPU paths only: the Pallas kernels have no sink term
+    yet. `batch_invariant`: on the CPU kernel, any number of queries (prefill too), so a row's
+    bits never depend on the batch or the prompt length bucket."""
     options = dict(window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths)
-    chosen = resolve(impl, q.shape[-1])
-    if chosen == "cpu" and cpu.attention_supports(q, k):
+    chosen, max_queries = resolve(impl, q.shape[-1]), None if batch_invariant else cpu.MAX_QUERIES
+    if chosen == "cpu" and cpu.attention_supports(q, k, max_queries):
         return cpu.attention(q, k, v, q_positions, layer=layer, scales=scales, sinks=sinks,
-                             **options)
+                             max_queries=max_queries, **options)
     if sinks is not None:
         return blocked.attention(q, k, v, q_positions, layer=layer, scales=scales,
                                  sinks=sinks, **options)
@@ -95,6 +98,7 @@ def paged_attention(
     kv_lengths: jax.Array | None = None,
     impl: str = "xla",
     sinks: jax.Array | None = None,
+    batch_invariant: bool = False,
 ) -> jax.Array:
     """Attention of new tokens against a paged cache (the Pallas kernel: a few per row, decode;
     the XLA path: any number, and the only one with `sinks`, as in `attention`).
@@ -105,10 +109,11 @@ def paged_attention(
     head_dim; XLA path only). Masking and output as in `reference.paged_attention`.
     """
     options = dict(window=window, softcap=softcap, scale=scale, kv_lengths=kv_lengths)
-    chosen = resolve(impl, q.shape[-1])
-    if chosen == "cpu" and cpu.attention_supports(q, k_pages):
+    chosen, max_queries = resolve(impl, q.shape[-1]), None if batch_invariant else cpu.MAX_QUERIES
+    if chosen == "cpu" and cpu.attention_supports(q, k_pages, max_queries):
         return cpu.attention(q, k_pages, v_pages, q_positions, page_table=page_table,
-                             layer=layer, scales=scales, sinks=sinks, **options)
+                             layer=layer, scales=scales, sinks=sinks, max_queries=max_queries,
+                             **options)
     if chosen == "pallas" and sinks is None:
         if scales is not None:
             raise ValueError("the paged Pallas kernel reads float pages; dequantize int8 "

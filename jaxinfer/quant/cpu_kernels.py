@@ -29,6 +29,9 @@ class InPlace:
     weight: QArray
     layer: jax.Array | None
     activations: str = dataclasses.field(metadata=dict(static=True))
+    # Products with more rows go to XLA (faster for a long prefill); None: every product runs
+    # on the kernel, so a row's bits never depend on the number of rows (batch_invariant).
+    max_rows: int | None = dataclasses.field(default=cpu.MAX_ROWS, metadata=dict(static=True))
 
     def materialize(self) -> QArray:
         return self.weight if self.layer is None else self.weight[self.layer]
@@ -51,10 +54,10 @@ def _eligible(w: Any, mode: str) -> bool:
     return cpu.supports(w.bits, w.group, in_dim) and cpu.available()
 
 
-def in_place(w: Any, mode: str) -> Any:
+def in_place(w: Any, mode: str, max_rows: int | None = cpu.MAX_ROWS) -> Any:
     """`w` as an InPlace view when the CPU kernels (`mode`: ModelConfig.cpu_kernels) cover
     it; otherwise `w` unchanged."""
-    return InPlace(w, None, mode) if _eligible(w, mode) else w
+    return InPlace(w, None, mode, max_rows) if _eligible(w, mode) else w
 
 
 def split_stacked(layers: dict[str, Any], mode: str) -> tuple[dict, dict]:
@@ -64,9 +67,10 @@ def split_stacked(layers: dict[str, Any], mode: str) -> tuple[dict, dict]:
     return whole, {k: w for k, w in layers.items() if k not in whole}
 
 
-def layer_views(whole: dict[str, Any], layer: jax.Array, mode: str) -> dict[str, InPlace]:
+def layer_views(whole: dict[str, Any], layer: jax.Array, mode: str,
+                max_rows: int | None = cpu.MAX_ROWS) -> dict[str, InPlace]:
     """Views of layer `layer` of each stacked weight in `whole` (from `split_stacked`)."""
-    return {k: InPlace(w, layer, mode) for k, w in whole.items()}
+    return {k: InPlace(w, layer, mode, max_rows) for k, w in whole.items()}
 
 
 def product(spec: str, x: jax.Array, view: InPlace) -> jax.Array | None:
@@ -92,7 +96,7 @@ def product(spec: str, x: jax.Array, view: InPlace) -> jax.Array | None:
         return None
     size = dict(zip(order, stored, strict=True))
     n_rows = math.prod(x.shape[x_letters.index(c)] for c in rows)
-    if n_rows > cpu.MAX_ROWS:
+    if view.max_rows is not None and n_rows > view.max_rows:
         return None
     n_parts, n_out = math.prod(size[c] for c in parts), math.prod(size[c] for c in free)
     lead = w.values.shape[0] if view.layer is not None else 1

@@ -29,7 +29,7 @@ from jaxinfer.kernels.cpu.build import ISAS, available_isas, load
 ACTIVATIONS = ("int8", "f32")
 MAX_ROWS = 64  # beyond this many rows (prefill), XLA's dense products are faster
 # Beyond this many queries per row (prefill), blocked XLA attention's batched dots are faster:
-# the kernel takes one query at a time.
+# the kernel takes one query at a time (ModelConfig.batch_invariant: it takes any number).
 MAX_QUERIES = 16
 CACHE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 
@@ -113,10 +113,12 @@ def qmatmul(
     )
 
 
-def attention_supports(q: jax.Array, k: jax.Array) -> bool:
+def attention_supports(q: jax.Array, k: jax.Array, max_queries: int | None = MAX_QUERIES) -> bool:
     """Whether `attention` takes these queries [batch, seq, heads, head_dim] against a cache
-    of k's dtype (the kernels must be available: see `available`)."""
-    return q.shape[1] <= MAX_QUERIES and any(k.dtype == t for t in CACHE_DTYPES)
+    of k's dtype, with at most `max_queries` per row (None: any number); the kernels must be
+    available too (see `available`)."""
+    short = max_queries is None or q.shape[1] <= max_queries
+    return short and any(k.dtype == t for t in CACHE_DTYPES)
 
 
 def attention(
@@ -134,17 +136,19 @@ def attention(
     kv_lengths: jax.Array | None = None,
     sinks: jax.Array | None = None,
     isa: str = "auto",
+    max_queries: int | None = MAX_QUERIES,
 ) -> jax.Array:
     """`jaxinfer.pallas.reference.attention` (page_table None: k, v [batch, kv_heads, max_len,
     head_dim]) or `reference.paged_attention` (k, v [kv_heads, num_pages, page_size,
     head_dim], page_table [batch, pages_per_seq]); either with a leading layers axis when
     `layer` picks one (read in place). An int8 cache comes with `scales` (k's, v's: k's shape
     without head_dim); `sinks` [heads]: gpt-oss's per-head logit in each softmax's
-    denominator. Output [batch, seq, heads, head_dim] in q's dtype."""
+    denominator. Up to `max_queries` queries per row (None: any number, as a prefill for
+    ModelConfig.batch_invariant). Output [batch, seq, heads, head_dim] in q's dtype."""
     if load() is None:
         raise RuntimeError("the CPU kernels are not available (see the warning at load)")
-    if not attention_supports(q, k):
-        raise ValueError(f"the attention kernel takes up to {MAX_QUERIES} queries per row "
+    if not attention_supports(q, k, max_queries):
+        raise ValueError(f"the attention kernel takes up to {max_queries} queries per row "
                          f"against a float32, bfloat16 or int8 cache; got q {q.shape}, "
                          f"cache {k.dtype}")
     if (k.dtype == jnp.int8) != (scales is not None):
