@@ -47,6 +47,27 @@ inline float element(const void* base, int64_t i) {
   return f;
 }
 
+// exp(x) for x <= 0 without a libm call, so the loop over a row's scores vectorizes: Cephes'
+// expf (x = n ln 2 + r, a degree-5 polynomial in r, times 2^n), within 2 ulp of expf; 0 below
+// -87.3, where expf leaves the normal floats. The same arithmetic on every path and shape.
+inline float exp_nonpositive(float x) {
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  memcpy(&bits, &p, 4);
+  bits += int32_t(n) << 23;
+  float out;
+  memcpy(&out, &bits, 4);
+  return x < -87.3f ? 0.0f : out;
+}
+
 inline float lanes_sum(const float* acc) {  // a fixed tree over the 16 lanes
   float s[8];
   for (int l = 0; l < 8; ++l) s[l] = acc[l] + acc[l + 8];
@@ -106,11 +127,9 @@ void task(const Attention& a, int64_t t, float* scratch) {
     const float sink = a.sinks ? a.sinks[kv * G + g] : -INFINITY;
     float best = sink;
     for (int64_t j = 0; j < n; ++j) best = s[j] > best ? s[j] : best;
-    float sum = a.sinks ? expf(sink - best) : 0.0f;
-    for (int64_t j = 0; j < n; ++j) {
-      s[j] = expf(s[j] - best);
-      sum += s[j];
-    }
+    for (int64_t j = 0; j < n; ++j) s[j] = exp_nonpositive(s[j] - best);
+    float sum = a.sinks ? exp_nonpositive(sink - best) : 0.0f;
+    for (int64_t j = 0; j < n; ++j) sum += s[j];
     total[g] = sum;
   }
   for (int64_t j = 0; j < n; ++j) {  // out_g = sum_j w_gj v_j / total_g, keys in order

@@ -277,10 +277,11 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
   a.sinks = has_sinks ? sinks.typed_data() : nullptr;
   a.out = out->typed_data();
   const AttentionFn fn = kAttention[isa];
-  const int64_t scratch = a.heads / a.kv_heads * (a.kv_len + a.head_dim + 1);
+  const size_t scratch_size = a.heads / a.kv_heads * (a.kv_len + a.head_dim + 1);
   ParallelFor(pool, a.batch * a.queries * a.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(scratch);
-    fn(a, begin, end, buffer.data());
+    thread_local std::vector<float> scratch;  // grown once per thread, never cleared
+    if (scratch.size() < scratch_size) scratch.resize(scratch_size);
+    fn(a, begin, end, scratch.data());
   });
   return ffi::Error::Success();
 }
