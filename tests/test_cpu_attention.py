@@ -142,6 +142,15 @@ def test_auto_attention_takes_the_kernel_for_decode_and_xla_for_prefill():
         assert "jaxinfer_attention" not in _custom_calls(attend["xla"], q, p)
 
 
+def test_attention_cpu_falls_back_to_xla_where_the_kernels_are_off():
+    assert pallas.resolve("cpu") == "cpu"
+    cpu.set_enabled(False)
+    try:
+        assert pallas.resolve("cpu") == pallas.resolve("auto") == "xla"
+    finally:
+        cpu.set_enabled(True)
+
+
 def test_a_model_with_cpu_kernels_off_keeps_attention_on_xla(tiny_cfg, tiny_params):
     cache = KVCache.init(tiny_cfg, 1, 32)
     tokens, positions = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)

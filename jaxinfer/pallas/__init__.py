@@ -29,6 +29,8 @@ def resolve(impl: str, head_dim: int | None = None) -> str:
     """"xla", "cpu" or "pallas" for `impl` on the current backend ("auto": see above)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention={impl!r}; allowed: {', '.join(IMPLEMENTATIONS)}")
+    if impl == "cpu" and not cpu.available():  # not built here (its build warned) or off
+        return "xla"
     if impl != "auto":
         return impl
     supported = head_dim is None or head_dim in SUPPORTED_HEAD_DIMS
