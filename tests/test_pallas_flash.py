@@ -11,6 +11,7 @@ import pytest
 
 import jaxinfer
 from jaxinfer import pallas
+from jaxinfer.kernels import cpu
 from jaxinfer.pallas import reference
 from jaxinfer.pallas.flash_attention import flash_attention
 from tests.numerics import assert_greedy_agrees_until_a_near_tie, assert_top1_agrees_where_decisive
@@ -116,11 +117,11 @@ def test_block_size_not_a_power_of_two_is_a_clear_error():
         flash_attention(*_inputs(), block_kv=24, interpret=True)
 
 
-def test_auto_picks_xla_on_cpu_and_unsupported_shapes():
+def test_auto_picks_the_cpu_kernel_or_xla_on_cpu():
     assert jax.default_backend() == "cpu"
-    assert pallas.resolve("auto", 64) == "xla"
+    assert pallas.resolve("auto", 64) == ("cpu" if cpu.available() else "xla")
     assert pallas.resolve("pallas", 64) == "pallas"
-    with pytest.raises(ValueError, match="attention='triton'; allowed: auto, xla, pallas"):
+    with pytest.raises(ValueError, match="attention='triton'; allowed: auto, xla, pallas, cpu"):
         pallas.resolve("triton")
 
 

@@ -405,7 +405,8 @@ def test_health_answers_while_a_long_prompt_is_tokenized(url):
     sender.join()
     assert result["response"].status_code == 400  # far longer than the 128-token context
     assert "context" in result["response"].json()["error"]["message"]
-    assert result["seconds"] > 0.5 and len(waits) >= 3, "tokenizing was too quick to tell"
+    # Long enough that /health was asked several times meanwhile (0.49 s on a fast machine).
+    assert result["seconds"] > 0.25 and len(waits) >= 3, "tokenizing was too quick to tell"
     # Within a second on a quiet machine; on a loaded one, never for most of the request (on
     # the event loop, tokenizing held /health for all of it: 5.9 s for 2 MB, 29 s for 10 MB).
     assert max(waits) < max(1.0, result["seconds"] / 2), (waits, result["seconds"])
