@@ -36,8 +36,7 @@ def resolve(impl: str, head_dim: int | None = None) -> str:
     supported = head_dim is None or head_dim in SUPPORTED_HEAD_DIMS
     if jax.default_backend() in KERNEL_BACKENDS and supported:
         return "pallas"
-    mesh = jax.sharding.get_abstract_mesh()
-    return "cpu" if cpu.available() and (mesh.empty or mesh.size == 1) else "xla"
+    return "cpu" if cpu.usable_here() else "xla"
 
 
 def _interpret() -> bool:

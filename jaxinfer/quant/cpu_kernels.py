@@ -48,10 +48,8 @@ class InPlace:
 def _eligible(w: Any, mode: str) -> bool:
     if mode == "off" or not isinstance(w, QArray) or w.scales.dtype != jnp.float32:
         return False
-    if not jax.sharding.get_abstract_mesh().empty and jax.sharding.get_abstract_mesh().size > 1:
-        return False  # a custom call is opaque to the partitioner: XLA's path under a mesh
     in_dim = w.values.shape[-1] * (8 // w.bits)
-    return cpu.supports(w.bits, w.group, in_dim) and cpu.available()
+    return cpu.supports(w.bits, w.group, in_dim) and cpu.usable_here()
 
 
 def in_place(w: Any, mode: str, max_rows: int | None = cpu.MAX_ROWS) -> Any:

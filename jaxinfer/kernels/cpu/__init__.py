@@ -34,7 +34,7 @@ MAX_QUERIES = 16
 CACHE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 
 __all__ = ["ACTIVATIONS", "ISAS", "MAX_QUERIES", "MAX_ROWS", "attention", "attention_supports",
-           "available", "available_isas", "qmatmul", "set_enabled", "supports"]
+           "available", "available_isas", "qmatmul", "set_enabled", "supports", "usable_here"]
 
 _enabled = True
 
@@ -50,6 +50,13 @@ def set_enabled(enabled: bool) -> None:
 def available() -> bool:
     """True when the kernels are switched on, built and registered (always False off CPU)."""
     return _enabled and jax.default_backend() == "cpu" and load() is not None
+
+
+def usable_here() -> bool:
+    """`available()`, and no multi-device mesh is active: a custom call is opaque to the
+    partitioner, so under one the callers take XLA's path."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return (mesh.empty or mesh.size == 1) and available()
 
 
 def supports(bits: int, group: int, in_dim: int) -> bool:
